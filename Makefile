@@ -1,0 +1,32 @@
+# `make demo` and `make test` are the only commands a newcomer needs; each sets up .venv itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_WORKDIR ?= workdir/demo
+DEMO_EXPORT ?= exports/demo
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.base: $(BIN)/python setup.py
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(BIN)/python -m pretrain.data.prepare --config=configs/demo.py
+	$(BIN)/python -m pretrain.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+	$(BIN)/python -m pretrain.export --workdir=$(DEMO_WORKDIR) --out=$(DEMO_EXPORT) --overwrite
+	$(BIN)/python -m pretrain.report --workdir=$(DEMO_WORKDIR) --export=$(DEMO_EXPORT)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO_WORKDIR) $(DEMO_EXPORT)

@@ -1,0 +1,154 @@
+"""Shared config pieces: the `key=value` argument parser, model sizes, and the base config.
+
+Recipe files (configs/<recipe>.py) define `get_config(arg)` and build on `base_config()`; they stay
+short because sizes and defaults live here, in small tables, instead of being copied per recipe.
+`validate(config)` checks every value against its allowed choices before anything compiles.
+"""
+import ast
+
+import ml_collections
+
+MODEL_SIZES = {
+    # name: (num_layers, hidden_size, num_heads, mlp_dim)
+    "tiny": (2, 64, 2, 256),
+    "demo": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+    "large": (24, 1024, 16, 4096),
+}
+
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+TOKENIZER_TYPES = ("unigram", "bpe")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# T5X-style defaults: the batch is split over data and fsdp, parameters over fsdp (embed) and tensor.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+)
+
+
+def parse_arg(arg, **defaults):
+  """Parses `"a=1,b=x,flag"` into a ConfigDict typed like `defaults`; unknown keys are errors."""
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}; allowed: {', '.join(sorted(defaults))}.")
+    default = defaults[key]
+    if not _:  # A bare name switches a boolean on.
+      value = True
+    elif isinstance(default, str):
+      value = raw
+    else:
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"Config argument {key}={raw!r} is not a valid {type(default).__name__}.") from e
+    if isinstance(default, bool) != isinstance(value, bool) or (
+        not isinstance(default, str) and not isinstance(value, type(default))
+        and not (isinstance(default, float) and isinstance(value, int))):
+      raise ValueError(
+          f"Config argument {key}={raw!r} should be a {type(default).__name__} like {default!r}.")
+    result[key] = value
+  return result
+
+
+def model_config(size):
+  """The `config.model` block for one of MODEL_SIZES."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"Unknown model size {size!r}; allowed: {', '.join(MODEL_SIZES)}.")
+  num_layers, hidden, heads, mlp = MODEL_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      num_layers=num_layers, hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
+      max_len=512, dropout_rate=0.1, dtype="float32"))
+
+
+def base_config():
+  """Every key a run reads, with defaults; recipes override values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config("demo")
+  c.data = ml_collections.ConfigDict(dict(
+      name="python_stdlib",      # local builders: python_stdlib, local_text; or any TFDS catalog name
+      data_dir="data/tfds",      # where TFDS datasets are built or found
+      paths="",                  # local_text: comma-separated globs of .txt/.jsonl files
+      text_feature="text",
+      validation_fraction=0.05,
+      train_split="train",
+      eval_split="validation",
+      seq_len=128,
+      batch_size=32,             # global, over all processes
+      seed=0,
+      tokenizer=ml_collections.ConfigDict(dict(
+          path="", vocab_size=16000, model_type="unigram", max_train_bytes=20_000_000)),
+  ))
+  c.objective = ml_collections.ConfigDict(dict(
+      name="mlm",
+      mask_rate=0.15,
+      mask_token_rate=0.8,       # of the selected tokens: replaced by [MASK]
+      random_token_rate=0.1,     # ... replaced by a random token; the rest stay unchanged
+      whole_word=False,
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
+      weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-6, grad_clip_norm=1.0, grad_accum_steps=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, log_every=20, eval_every=200, eval_batches=10,
+      checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.axis_rules = DEFAULT_AXIS_RULES
+  c.init_from = ""               # a workdir or export to start from when the workdir has no checkpoint
+  return c
+
+
+def _require(ok, key, value, allowed):
+  if not ok:
+    raise ValueError(f"Bad config value {key}={value!r}; allowed: {allowed}.")
+
+
+def validate(config):
+  """Checks values that a locked ConfigDict cannot; raises naming the key and the allowed values."""
+  from objectives import NAMES as objective_names  # pylint: disable=import-outside-toplevel
+  m, d, o, opt, t = config.model, config.data, config.objective, config.optimizer, config.train
+  _require(config.objective.name in objective_names, "objective.name", o.name, ", ".join(objective_names))
+  _require(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
+  for key in ("num_layers", "hidden_size", "num_heads", "mlp_dim", "max_len"):
+    _require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
+  _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+           f"a divisor of model.hidden_size={m.hidden_size}")
+  _require(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "0 <= rate < 1")
+  _require(d.tokenizer.model_type in TOKENIZER_TYPES, "data.tokenizer.model_type",
+           d.tokenizer.model_type, ", ".join(TOKENIZER_TYPES))
+  _require(d.tokenizer.vocab_size >= 100, "data.tokenizer.vocab_size", d.tokenizer.vocab_size, ">= 100")
+  _require(8 <= d.seq_len <= m.max_len, "data.seq_len", d.seq_len,
+           f"8 <= seq_len <= model.max_len={m.max_len}")
+  _require(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+  _require(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "0 < f < 1")
+  _require(0 < o.mask_rate < 1, "objective.mask_rate", o.mask_rate, "0 < rate < 1")
+  _require(o.mask_token_rate >= 0 and o.random_token_rate >= 0
+           and o.mask_token_rate + o.random_token_rate <= 1, "objective.mask_token_rate",
+           (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
+  _require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
+  _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
+  _require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+  _require(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps", opt.grad_accum_steps, ">= 1")
+  _require(d.batch_size % opt.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+           opt.grad_accum_steps, f"a divisor of data.batch_size={d.batch_size}")
+  for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
+  _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+  for axis in MESH_AXES:
+    _require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],
+             "-1 (the remaining devices) or a positive integer")
+  _require(set(config.mesh.keys()) == set(MESH_AXES), "mesh", dict(config.mesh),
+           f"exactly the axes {MESH_AXES}")
+  return config

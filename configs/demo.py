@@ -1,0 +1,27 @@
+"""The embedded default: MLM on the interpreter's own Python files, small enough for 2 CPU cores.
+
+  python -m pretrain.main --config=configs/demo.py --workdir=workdir/demo
+  python -m pretrain.main --config=configs/demo.py:size=tiny,steps=20 --workdir=/tmp/w
+
+`size=tiny` with a small vocabulary is what the tests use.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, size="demo", steps=600, vocab_size=16000, batch_size=32, seq_len=128,
+                       whole_word=False)
+  c = common.base_config()
+  c.model = common.model_config(a.size)
+  c.model.max_len = max(128, a.seq_len)
+  c.data.seq_len = a.seq_len
+  c.data.batch_size = a.batch_size
+  c.data.tokenizer.vocab_size = a.vocab_size
+  c.objective.whole_word = a.whole_word
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = min(60, a.steps // 10)
+  c.train.steps = a.steps
+  c.train.log_every = max(1, min(20, a.steps // 10))
+  c.train.eval_every = max(1, a.steps // 3)
+  c.train.checkpoint_every = max(1, a.steps // 3)
+  return c

@@ -1,0 +1,95 @@
+"""Export a pretraining workdir for fine-tuning: a Hugging Face directory and plain Flax params.
+
+  python -m pretrain.export --workdir=workdir/demo --out=exports/demo
+
+The directory holds config.json + model.safetensors (BertForMaskedLM names, loadable with
+`transformers.AutoModelForMaskedLM` / `AutoModel`), the tokenizer files `AutoTokenizer` loads,
+flax_params.msgpack + encoder_config.json (our own format), and a README model card.
+Nothing is pickled: safetensors, msgpack and JSON only.
+"""
+import dataclasses
+import json
+import os
+
+import flax.serialization
+import jax
+import ml_collections
+from absl import app, flags
+from etils import epath
+
+from pretrain import checkpointing, hf_bert, optimizer as optimizer_lib, sharding, train
+from pretrain.data import tokenizer as tokenizer_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Directory to write; must be empty or not exist.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
+
+
+def load_workdir(workdir, step=None):
+  """(config, tokenizer, objective, params, step) of a workdir's checkpoint, on one device."""
+  mngr = checkpointing.ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; run pretrain.main first.")
+  config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
+  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer", "spm.model"))
+  objective = train.make_objective(config, tokenizer)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  target, _ = train.abstract_state(objective, tx, config.data.seq_len, mesh,
+                                   sharding.rules(config.axis_rules))
+  with jax.set_mesh(mesh):
+    state = checkpointing.restore_state_only(mngr, target, step)
+  return config, tokenizer, objective, jax.device_get(state.params), step
+
+
+def model_card(config, step, workdir_metrics):
+  last_eval = next((r for r in reversed(workdir_metrics) if any(k.startswith("eval_") for k in r)), {})
+  lines = [
+      "# Pretrained encoder", "",
+      f"- objective: `{config.objective.name}`",
+      f"- data: `{config.data.name}` (sequence length {config.data.seq_len}, "
+      f"vocabulary {config.data.tokenizer.vocab_size}, sentencepiece {config.data.tokenizer.model_type})",
+      f"- model: {config.model.num_layers} layers, hidden {config.model.hidden_size}, "
+      f"{config.model.num_heads} heads, MLP {config.model.mlp_dim}",
+      f"- steps: {step} (global batch {config.data.batch_size})",
+      "- metrics at export: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"),
+      "", "Load with `transformers.AutoModelForMaskedLM.from_pretrained(<this dir>)` and "
+      "`AutoTokenizer`; `flax_params.msgpack` + `encoder_config.json` hold the same weights for "
+      "`pretrain.models.encoder`. Attention dropout was not used in pretraining (0.0 in config.json).",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def export(workdir, out, step=None, overwrite=False):
+  out_path = epath.Path(out)
+  if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+    raise FileExistsError(f"Export directory {out} is not empty; choose another --out or pass "
+                          f"--overwrite.")
+  config, tokenizer, objective, params, step = load_workdir(workdir, step)
+  out_path.mkdir(parents=True, exist_ok=True)
+  hf_bert.write_hf_model(out, objective.encoder(params), params.get("mlm_head"),
+                         objective.model_config)
+  tokenizer_lib.save_hf(tokenizer, out)
+  (out_path / "flax_params.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
+  (out_path / "encoder_config.json").write_text(
+      json.dumps(dataclasses.asdict(objective.model_config), indent=2))
+  try:
+    from pretrain import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+    rows = metrics_lib.read_jsonl(workdir)
+  except FileNotFoundError:
+    rows = []
+  (out_path / "README.md").write_text(model_card(config, step, rows))
+  return out
+
+
+def main(argv):
+  del argv
+  out = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
+  print(f"Exported {_WORKDIR.value} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)

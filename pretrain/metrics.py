@@ -1,0 +1,75 @@
+"""Where metrics go: TensorBoard event files, a JSONL file in the workdir, and one console line."""
+import json
+import os
+import time
+
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalars from process 0 only; other processes get a writer that does nothing."""
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def truncate_after(self, step):
+    """Drops rows logged after `step`, so a resumed run's log reads like an uninterrupted one."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(rows)
+    os.replace(self.path + ".tmp", self.path)
+
+  def write(self, step, scalars):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+
+  def flush(self):
+    if self._tb:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb:
+      self._tb.close()
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+  """Tokens/s and ETA between two log points."""
+
+  def __init__(self, tokens_per_step, total_steps, start_step):
+    self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+    self.step, self.time = start_step, time.perf_counter()
+
+  def update(self, step):
+    now = time.perf_counter()
+    steps_per_s = (step - self.step) / max(now - self.time, 1e-9)
+    self.step, self.time = step, now
+    eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
+    return steps_per_s * self.tokens_per_step, eta
+
+
+def console_line(step, total, scalars, tokens_per_s=None, eta_s=None):
+  parts = [f"step {step}/{total}"]
+  parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+  if tokens_per_s is not None:
+    parts += [f"{tokens_per_s:,.0f} tok/s", f"ETA {eta_s / 60:.1f} min"]
+  logging.info(" | ".join(parts))
+  return " | ".join(parts)

@@ -1,0 +1,256 @@
+"""The training loop: `train_and_evaluate(config, workdir)` and the pure, jitted train step.
+
+Sections: setup (mesh, tokenizer, data, objective, optimizer) -> state (sharded init or restore)
+-> loop (step, log one step late, evaluate, checkpoint) -> finish (wait for the last save).
+"""
+import functools
+import math
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import objectives
+from configs import common
+from objectives import base
+from pretrain import checkpointing, metrics as metrics_lib, optimizer as optimizer_lib, sharding
+from pretrain.data import pipeline, sources, tokenizer as tokenizer_lib
+from pretrain.models import encoder as enc
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  obj_state: Any
+
+
+def encoder_config(config, vocab_size):
+  m = config.model
+  return enc.EncoderConfig(
+      vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
+      dtype=m.dtype)
+
+
+def make_objective(config, tokenizer):
+  model_config = encoder_config(config, config.data.tokenizer.vocab_size)
+  return objectives.get(config.objective.name)(config.objective, model_config, tokenizer)
+
+
+def _example_batch(objective, seq_len):
+  return {f: jnp.ones((1, seq_len), jnp.int32) for f in objective.features}
+
+
+def init_state(rng, objective, tx, seq_len):
+  """A fresh TrainState whose parameters (and optimizer moments) keep their logical-axis boxes."""
+  params = objective.init(rng, _example_batch(objective, seq_len))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    obj_state=objective.init_state())
+
+
+def sharded_init(rng, objective, tx, seq_len, mesh, axis_rules):
+  """Shardings from `eval_shape` -> logical specs, then an init that lands directly in place."""
+  init = functools.partial(init_state, objective=objective, tx=tx, seq_len=seq_len)
+  shardings = sharding.logical_shardings(jax.eval_shape(init, rng), mesh, axis_rules)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_state(objective, tx, seq_len, mesh, axis_rules):
+  """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+  init = functools.partial(init_state, objective=objective, tx=tx, seq_len=seq_len)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), shardings), shardings
+
+
+def _split_micro(batch, n):
+  """[B, ...] -> [n, B/n, ...] taking rows i::n, so each device's rows spread over all micro-batches."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def train_step(state, batch, rng, *, objective, tx, schedule, accum_steps):
+  """One optimizer update (over `accum_steps` micro-batches); pure, jitted at the call site."""
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(objective.loss, train=True), has_aux=True)
+
+  def micro(carry, xs):
+    grads, metrics, obj_state = carry
+    mb, i = xs
+    (_, (m, obj_state)), g = grad_fn(state.params, obj_state, mb, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m), obj_state), None
+
+  if accum_steps == 1:
+    (loss, (metrics, obj_state)), grads = grad_fn(state.params, state.obj_state, batch, rng)
+  else:
+    micro_batches = _split_micro(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    shapes = jax.eval_shape(grad_fn, state.params, state.obj_state, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1][0]))
+    (grads, metrics, obj_state), _ = jax.lax.scan(
+        micro, (*zeros, state.obj_state), (micro_batches, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  scalars = base.metric_values(metrics)
+  scalars.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
+                 param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            obj_state=obj_state)
+  return new_state, scalars
+
+
+def eval_step(params, obj_state, batch, rng, *, objective):
+  """Metric `(total, count)` sums of one batch; the same masks every evaluation (fixed rng)."""
+  _, (metrics, _) = objective.loss(params, obj_state, batch, rng, train=False)
+  return metrics
+
+
+def evaluate(eval_fn, state, batches, rng):
+  totals = None
+  for batch in batches:
+    m = eval_fn(state.params, state.obj_state, batch, rng)
+    totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+  return {f"eval_{k}": float(v) for k, v in jax.device_get(base.metric_values(totals)).items()}
+
+
+def check_finite(step, scalars):
+  for name, value in scalars.items():
+    if not math.isfinite(value):
+      raise FloatingPointError(f"Non-finite {name}={value} at step {step}: the run stopped instead of "
+                               f"training on; lower optimizer.learning_rate or check the data.")
+
+
+def train_and_evaluate(config, workdir):
+  """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  # --- Setup -------------------------------------------------------------------------------
+  common.validate(config)
+  t0 = time.perf_counter()
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.axis_rules)
+  d, t = config.data, config.train
+  tokenizer = tokenizer_lib.load_or_train(d)
+  if jax.process_index() == 0:
+    checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
+  objective = make_objective(config, tokenizer)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
+  make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer, seq_len=d.seq_len,
+                                batch_size=d.batch_size, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  train_iter = iter(make_data(sources.open_source(d, d.train_split), seed=d.seed))
+  eval_batches = []
+  if t.eval_batches:
+    eval_data = make_data(sources.open_source(d, d.eval_split), seed=d.seed, shuffle=False,
+                          num_epochs=1)
+    eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count()))
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rng = jax.random.key(config.seed)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+  # --- State: resume > init_from > scratch ---------------------------------------------------
+  mngr = checkpointing.manager(workdir, t)
+  target, shardings = abstract_state(objective, tx, d.seq_len, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = checkpointing.restore(mngr, target, train_iter, config, workdir)
+  if state is not None:
+    logging.info("Resumed from %s at step %d.", workdir, int(state.step))
+  else:
+    state, _ = sharded_init(jax.random.fold_in(rng, -1), objective, tx, d.seq_len, mesh, rules)
+    if config.init_from:
+      state = state.replace(params=_params_from(config.init_from, objective, tx, d.seq_len, mesh,
+                                                rules, shardings.params))
+  start = int(state.step)
+  writer.truncate_after(start)
+
+  # --- Compiled functions -------------------------------------------------------------------
+  step_fn = jax.jit(
+      functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
+                        accum_steps=config.optimizer.grad_accum_steps),
+      in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, objective=objective))
+  eval_rng = jax.random.fold_in(rng, -2)
+  to_device = lambda b: sharding.global_batch(b, batch_sharding)  # noqa: E731
+  eval_batches = [to_device(b) for b in eval_batches]
+  final = {}
+
+  def run_eval(step):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      result = evaluate(eval_fn, state, eval_batches, eval_rng)
+    writer.write(step, result)
+    metrics_lib.console_line(step, t.steps, result)
+    return result
+
+  if start == 0 and eval_batches:
+    final.update(run_eval(0))
+  logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)
+
+  # --- Loop ----------------------------------------------------------------------------------
+  throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
+  pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
+  for step in range(start + 1, t.steps + 1):
+    batch = to_device(next(train_iter))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state, scalars = step_fn(state, batch, rng)
+    if pending is not None:
+      _log(writer, throughput, t.steps, *pending)
+      pending = None
+    if step % t.log_every == 0 or step == t.steps:
+      pending = (step, scalars)
+    if step % t.eval_every == 0 or step == t.steps:
+      if pending is not None:
+        final.update(_log(writer, throughput, t.steps, *pending))
+        pending = None
+      if eval_batches:
+        final.update(run_eval(step))
+    if step % t.checkpoint_every == 0 or step == t.steps:
+      checkpointing.save(mngr, step, state, train_iter, config)
+
+  # --- Finish --------------------------------------------------------------------------------
+  if pending is not None:
+    final.update(_log(writer, throughput, t.steps, *pending))
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return final
+
+
+def _log(writer, throughput, total, step, scalars):
+  scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+  check_finite(step, scalars)
+  tokens_per_s, eta = throughput.update(step)
+  writer.write(step, {**scalars, "tokens_per_s": tokens_per_s})
+  metrics_lib.console_line(step, total, scalars, tokens_per_s, eta)
+  writer.flush()
+  return scalars
+
+
+def _take_padded(iterator, n, data_config, process_count):
+  """Exactly `n` eval batches per process (all-padding ones once the split runs out)."""
+  rows = data_config.batch_size // process_count
+  for _ in range(n):
+    batch = next(iterator, None)
+    if batch is None:
+      batch = {k: np.zeros((rows, data_config.seq_len), np.int32)
+               for k in ("input_ids", "segment_ids", "positions")}
+    yield batch
+
+
+def _params_from(path, objective, tx, seq_len, mesh, rules, param_shardings):
+  """Parameters of another run's workdir, placed with this run's shardings."""
+  mngr = checkpointing.ocp.CheckpointManager(checkpointing.epath.Path(path) / "checkpoints")
+  target, _ = abstract_state(objective, tx, seq_len, mesh, rules)
+  with jax.set_mesh(mesh):
+    params = checkpointing.restore_state_only(mngr, target).params
+  logging.info("Initialised parameters from %s.", path)
+  return jax.device_put(params, param_shardings)

@@ -1,0 +1,31 @@
+"""Encoder pretraining in JAX/Flax: objectives, sharded training, checkpoints, export."""
+import setuptools
+
+setuptools.setup(
+    name="encoder-pretrain",
+    version="0.1.0",
+    description="Pretraining of text and code encoders in JAX/Flax.",
+    packages=setuptools.find_packages(include=["pretrain", "pretrain.*", "objectives", "objectives.*", "configs", "configs.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "absl-py",
+        "array_record",
+        "flax>=0.10",
+        "grain>=0.2.10",
+        "jax>=0.5",
+        "ml-collections",
+        "numpy",
+        "optax",
+        "orbax-checkpoint>=0.11",
+        "safetensors",
+        "sentencepiece",
+        "tensorboardX",
+        "tensorflow-datasets>=4.9",
+        "tqdm",
+    ],
+    extras_require={
+        # The export is checked against the independent PyTorch implementation.
+        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "tokenizers"],
+        "bench": ["torch==2.13.0", "transformers==4.57.6"],
+    },
+)

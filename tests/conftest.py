@@ -1,0 +1,39 @@
+"""Shared test helpers: tiny configs and synthetic packed batches."""
+import os
+import types
+
+# Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_tokenizer(vocab_size, seed=0):
+  """Just what objectives read from a tokenizer: the word-start table."""
+  table = np.random.default_rng(seed).random(vocab_size) < 0.4
+  table[:5] = False
+  return types.SimpleNamespace(vocab_size=vocab_size, word_start_table=lambda: table)
+
+
+def packed_batch(rng, batch, seq_len, vocab_size):
+  """Rows holding two documents and some padding, like the input pipeline's."""
+  ids = rng.integers(5, vocab_size, (batch, seq_len)).astype(np.int32)
+  seg = np.ones_like(ids)
+  cut, end = seq_len // 2, seq_len - seq_len // 8
+  seg[:, cut:] = 2
+  seg[:, end:] = 0
+  ids[:, 0], ids[:, cut - 1], ids[:, cut], ids[:, end - 1] = 2, 3, 2, 3
+  ids[:, end:] = 0
+  pos = np.where(seg == 2, np.arange(seq_len) - cut, np.arange(seq_len))
+  pos = np.where(seg == 0, 0, pos).astype(np.int32)
+  return {"input_ids": ids, "segment_ids": seg.astype(np.int32), "positions": pos}
+
+
+@pytest.fixture
+def tiny_config():
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  return demo.get_config("size=tiny,vocab_size=500,steps=10,batch_size=8,seq_len=32")

@@ -1,0 +1,163 @@
+"""Fast checks of the packed-sequence encoder: masking, shapes, dtypes, sharding names."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from pretrain.models.encoder import (Encoder, EncoderConfig, MlmHead, gather_positions,
+                                     word_embedding_table)
+
+CFG = EncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+                    max_len=16)
+SEGMENTS = np.array([[1, 1, 1, 2, 2, 0, 0]])
+POSITIONS = np.array([[0, 1, 2, 0, 1, 0, 1]])
+IDS = np.array([[5, 6, 7, 8, 9, 0, 0]])
+
+
+def _init(cfg=CFG, ids=IDS, seg=SEGMENTS, pos=POSITIONS):
+  return Encoder(cfg).init(jax.random.key(0), ids, seg, pos)
+
+
+def test_output_depends_exactly_on_own_segment():
+  enc = Encoder(CFG)
+  variables = _init()
+  embeds_LH = word_embedding_table(variables["params"])[IDS[0]]
+
+  def f(e_LH):
+    return enc.apply(variables, None, SEGMENTS, POSITIONS, input_embeds_BLH=e_LH[None])[0]
+
+  jac_LHLH = jax.jacfwd(f)(embeds_LH)
+  # dep[i, j]: size of d out_i / d in_j.
+  dep_LL = np.asarray(jnp.abs(jac_LHLH).max(axis=(1, 3)))
+  seg = SEGMENTS[0]
+  for i in range(len(seg)):
+    for j in range(len(seg)):
+      if seg[i] == seg[j]:
+        assert dep_LL[i, j] > 1e-6, (i, j, dep_LL[i, j])
+      else:
+        assert dep_LL[i, j] == 0.0, (i, j, dep_LL[i, j])
+
+
+def test_input_embeds_matches_ids():
+  enc, variables = Encoder(CFG), _init()
+  embeds = word_embedding_table(variables["params"])[IDS]
+  a = enc.apply(variables, IDS, SEGMENTS, POSITIONS)
+  b = enc.apply(variables, None, SEGMENTS, POSITIONS, input_embeds_BLH=embeds)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_padding_content_does_not_change_real_tokens():
+  enc, variables = Encoder(CFG), _init()
+  other_ids = IDS.copy()
+  other_ids[0, 5:] = [11, 12]
+  a = enc.apply(variables, IDS, SEGMENTS, POSITIONS)
+  b = enc.apply(variables, other_ids, SEGMENTS, POSITIONS)
+  np.testing.assert_array_equal(a[:, :5], b[:, :5])
+  assert np.all(np.isfinite(a))
+
+
+def test_shapes_and_all_layers():
+  enc = Encoder(CFG)
+  ids = np.tile(IDS, (3, 1))
+  seg, pos = np.tile(SEGMENTS, (3, 1)), np.tile(POSITIONS, (3, 1))
+  variables = _init(ids=ids, seg=seg, pos=pos)
+  out = enc.apply(variables, ids, seg, pos)
+  assert out.shape == (3, 7, 32) and out.dtype == jnp.float32
+  layers = enc.apply(variables, ids, seg, pos, return_all_layers=True)
+  assert len(layers) == CFG.num_layers + 1
+  np.testing.assert_array_equal(layers[-1], out)
+
+  head = MlmHead(CFG)
+  masked_BM = np.array([[0, 3], [1, 4], [2, 2]])
+  hidden_BMH = gather_positions(out, masked_BM)
+  assert hidden_BMH.shape == (3, 2, 32)
+  np.testing.assert_array_equal(hidden_BMH[1, 1], out[1, 4])
+  table = word_embedding_table(variables["params"])
+  head_vars = head.init(jax.random.key(1), hidden_BMH, table)
+  logits = head.apply(head_vars, hidden_BMH, table)
+  assert logits.shape == (3, 2, CFG.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_dropout_needs_rng_and_changes_output():
+  enc, variables = Encoder(CFG), _init()
+  a = enc.apply(variables, IDS, SEGMENTS, POSITIONS)
+  b = enc.apply(variables, IDS, SEGMENTS, POSITIONS, deterministic=False,
+                rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(a, b)
+
+
+def test_bfloat16_path():
+  cfg = EncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+                      max_len=16, dtype="bfloat16")
+  enc = Encoder(cfg)
+  variables = _init(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(variables)))
+  out = jax.jit(lambda v: enc.apply(v, IDS, SEGMENTS, POSITIONS))(variables)
+  assert out.dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  ref = Encoder(CFG).apply(variables, IDS, SEGMENTS, POSITIONS)
+  assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.1
+  table = word_embedding_table(variables["params"])
+  head = MlmHead(cfg)
+  hid = gather_positions(out, np.array([[1, 3]]))
+  logits = head.apply(head.init(jax.random.key(1), hid, table), hid, table)
+  assert logits.dtype == jnp.float32
+
+
+def test_every_param_has_logical_axes():
+  variables = _init()
+  head = MlmHead(CFG)
+  hid = jnp.zeros((1, 2, 32))
+  head_vars = head.init(jax.random.key(1), hid, word_embedding_table(variables["params"]))
+  for tree in (variables, head_vars):
+    specs = nn.get_partition_spec(tree)
+    arrays = nn.meta.unbox(tree)
+    flat_specs = jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat_arrays = jax.tree_util.tree_leaves(arrays)
+    assert len(flat_specs) == len(flat_arrays)
+    for (path, spec), array in zip(flat_specs, flat_arrays):
+      assert isinstance(spec, PartitionSpec) and len(spec) == array.ndim, (path, spec)
+      assert any(name is not None for name in spec), path
+  specs = nn.get_partition_spec(variables)["params"]
+  assert specs["embeddings"]["word_embeddings"]["embedding"] == PartitionSpec("vocab", "embed")
+  assert specs["layer_0"]["attention"]["query"]["kernel"] == PartitionSpec("embed", "heads", "kv")
+  assert specs["layer_0"]["attention"]["output"]["kernel"] == PartitionSpec("heads", "kv", "embed")
+  assert specs["layer_1"]["intermediate"]["kernel"] == PartitionSpec("embed", "mlp")
+  assert specs["layer_1"]["output"]["kernel"] == PartitionSpec("mlp", "embed")
+  assert nn.get_partition_spec(head_vars)["params"]["bias"] == PartitionSpec("vocab")
+
+
+def test_init_values():
+  params = nn.meta.unbox(_init())["params"]
+  ln = params["layer_0"]["LayerNorm"]
+  np.testing.assert_array_equal(ln["scale"], 1.0)
+  np.testing.assert_array_equal(ln["bias"], 0.0)
+  np.testing.assert_array_equal(params["layer_0"]["attention"]["query"]["bias"], 0.0)
+  std = float(np.std(params["embeddings"]["word_embeddings"]["embedding"]))
+  assert 0.015 < std < 0.025
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(hidden_size=30, num_heads=4), "hidden_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(dropout_rate=1.0), "dropout_rate"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+    (dict(dtype="int32"), "dtype"),
+    (dict(param_dtype="notadtype"), "param_dtype"),
+])
+def test_config_validation(kwargs, field):
+  base = dict(vocab_size=64, hidden_size=32, num_heads=4)
+  base.update(kwargs)
+  with pytest.raises(ValueError, match=field):
+    EncoderConfig(**base)
+
+
+def test_mlm_head_checks_embedding_shape():
+  head = MlmHead(CFG)
+  with pytest.raises(ValueError, match="word-embedding table"):
+    head.init(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.zeros((10, 32)))
