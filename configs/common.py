@@ -69,7 +69,8 @@ def model_config(size):
   num_layers, hidden, heads, mlp = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
       num_layers=num_layers, hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
-      max_len=512, dropout_rate=0.1, dtype="float32"))
+      max_len=512, dropout_rate=0.1, dtype="float32",
+      embedding_size=0))  # 0: as wide as hidden_size; else projected to it (ELECTRA-small: 128)
 
 
 def base_config():
@@ -97,6 +98,12 @@ def base_config():
       mask_token_rate=0.8,       # of the selected tokens: replaced by [MASK]
       random_token_rate=0.1,     # ... replaced by a random token; the rest stay unchanged
       whole_word=False,
+      # Replaced-token detection (objectives/electra.py, objectives/rtd.py).
+      generator_size_fraction=0.25,  # electra: generator hidden = model.hidden_size * this
+      generator_weight=1.0,          # electra: weight of the generator's MLM loss
+      discriminator_weight=50.0,     # electra, rts, crts: weight of the replaced-token BCE
+      num_clusters=100,              # crts: the vocabulary's id buckets
+      cluster_logit_scale=2.0,       # crts: replacement cluster ~ softmax(scale * minmax(counts))
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
@@ -137,6 +144,20 @@ def validate(config):
   _require(o.mask_token_rate >= 0 and o.random_token_rate >= 0
            and o.mask_token_rate + o.random_token_rate <= 1, "objective.mask_token_rate",
            (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
+  _require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
+           ">= 0 (0 means the same as model.hidden_size)")
+  _require(0 < o.generator_size_fraction <= 1 and o.generator_size_fraction * m.hidden_size >= 1,
+           "objective.generator_size_fraction", o.generator_size_fraction,
+           f"0 < f <= 1 with f * model.hidden_size={m.hidden_size} >= 1")
+  _require(o.generator_weight >= 0 and o.discriminator_weight >= 0
+           and o.generator_weight + o.discriminator_weight > 0, "objective.generator_weight",
+           (o.generator_weight, o.discriminator_weight),
+           "generator and discriminator weights >= 0, not both 0")
+  ordinary_ids = d.tokenizer.vocab_size - 5
+  _require(o.name != "crts" or 1 <= o.num_clusters <= ordinary_ids, "objective.num_clusters",
+           o.num_clusters, f"1 <= n <= data.tokenizer.vocab_size - 5 = {ordinary_ids}")
+  _require(o.cluster_logit_scale >= 0, "objective.cluster_logit_scale", o.cluster_logit_scale,
+           ">= 0")
   _require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
   _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
   _require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")

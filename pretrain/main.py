@@ -25,6 +25,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
   if _MULTIHOST.value or _COORDINATOR.value:
+    # CPU processes need a collectives backend of their own; TPUs and GPUs ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Process %d of %d, %d local devices of %d.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -5,6 +5,8 @@ Sections: setup (mesh, tokenizer, data, objective, optimizer) -> state (sharded 
 """
 import functools
 import math
+import signal
+import threading
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 import objectives
 from configs import common
@@ -196,6 +199,7 @@ def train_and_evaluate(config, workdir):
   logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)
 
   # --- Loop ----------------------------------------------------------------------------------
+  preempted = _watch_for_preemption()
   throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
   pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
   for step in range(start + 1, t.steps + 1):
@@ -213,8 +217,12 @@ def train_and_evaluate(config, workdir):
         pending = None
       if eval_batches:
         final.update(run_eval(step))
-    if step % t.checkpoint_every == 0 or step == t.steps:
+    stop = _reached_preemption(preempted, step)
+    if step % t.checkpoint_every == 0 or step == t.steps or stop:
       checkpointing.save(mngr, step, state, train_iter, config)
+    if stop:
+      logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
+      break
 
   # --- Finish --------------------------------------------------------------------------------
   if pending is not None:
@@ -223,6 +231,23 @@ def train_and_evaluate(config, workdir):
   mngr.close()
   writer.close()
   return final
+
+
+def _watch_for_preemption():
+  """SIGTERM (what TPU VMs and SLURM send before they take a machine) sets an event."""
+  event = threading.Event()
+  # With several processes jax.distributed's own handler catches SIGTERM; keep it.
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: event.set())
+  return event
+
+
+def _reached_preemption(event, step):
+  """True at the step boundary where every process should save and stop."""
+  if jax.process_count() > 1:
+    # The preemption service makes every process agree on the same step.
+    return multihost_utils.reached_preemption_sync_point(step)
+  return event.is_set()
 
 
 def _log(writer, throughput, total, step, scalars):

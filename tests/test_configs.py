@@ -64,15 +64,21 @@ def test_validate_names_key_and_allowed_values(key, value, message):
 
 
 def test_command_line_override_of_unknown_key_fails():
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=fv)
   path = os.path.join(ROOT, "configs", "demo.py")
-  fv(["prog", f"--config={path}:size=tiny", "--config.train.steps=7"])
-  assert fv.config.train.steps == 7 and fv.config.model.hidden_size == 64
-  fv2 = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=fv2)
-  with pytest.raises(flags.IllegalFlagValueError, match="train.stepz"):
-    fv2(["prog", f"--config={path}", "--config.train.stepz=7"])
+
+  def parse(*args):
+    argv = ["prog", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  config = parse(f"--config={path}:size=tiny", "--config.train.steps=7")
+  assert config.train.steps == 7 and config.model.hidden_size == 64
+  with pytest.raises(Exception, match="stepz.*Did you mean .*steps"):
+    parse(f"--config={path}", "--config.train.stepz=7")
+  with pytest.raises(Exception, match="steps"):
+    parse(f"--config={path}", "--config.train.steps=seven")
 
 
 def test_mesh_that_does_not_divide_devices_is_explained():

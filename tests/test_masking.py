@@ -11,7 +11,7 @@ V = 1000
 
 def _rows(rng, B=64, L=128):
   """Packed-looking rows: [CLS] text [SEP] [CLS] text [SEP] padding."""
-  ids = np.asarray(jax.random.randint(rng, (B, L), 5, V))
+  ids = np.array(jax.random.randint(rng, (B, L), 5, V))
   ids[:, 0] = tok.CLS_ID
   ids[:, 60] = tok.SEP_ID
   ids[:, 61] = tok.CLS_ID

@@ -1,0 +1,50 @@
+"""Two real processes on 127.0.0.1 (jax.distributed + gloo, 4 fake CPU devices each)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import ROOT
+from tests.test_e2e import corpus, _flags, _run  # noqa: F401  (corpus is a fixture)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):  # noqa: F811
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  _run("pretrain.data.prepare", *_flags(corpus)[:5])
+  config = demo.get_config("size=tiny,vocab_size=400,steps=8,batch_size=16,seq_len=64")
+  config.data.update(name="local_text", paths=str(corpus / "code.jsonl"), data_dir=str(corpus / "tfds"))
+  config.train.update(checkpoint_every=2, eval_every=4, eval_batches=2, log_every=2)
+  config.mesh.update(data=2, fsdp=4, tensor=1)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  coordinator = f"127.0.0.1:{_free_port()}"
+  workdir, outs = tmp_path / "work", [str(tmp_path / f"p{i}.npz") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"),
+                             coordinator, str(i), config.to_json(), str(workdir), outs[i]],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-5000:]
+  a, b = (np.load(o) for o in outs)
+  assert int(a["devices"]) == 8 and int(a["local_devices"]) == 4
+  rows_a, rows_b = {r.tobytes() for r in a["local"]}, {r.tobytes() for r in b["local"]}
+  assert not rows_a & rows_b, "the two processes read the same rows"
+  np.testing.assert_array_equal(a["gathered"], np.concatenate([a["local"], b["local"]]))
+  np.testing.assert_array_equal(a["gathered"], b["gathered"])
+  results = [json.load(open(o + ".json")) for o in outs]
+  assert results[0]["second"]["mlm_loss"] == results[1]["second"]["mlm_loss"]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 8
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "mlm_loss" in r] == [2, 4, 6, 8]
+  # The second call resumed at step 4 instead of starting again (which would re-evaluate step 0).
+  assert [r["step"] for r in rows if "eval_mlm_loss" in r] == [0, 4, 8]
