@@ -10,6 +10,8 @@ datasets must already be prepared there (this library never downloads).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -33,6 +35,23 @@ def data_dir(data_config) -> str | None:
     """The TFDS data dir as an absolute path (None = TFDS's default)."""
     d = _get(data_config, "data_dir", "")
     return os.path.abspath(os.path.expanduser(d)) if d else None
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Holds an exclusive lock on `path` (created if needed).
+
+    Why: several processes of one job may start together on a shared data_dir;
+    the first builds (a corpus, a tokenizer) while the others wait and then
+    reuse its result instead of racing to write the same files.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _local_builder(data_config) -> tfds.core.DatasetBuilder:
@@ -60,8 +79,12 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
     if name in LOCAL_CORPORA:
         builder = _local_builder(data_config)
         if not builder.is_prepared():
-            log.info("Building %s into %s (first use).", name, builder.data_dir)
-        builder.download_and_prepare(file_format="array_record")
+            # data_dir/<name>/<config>/<version>: lock outside TFDS's tree.
+            root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+            lock = os.path.join(root, ".locks", f"{name}-{builder.builder_config.name}")
+            with file_lock(lock):
+                log.info("Building %s into %s (first use).", name, builder.data_dir)
+                builder.download_and_prepare(file_format="array_record")
         return builder
     try:
         builder = tfds.builder(name, data_dir=data_dir(data_config))
@@ -117,6 +140,10 @@ class TextSource(Sequence):
     def __getitem__(self, index: int) -> str:
         return self._text(self._records[index])
 
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), 256):  # Batched reads are faster.
+            yield from self.__getitems__(list(range(start, min(start + 256, len(self)))))
+
     def __getitems__(self, indices: Sequence[int]) -> list[str]:
         getitems = getattr(self._records, "__getitems__", None)
         records = getitems(indices) if getitems else [self._records[i] for i in indices]
@@ -165,15 +192,12 @@ def iter_texts(data_config, split: str,
     prefix is a fair sample (used for tokenizer training). The document that
     crosses the cap is cut at the cap.
     """
-    source = open_source(data_config, split)
     budget = max_bytes if max_bytes and max_bytes > 0 else None
-    block = 256
-    for start in range(0, len(source), block):
-        for text in source.__getitems__(range(start, min(start + block, len(source)))):
-            if budget is not None:
-                data = text.encode("utf-8")
-                if len(data) >= budget:
-                    yield data[:budget].decode("utf-8", errors="ignore")
-                    return
-                budget -= len(data)
-            yield text
+    for text in open_source(data_config, split):
+        if budget is not None:
+            data = text.encode("utf-8")
+            if len(data) >= budget:
+                yield data[:budget].decode("utf-8", errors="ignore")
+                return
+            budget -= len(data)
+        yield text

@@ -65,7 +65,7 @@ def _split_globs(globs) -> list[str]:
 class LocalTextConfig(tfds.core.BuilderConfig):
     """Config of one local corpus; build it with `local_text_config(...)`."""
     globs: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()  # Resolved, sorted.
+    files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # Sorted.
     base_dir: str = ""  # Common directory of `files`; `path` is relative to it.
     jsonl_field: str = "text"
     validation_fraction: float = common.DEFAULT_VALIDATION_FRACTION
@@ -125,7 +125,7 @@ def _jsonl_text(line: str, field: str, where: str) -> str:
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"local_text: {where} has no field {field!r} (found "
-                         f"{keys}); set the jsonl field to one of those.")
+                         f"{keys}); set data_config.jsonl_field to one of those.")
     if not isinstance(record[field], str):
         raise ValueError(f"local_text: {where} field {field!r} is "
                          f"{type(record[field]).__name__}, expected a string.")
