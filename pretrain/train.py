@@ -157,7 +157,7 @@ def train_and_evaluate(config, workdir):
                           num_epochs=1)
     eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count()))
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  rng = jax.random.key(config.seed)
+  init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed), 3)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
 
   # --- State: resume > init_from > scratch ---------------------------------------------------
@@ -168,7 +168,7 @@ def train_and_evaluate(config, workdir):
   if state is not None:
     logging.info("Resumed from %s at step %d.", workdir, int(state.step))
   else:
-    state, _ = sharded_init(jax.random.fold_in(rng, -1), objective, tx, d.seq_len, mesh, rules)
+    state, _ = sharded_init(init_rng, objective, tx, d.seq_len, mesh, rules)
     if config.init_from:
       state = state.replace(params=_params_from(config.init_from, objective, tx, d.seq_len, mesh,
                                                 rules, shardings.params))
@@ -182,7 +182,6 @@ def train_and_evaluate(config, workdir):
       in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, objective=objective))
-  eval_rng = jax.random.fold_in(rng, -2)
   to_device = lambda b: sharding.global_batch(b, batch_sharding)  # noqa: E731
   eval_batches = [to_device(b) for b in eval_batches]
   final = {}

@@ -19,9 +19,10 @@ def _free_port():
 
 def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):  # noqa: F811
   from configs import demo  # pylint: disable=import-outside-toplevel
-  _run("pretrain.data.prepare", *_flags(corpus)[:5])
+  _run("pretrain.data.prepare", *_flags(corpus)[:6])
   config = demo.get_config("size=tiny,vocab_size=400,steps=8,batch_size=16,seq_len=64")
-  config.data.update(name="local_text", paths=str(corpus / "code.jsonl"), data_dir=str(corpus / "tfds"))
+  config.data.update(name="local_text", paths=str(corpus / "code.jsonl"), data_dir=str(corpus / "tfds"),
+                     validation_fraction=0.2)
   config.train.update(checkpoint_every=2, eval_every=4, eval_batches=2, log_every=2)
   config.mesh.update(data=2, fsdp=4, tensor=1)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
