@@ -9,7 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="demo", steps=600, vocab_size=16000, batch_size=32, seq_len=128,
+  a = common.parse_arg(arg, size="demo", steps=300, vocab_size=16000, batch_size=16, seq_len=128,
                        whole_word=False)
   c = common.base_config()
   c.model = common.model_config(a.size)
@@ -17,11 +17,13 @@ def get_config(arg=None):
   c.data.seq_len = a.seq_len
   c.data.batch_size = a.batch_size
   c.data.tokenizer.vocab_size = a.vocab_size
+  c.data.tokenizer.max_train_bytes = 8_000_000  # Enough text for 16k pieces; keeps the demo short.
   c.objective.whole_word = a.whole_word
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = min(60, a.steps // 10)
+  c.optimizer.learning_rate = 2e-3  # Short runs of small models like a high rate.
+  c.optimizer.warmup_steps = a.steps // 10
   c.train.steps = a.steps
   c.train.log_every = max(1, min(20, a.steps // 10))
   c.train.eval_every = max(1, a.steps // 3)
+  c.train.eval_batches = 8
   c.train.checkpoint_every = max(1, a.steps // 3)
   return c

@@ -2,7 +2,8 @@
 
   python -m pretrain.main --config=configs/electra.py:size=small --workdir=workdir/electra-small
   python -m pretrain.main --config=configs/electra.py:size=base,data=wikipedia/20230601.en ...
-  python -m pretrain.main --config=configs/electra.py:size=tiny,objective=crts,steps=20 --workdir=/tmp/w
+  python -m pretrain.main --config=configs/electra.py:size=tiny,objective=crts,steps=20 \
+      --workdir=/tmp/w
 
 Sizes and optimizer follow the ELECTRA paper (Table 6) and its official code: AdamW (b2 0.999,
 eps 1e-6, weight decay 0.01), linear warmup over 10k steps then linear decay to 0, clip 1.0.
@@ -12,11 +13,11 @@ vocabulary is our sentencepiece model of the data (the paper: BERT's 30522 WordP
 """
 from configs import common
 
-# name: (num_layers, hidden_size, num_heads, mlp_dim, embedding_size; 0 = hidden_size)
+# name: (num_layers, hidden_size, num_heads, mlp_dim, embedding_size (0 = hidden_size), max_len)
 SIZES = {
-    "tiny": (2, 64, 2, 256, 32),
-    "small": (12, 256, 4, 1024, 128),
-    "base": (12, 768, 12, 3072, 0),
+    "tiny": (2, 64, 2, 256, 32, 128),
+    "small": (12, 256, 4, 1024, 128, 512),
+    "base": (12, 768, 12, 3072, 0, 512),
 }
 # name: (learning_rate, warmup_steps, batch_size, seq_len, steps, generator_size_fraction)
 RECIPES = {
@@ -37,13 +38,13 @@ def get_config(arg=None):
   if a.objective not in CORRUPTION:
     raise ValueError(f"Unknown objective {a.objective!r} for configs/electra.py; allowed: "
                      f"{', '.join(CORRUPTION)}.")
-  layers, hidden, heads, mlp, embedding = SIZES[a.size]
+  layers, hidden, heads, mlp, embedding, max_len = SIZES[a.size]
   lr, warmup, batch_size, seq_len, steps, fraction = RECIPES[a.size]
   steps, batch_size, seq_len = a.steps or steps, a.batch_size or batch_size, a.seq_len or seq_len
 
   c = common.base_config()
   c.model.update(num_layers=layers, hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
-                 embedding_size=embedding, max_len=max(512 if a.size != "tiny" else 128, seq_len))
+                 embedding_size=embedding, max_len=max(max_len, seq_len))
   c.data.update(name=a.data, seq_len=seq_len, batch_size=batch_size)
   c.data.tokenizer.vocab_size = a.vocab_size
   mask_token_rate, random_token_rate = CORRUPTION[a.objective]

@@ -1,8 +1,12 @@
 """The literal objective registry: one name, one constructor; no registration by import side effect."""
-from objectives import mlm
+from objectives import electra, mlm, rtd
 
 REGISTRY = {
     "mlm": mlm.MaskedLM,
+    "electra": electra.Electra,
+    "rts": rtd.RandomTokenSubstitution,
+    "crts": rtd.ClusterRandomTokenSubstitution,
+    "slm": rtd.SwappedLM,
 }
 NAMES = tuple(REGISTRY)
 

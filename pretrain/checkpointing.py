@@ -14,7 +14,8 @@ from etils import epath
 
 # Model fields that decide parameter shapes; a checkpoint is only resumed when they all match.
 SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.mlp_dim",
-                "model.max_len", "data.tokenizer.vocab_size", "objective.name")
+                "model.max_len", "model.embedding_size", "data.tokenizer.vocab_size",
+                "objective.name", "objective.generator_size_fraction")
 
 
 class _IteratorSnapshot:
@@ -27,12 +28,18 @@ class _IteratorSnapshot:
     return self._state
 
 
+def checkpoint_dir(workdir):
+  """`<workdir>/checkpoints` as an absolute path (Orbax requires one; bucket URLs pass through)."""
+  path = epath.Path(workdir) / "checkpoints"
+  return path if "://" in os.fspath(workdir) else path.absolute()
+
+
 def manager(workdir, train_config):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=train_config.keep_checkpoints,
       enable_async_checkpointing=train_config.async_checkpointing,
       create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "data": grain.checkpoint.CheckpointHandler(),
                                               "config": ocp.JsonCheckpointHandler()})

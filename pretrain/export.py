@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from pretrain import checkpointing, hf_bert, optimizer as optimizer_lib, sharding, train
+from pretrain import checkpointing, hf_bert, hf_electra, optimizer as optimizer_lib, sharding, train
 from pretrain.data import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
@@ -28,7 +28,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-emp
 
 def load_workdir(workdir, step=None):
   """(config, tokenizer, objective, params, step) of a workdir's checkpoint, on one device."""
-  mngr = checkpointing.ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+  mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; run pretrain.main first.")
@@ -69,8 +69,11 @@ def export(workdir, out, step=None, overwrite=False):
                           f"--overwrite.")
   config, tokenizer, objective, params, step = load_workdir(workdir, step)
   out_path.mkdir(parents=True, exist_ok=True)
-  hf_bert.write_hf_model(out, objective.encoder(params), params.get("mlm_head"),
-                         objective.model_config)
+  if "discriminator_head" in params:  # Replaced-token detection: an ELECTRA directory.
+    hf_electra.write_for_objective(out, objective, params)
+  else:
+    hf_bert.write_hf_model(out, objective.encoder(params), params.get("mlm_head"),
+                           objective.model_config)
   tokenizer_lib.save_hf(tokenizer, out)
   (out_path / "flax_params.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
   (out_path / "encoder_config.json").write_text(

@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Libraries' INFO lines drown the progress lines.
   jax.config.update("jax_threefry_partitionable", True)
   if _MULTIHOST.value or _COORDINATOR.value:
     # CPU processes need a collectives backend of their own; TPUs and GPUs ignore this setting.

@@ -71,5 +71,7 @@ def console_line(step, total, scalars, tokens_per_s=None, eta_s=None):
   parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
   if tokens_per_s is not None:
     parts += [f"{tokens_per_s:,.0f} tok/s", f"ETA {eta_s / 60:.1f} min"]
-  logging.info(" | ".join(parts))
-  return " | ".join(parts)
+  line = " | ".join(parts)
+  logging.info(line)
+  print(line, flush=True)
+  return line

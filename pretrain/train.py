@@ -40,7 +40,7 @@ def encoder_config(config, vocab_size):
   return enc.EncoderConfig(
       vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
-      dtype=m.dtype)
+      dtype=m.dtype, embedding_size=m.get("embedding_size", 0) or None)
 
 
 def make_objective(config, tokenizer):
@@ -172,6 +172,7 @@ def train_and_evaluate(config, workdir):
     if config.init_from:
       state = state.replace(params=_params_from(config.init_from, objective, tx, d.seq_len, mesh,
                                                 rules, shardings.params))
+  sharding.assert_sufficiently_sharded(state.params, mesh)
   start = int(state.step)
   writer.truncate_after(start)
 
@@ -272,7 +273,7 @@ def _take_padded(iterator, n, data_config, process_count):
 
 def _params_from(path, objective, tx, seq_len, mesh, rules, param_shardings):
   """Parameters of another run's workdir, placed with this run's shardings."""
-  mngr = checkpointing.ocp.CheckpointManager(checkpointing.epath.Path(path) / "checkpoints")
+  mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(path))
   target, _ = abstract_state(objective, tx, seq_len, mesh, rules)
   with jax.set_mesh(mesh):
     params = checkpointing.restore_state_only(mngr, target).params

@@ -2,9 +2,12 @@
 import os
 import types
 
-# Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
+# Eight fake CPU devices for the sharding tests, and cheap compilation (tests compile far more
+# than they run); must be set before jax is first imported.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true").strip()
 
 import numpy as np
 import pytest

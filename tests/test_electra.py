@@ -153,6 +153,29 @@ def test_scatter_slots_writes_real_slots_only():
   np.testing.assert_array_equal(out, [[70, 8, 90, 10]])
 
 
+def test_shared_embeddings_give_the_owners_output():
+  cfg = enc.EncoderConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64,
+                          max_len=16, embedding_size=16)
+  ids, seg, pos = np.array([[2, 7, 9, 3, 0]]), np.array([[1, 1, 1, 1, 0]]), np.arange(5)[None]
+  encoder = enc.Encoder(cfg)
+  shapes = nn.unbox(jax.eval_shape(encoder.init, jax.random.key(0), ids, seg, pos))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape).astype(np.float32), shapes)
+
+  @_fast_jit
+  def outputs(p):
+    rest = {k: v for k, v in p.items() if k != "embeddings"}
+    own = encoder.apply({"params": p}, ids, seg, pos)
+    shared = encoder.apply({"params": rest}, ids, seg, pos, shared_embeddings=p["embeddings"])
+    dropped = encoder.apply({"params": rest}, ids, seg, pos, deterministic=False,
+                            shared_embeddings=p["embeddings"], rngs={"dropout": jax.random.key(1)})
+    return own, shared, dropped
+
+  own, shared, dropped = map(np.asarray, outputs(params))
+  np.testing.assert_array_equal(own, shared)
+  assert np.all(np.isfinite(dropped)) and not np.allclose(dropped, own)
+
+
 def test_every_param_has_logical_axes_and_embeddings_exist_once(setup):
   objective, params = setup.objective, setup.params
   boxed = jax.eval_shape(objective.init, jax.random.key(0), setup.batch)
@@ -317,6 +340,26 @@ def test_golden_first_steps_and_loss_decreases(setup):
       losses[:2], [GOLDEN_STEP0_LOSS, GOLDEN_STEP1_LOSS], rtol=2e-5,
       err_msg="The first two ELECTRA losses of the tiny config changed: initialisation, masking, "
               "sampling, model or optimizer numerics moved. Update GOLDEN_* only if intended.")
+
+
+def test_recipes_follow_the_paper():
+  small, base_cfg = (electra_configs.get_config(f"size={s}") for s in ("small", "base"))
+  m, o, opt = small.model, small.objective, small.optimizer
+  assert (m.num_layers, m.hidden_size, m.num_heads, m.mlp_dim, m.embedding_size) == (
+      12, 256, 4, 1024, 128)
+  assert (opt.learning_rate, opt.warmup_steps, opt.eps, opt.grad_clip_norm, opt.b2) == (
+      5e-4, 10_000, 1e-6, 1.0, 0.999)
+  assert (small.data.batch_size, small.data.seq_len) == (128, 128)
+  assert (o.mask_rate, o.mask_token_rate, o.random_token_rate) == (0.15, 0.85, 0.0)
+  assert (o.generator_size_fraction, o.generator_weight, o.discriminator_weight) == (
+      0.25, 1.0, 50.0)
+  assert (base_cfg.model.hidden_size, base_cfg.model.embedding_size, base_cfg.data.seq_len) == (
+      768, 0, 512)
+  assert abs(base_cfg.objective.generator_size_fraction - 1 / 3) < 1e-9
+  for name in ("rts", "crts", "slm"):
+    assert common.validate(electra_configs.get_config(f"objective={name}")).objective.name == name
+  with pytest.raises(ValueError, match="allowed: electra, rts, crts, slm"):
+    electra_configs.get_config("objective=mlm")
 
 
 def test_train_passes_embedding_size_to_the_encoder():

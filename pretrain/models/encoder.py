@@ -11,6 +11,11 @@ padding, so no softmax row is ever fully masked (no NaNs).
 
 Every parameter carries T5X-style logical axis names ("vocab", "embed",
 "heads", "kv", "mlp") so the training code can shard it with axis rules.
+
+ELECTRA additions: an optional ``embedding_size`` different from ``hidden_size``
+(embeddings are projected by ``embeddings_project``, as in HF ``ElectraModel``),
+and ``Encoder(...)(..., shared_embeddings=...)`` so that a second encoder
+(ELECTRA's generator) runs on the embedding arrays of the first.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class EncoderConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # Activation / computation dtype, e.g. "bfloat16".
   param_dtype: str = "float32"
+  # Width of the token/position/type embeddings (HF ElectraConfig.embedding_size); None means
+  # hidden_size. When it differs from hidden_size, a dense `embeddings_project` maps it across.
+  embedding_size: Optional[int] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
@@ -48,6 +56,11 @@ class EncoderConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
+    e = self.embedding_size
+    if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+      raise ValueError(
+          f"EncoderConfig.embedding_size must be None (same as hidden_size) or a positive int, "
+          f"got {e!r}")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"EncoderConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -73,6 +86,16 @@ class EncoderConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """Width of the embedding tables (``embedding_size``, or ``hidden_size`` when None)."""
+    return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+  @property
+  def projects_embeddings(self) -> bool:
+    """Whether ``embeddings_project`` exists (HF creates it iff the two widths differ)."""
+    return self.embed_dim != self.hidden_size
 
 
 def _init(config: EncoderConfig, names):
@@ -136,7 +159,7 @@ class _Einsum(nn.Module):
 
 
 class Embeddings(nn.Module):
-  """Word + position + token-type(0) embeddings, then LayerNorm and dropout."""
+  """Word + position + token-type(0) embeddings (width ``embed_dim``), LayerNorm, dropout."""
 
   config: EncoderConfig
 
@@ -146,7 +169,7 @@ class Embeddings(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def embed(num, axes, name):
-      return nn.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+      return nn.Embed(num, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
                       embedding_init=_init(cfg, axes), name=name)
 
     word = embed(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")
@@ -228,6 +251,7 @@ class Encoder(nn.Module):
 
     embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
     embeddings/LayerNorm/{scale,bias}
+    embeddings_project/{kernel [E,H], bias [H]}   (only when embedding_size != hidden_size)
     layer_{i}/attention/{query,key,value}/{kernel [H,N,D], bias [N,D]}
     layer_{i}/attention/output/{kernel [N,D,H], bias [H]}
     layer_{i}/attention/LayerNorm/{scale,bias}
@@ -241,7 +265,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, input_ids_BL: Optional[Array], segment_ids_BL: Array,
                positions_BL: Array, *, deterministic: bool = True,
-               return_all_layers: bool = False, input_embeds_BLH: Optional[Array] = None):
+               return_all_layers: bool = False, input_embeds_BLH: Optional[Array] = None,
+               shared_embeddings: Any = None):
     """Encodes a packed batch.
 
     Args:
@@ -253,8 +278,13 @@ class Encoder(nn.Module):
       return_all_layers: return (embeddings output, layer_0 output, ...) instead
         of only the final hidden states, like HF ``output_hidden_states``.
       input_embeds_BLH: optional replacement for the word-embedding lookup (like
-        HF ``inputs_embeds``); position and token-type embeddings are still added.
-        Useful for gradient/attribution analysis.
+        HF ``inputs_embeds``, width ``embed_dim``); position and token-type embeddings
+        are still added. Useful for gradient/attribution analysis.
+      shared_embeddings: params of an ``Embeddings`` module owned by another network
+        (ELECTRA's generator runs on the discriminator's tables). When given, this
+        encoder has no ``embeddings`` params of its own; gradients flow into the
+        given arrays, so one table is trained by both networks. Its ``embed_dim``,
+        ``vocab_size``, ``max_len`` and ``type_vocab_size`` must match the owner's.
 
     Returns:
       [B, L, H] final hidden states in ``config.dtype``, or a tuple of
@@ -263,8 +293,20 @@ class Encoder(nn.Module):
     cfg = self.config
     if input_ids_BL is None and input_embeds_BLH is None:
       raise ValueError("Encoder needs input_ids_BL or input_embeds_BLH")
-    x_BLH = Embeddings(cfg, name="embeddings")(
-        input_ids_BL, positions_BL, input_embeds_BLH, deterministic=deterministic)
+    if shared_embeddings is None:
+      x_BLE = Embeddings(cfg, name="embeddings")(
+          input_ids_BL, positions_BL, input_embeds_BLH, deterministic=deterministic)
+    else:
+      # A pure function of the given arrays: they are an input of this module, not its params.
+      rngs = None if deterministic else {"dropout": self.make_rng("dropout")}
+      x_BLE = Embeddings(cfg, parent=None).apply(
+          {"params": shared_embeddings}, input_ids_BL, positions_BL, input_embeds_BLH,
+          deterministic=deterministic, rngs=rngs)
+    x_BLH = x_BLE
+    if cfg.projects_embeddings:
+      # Input axis unnamed (replicated): "embed" names the output axis, and one mesh axis may
+      # not shard two dimensions of the same array.
+      x_BLH = _constrain(_dense(cfg, cfg.hidden_size, (None, "embed"), "embeddings_project")(x_BLE))
     mask_B1LL = segment_mask(segment_ids_BL)
     outputs = [x_BLH]
     for i in range(cfg.num_layers):
@@ -280,7 +322,9 @@ class MlmHead(nn.Module):
   ``gather_positions``), never to all L positions: the [*, V] projection is
   the most expensive matmul in MLM pretraining.
 
-  Parameters: dense/{kernel,bias}, LayerNorm/{scale,bias}, bias [V].
+  Parameters: dense/{kernel,bias}, LayerNorm/{scale,bias}, bias [V]. The dense layer maps
+  hidden_size -> embed_dim (HF ``ElectraGeneratorPredictions``; equal widths for BERT), so the
+  tied projection also works with a narrower (or wider) embedding table.
   """
 
   config: EncoderConfig
@@ -290,16 +334,16 @@ class MlmHead(nn.Module):
     """Returns float32 logits [B, M, V] (float32 so the softmax loss is stable)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    if embedding_VH.shape != (cfg.vocab_size, cfg.hidden_size):
+    if embedding_VH.shape != (cfg.vocab_size, cfg.embed_dim):
       raise ValueError(
           f"MlmHead expects the word-embedding table of shape "
-          f"({cfg.vocab_size}, {cfg.hidden_size}), got {embedding_VH.shape}")
-    x_BMH = _dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(hidden_BMH)
-    x_BMH = nn.gelu(x_BMH, approximate=False)
-    x_BMH = _layer_norm(cfg, "LayerNorm")(x_BMH)
+          f"({cfg.vocab_size}, {cfg.embed_dim}), got {embedding_VH.shape}")
+    x_BME = _dense(cfg, cfg.embed_dim, ("embed", "mlp"), "dense")(hidden_BMH)
+    x_BME = nn.gelu(x_BME, approximate=False)
+    x_BME = _layer_norm(cfg, "LayerNorm")(x_BME)
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,),
                         jnp.dtype(cfg.param_dtype))
-    logits_BMV = jnp.einsum("bmh,vh->bmv", x_BMH.astype(dtype), embedding_VH.astype(dtype),
+    logits_BMV = jnp.einsum("bme,ve->bmv", x_BME.astype(dtype), embedding_VH.astype(dtype),
                             preferred_element_type=jnp.float32)
     logits_BMV = logits_BMV + bias_V.astype(jnp.float32)
     return nn.with_logical_constraint(logits_BMV, ("batch", "length", "vocab"))
@@ -310,7 +354,7 @@ def _unbox(tree: Any) -> Any:
 
 
 def word_embedding_table(encoder_params: Any) -> Array:
-  """The [V, H] word-embedding matrix from encoder params (boxed or plain)."""
+  """The [V, E] word-embedding matrix from encoder params (boxed or plain); E = embed_dim."""
   params = encoder_params
   if "embeddings" not in params and "params" in params:
     params = params["params"]

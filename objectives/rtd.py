@@ -1,0 +1,202 @@
+"""Replaced-token detection without a generator (RTS, C-RTS), swapped LM (SLM), and the detector.
+
+The detector is ELECTRA's discriminator: the shared encoder plus a per-token head dense(H) -> GELU
+-> dense(1) (HF ``ElectraDiscriminatorPredictions`` names), trained with sigmoid cross-entropy over
+every non-padding token ([CLS] and [SEP] included, as in the official ELECTRA code).
+`objectives.electra` builds on it; the generator-free relatives here replace the selected tokens
+themselves (Di Liello et al., "Effective pre-training objectives for transformer-based
+autoencoders", 2022):
+
+- RTS: the selected 15% become uniformly random ordinary ids; loss = discriminator_weight * BCE.
+- C-RTS: the replacement of a token of cluster a is drawn from cluster b with probability
+  softmax(cluster_logit_scale * minmax(counts[a]))[b], then uniformly inside b. `counts[a, b]` (the
+  objective's non-gradient state, checkpointed with the train state) counts the replaced tokens of
+  cluster a -> b that the detector took for originals, so replacements it confuses are drawn more.
+- SLM: masked LM in which every selected token is replaced by a random one and the original is
+  predicted, i.e. `mlm.MaskedLM` with mask_token_rate=0, random_token_rate=1.
+
+A random replacement equal to the original (chance about 1/V) is labelled "real", as in ELECTRA.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from objectives import base, masking, mlm
+from pretrain.models import encoder as enc
+
+
+class DiscriminatorHead(nn.Module):
+  """dense(H) -> GELU (exact, HF "gelu") -> dense(1): one float32 replaced-logit per token."""
+
+  config: enc.EncoderConfig
+
+  @nn.compact
+  def __call__(self, hidden_BLH):
+    cfg = self.config
+    dense = enc._dense  # pylint: disable=protected-access  # The encoder's annotated Dense.
+    x_BLH = dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(hidden_BLH)
+    x_BLH = nn.gelu(x_BLH, approximate=False)
+    # The output axis has size 1, so it stays unnamed (replicated); the input is named "mlp".
+    logits_BL1 = dense(cfg, 1, ("mlp", None), "dense_prediction")(x_BLH)
+    return logits_BL1[..., 0].astype(jnp.float32)
+
+
+def detection_loss_and_metrics(logits_BL, replaced_BL, weights_BL):
+  """Mean sigmoid cross-entropy over weighted tokens; accuracy, precision, recall of "replaced"."""
+  logits = logits_BL.astype(jnp.float32)
+  weights = weights_BL.astype(jnp.float32)
+  bce = optax.sigmoid_binary_cross_entropy(logits, replaced_BL.astype(jnp.float32))
+  loss = jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  predicted = logits > 0
+  return loss, {
+      "disc_loss": base.mean_metric(bce, weights),
+      "disc_accuracy": base.mean_metric(predicted == replaced_BL, weights),
+      "disc_precision": base.mean_metric(replaced_BL, weights * predicted),
+      "disc_recall": base.mean_metric(predicted, weights * replaced_BL),
+      "replaced_fraction": base.mean_metric(replaced_BL, weights),
+  }
+
+
+def select_tokens(rng, input_ids_BL, rate, word_start_table=None):
+  """[B, L] bool: round(rate * #candidates) tokens (or whole words) per row, as MLM selects."""
+  slots = masking.max_predictions(input_ids_BL.shape[1], rate)
+  starts = None if word_start_table is None else masking.word_starts(input_ids_BL, word_start_table)
+  return masking.select(rng, masking.candidates(input_ids_BL), rate, slots, starts)
+
+
+class Detector:
+  """The shared encoder + `DiscriminatorHead`; params {"encoder", "discriminator_head"}."""
+
+  features = ("input_ids", "segment_ids", "positions")
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
+    self.config = config
+    self.model_config = model_config
+    self.encoder_module = enc.Encoder(model_config)
+    self.head_module = DiscriminatorHead(model_config)
+    self.word_start_table = tokenizer.word_start_table() if config.whole_word else None
+
+  def init(self, rng, batch):
+    enc_rng, head_rng = jax.random.split(rng)
+    ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
+    encoder = self.encoder_module.init(enc_rng, ids, seg, pos)["params"]
+    hidden = jnp.zeros((ids.shape[0], 1, self.model_config.hidden_size))
+    head = self.head_module.init(head_rng, hidden)["params"]
+    return {"encoder": encoder, "discriminator_head": head}
+
+  def init_state(self):
+    return {}
+
+  def detect(self, params, input_ids_BL, batch, rng, train):
+    """[B, L] float32 logits that each token was replaced."""
+    hidden = self.encoder_module.apply(
+        {"params": params["encoder"]}, input_ids_BL, batch["segment_ids"], batch["positions"],
+        deterministic=not train, rngs={"dropout": rng})
+    return self.head_module.apply({"params": params["discriminator_head"]}, hidden)
+
+  def encoder(self, params):
+    return params["encoder"]
+
+
+class RandomTokenSubstitution(Detector):
+  """RTS: detect the selected tokens after replacing them with uniformly random ordinary ids.
+
+  objective.mask_token_rate / random_token_rate are not read: every selected token is replaced.
+  """
+
+  def replace(self, rng, input_ids_BL, selected_BL, state):
+    del state
+    return masking.corrupt(rng, input_ids_BL, selected_BL, self.model_config.vocab_size, 0.0, 1.0)
+
+  def update_state(self, state, input_ids_BL, corrupted_BL, logits_BL, weights_BL):
+    del input_ids_BL, corrupted_BL, logits_BL, weights_BL
+    return state
+
+  def loss(self, params, state, batch, rng, *, train):
+    select_rng, replace_rng, dropout_rng = jax.random.split(rng, 3)
+    ids = batch["input_ids"]
+    selected = select_tokens(select_rng, ids, self.config.mask_rate, self.word_start_table)
+    corrupted = self.replace(replace_rng, ids, selected, state)
+    logits = self.detect(params, corrupted, batch, dropout_rng, train)
+    weights = batch["segment_ids"] > 0
+    disc_loss, metrics = detection_loss_and_metrics(logits, corrupted != ids, weights)
+    loss = self.config.discriminator_weight * disc_loss
+    metrics["total_loss"] = base.mean_metric(loss, jnp.ones(()))
+    # Evaluation never adapts the sampler: eval_step discards the state, and so do we.
+    new_state = self.update_state(state, ids, corrupted, logits, weights) if train else state
+    return loss, (metrics, new_state)
+
+
+def id_clusters(vocab_size, num_clusters):
+  """(cluster of each id [V], first id of each cluster [K + 1]) as numpy int32.
+
+  The ordinary ids [FIRST_ORDINARY_ID, V) are cut into `num_clusters` contiguous buckets of
+  (nearly) equal size; special ids join cluster 0 but are never selected. Our choice: id buckets,
+  because sentencepiece orders ids by piece score (unigram) or merge order (BPE), so buckets are
+  roughly frequency bands, and no corpus statistics are needed.
+  """
+  first, n = masking.FIRST_ORDINARY_ID, vocab_size - masking.FIRST_ORDINARY_ID
+  if not 1 <= num_clusters <= n:
+    raise ValueError(f"objective.num_clusters={num_clusters} must be in [1, {n}] (the number of "
+                     f"ordinary ids of a {vocab_size}-id vocabulary).")
+  starts = first + -(-np.arange(num_clusters + 1) * n // num_clusters)  # ceil(b * n / K)
+  cluster = np.zeros(vocab_size, np.int32)
+  cluster[first:] = (np.arange(n) * num_clusters) // n
+  return cluster, starts.astype(np.int32)
+
+
+def cluster_logits(counts_KK, scale):
+  """scale * minmax of each row of counts (rows with no spread give uniform logits 0)."""
+  counts = counts_KK.astype(jnp.float32)
+  low, high = counts.min(-1, keepdims=True), counts.max(-1, keepdims=True)
+  return scale * (counts - low) / jnp.where(high > low, high - low, 1.0)
+
+
+class ClusterRandomTokenSubstitution(RandomTokenSubstitution):
+  """C-RTS: RTS whose replacements come from the clusters the detector confuses most.
+
+  State {"confusion_counts": int32 [K, K]}: counts[a, b] += the replaced tokens of cluster a whose
+  replacement came from cluster b and that the detector scored as original (logit <= 0). We count
+  only these misses, from training steps only, with no decay, and normalise each row separately.
+  """
+
+  def __init__(self, config, model_config, tokenizer):
+    super().__init__(config, model_config, tokenizer)
+    self.cluster_V, self.starts_K1 = id_clusters(model_config.vocab_size, config.num_clusters)
+    self.num_clusters = config.num_clusters
+
+  def init_state(self):
+    return {"confusion_counts": jnp.zeros((self.num_clusters, self.num_clusters), jnp.int32)}
+
+  def replace(self, rng, input_ids_BL, selected_BL, state):
+    cluster_rng, id_rng = jax.random.split(rng)
+    logits_KK = cluster_logits(state["confusion_counts"], self.config.cluster_logit_scale)
+    source_BL = jnp.asarray(self.cluster_V)[input_ids_BL]
+    target_BL = jax.random.categorical(cluster_rng, logits_KK[source_BL])
+    starts = jnp.asarray(self.starts_K1)
+    low, size = starts[target_BL], starts[target_BL + 1] - starts[target_BL]
+    offset = jnp.floor(jax.random.uniform(id_rng, input_ids_BL.shape) * size).astype(jnp.int32)
+    new_ids = low + jnp.minimum(offset, size - 1)
+    return jnp.where(selected_BL, new_ids, input_ids_BL).astype(input_ids_BL.dtype)
+
+  def update_state(self, state, input_ids_BL, corrupted_BL, logits_BL, weights_BL):
+    k = self.num_clusters
+    cluster = jnp.asarray(self.cluster_V)
+    missed = (corrupted_BL != input_ids_BL) & (logits_BL <= 0) & weights_BL
+    pair = cluster[input_ids_BL] * k + cluster[corrupted_BL]
+    new = jax.ops.segment_sum(missed.astype(jnp.int32).ravel(), pair.ravel(), num_segments=k * k)
+    return {"confusion_counts": state["confusion_counts"] + new.reshape(k, k)}
+
+
+class SwappedLM(mlm.MaskedLM):
+  """SLM: masked LM whose selected tokens all become random ordinary ids; predicts the originals.
+
+  objective.mask_token_rate / random_token_rate are not read: they are 0 and 1 by definition.
+  """
+
+  def mask(self, rng, input_ids):
+    return masking.mask_tokens(
+        rng, input_ids, vocab_size=self.model_config.vocab_size, rate=self.config.mask_rate,
+        mask_token_rate=0.0, random_token_rate=1.0, word_start_table=self.word_start_table)

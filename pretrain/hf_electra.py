@@ -1,0 +1,145 @@
+"""Export of replaced-token-detection objectives as Hugging Face ELECTRA directories.
+
+  out_dir/            ElectraForPreTraining: the discriminator; AutoModel loads its ElectraModel,
+                      the encoder to fine-tune (discriminator_predictions.* are then unused).
+  out_dir/generator/  ElectraForMaskedLM: ELECTRA's generator (only when the params have one).
+
+Each directory holds config.json + model.safetensors (float32, no pickle). The generator directory
+carries its own copy of the shared embeddings, because Hugging Face models are loaded one at a
+time. The tied ``generator_lm_head.weight`` is not written: transformers re-ties it to
+``electra.embeddings.word_embeddings.weight`` on load, as it does for BERT's decoder.
+Linear-layer conventions are those of `pretrain.hf_bert`, whose converters are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+import safetensors.numpy
+
+from pretrain import hf_bert
+from pretrain.models.encoder import EncoderConfig
+
+GENERATOR_DIR = "generator"
+# pylint: disable=protected-access
+_linear, _qkv_in, _layer_norm, _f32, _plain = (
+    hf_bert._linear, hf_bert._qkv_in, hf_bert._layer_norm, hf_bert._f32, hf_bert._plain)
+
+
+def hf_config(config: EncoderConfig, architecture: str) -> dict:
+  """An ``ElectraConfig`` dict for config.json."""
+  return {
+      "model_type": "electra",
+      "architectures": [architecture],
+      "vocab_size": config.vocab_size,
+      "embedding_size": config.embed_dim,
+      "hidden_size": config.hidden_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "intermediate_size": config.mlp_dim,
+      "hidden_act": "gelu",  # Exact erf GELU, as our encoder.
+      "hidden_dropout_prob": config.dropout_rate,
+      "attention_probs_dropout_prob": 0.0,  # Our attention has no probability dropout.
+      "max_position_embeddings": config.max_len,
+      "type_vocab_size": config.type_vocab_size,
+      "layer_norm_eps": config.layer_norm_eps,
+      "initializer_range": config.initializer_range,
+      "pad_token_id": 0,
+      "position_embedding_type": "absolute",
+      "is_decoder": False,
+      "add_cross_attention": False,
+      "tie_word_embeddings": True,
+  }
+
+
+def electra_model_state_dict(encoder_params: Any, config: EncoderConfig) -> dict[str, np.ndarray]:
+  """``electra.*`` keys of an Encoder param tree (embeddings included) for `config`."""
+  enc = _plain(encoder_params)
+  emb = enc["embeddings"]
+  width = np.shape(emb["word_embeddings"]["embedding"])
+  if width != (config.vocab_size, config.embed_dim):
+    raise ValueError(f"word embeddings have shape {width}, but the config expects "
+                     f"({config.vocab_size}, {config.embed_dim}) (vocab_size, embedding_size).")
+  if ("embeddings_project" in enc) != config.projects_embeddings:
+    raise ValueError(f"encoder params {'have' if 'embeddings_project' in enc else 'lack'} "
+                     f"embeddings_project, which embedding_size={config.embedding_size} and "
+                     f"hidden_size={config.hidden_size} contradict.")
+  sd = {f"electra.embeddings.{name}.weight": _f32(emb[name]["embedding"])
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+  sd.update(_layer_norm(emb["LayerNorm"], "electra.embeddings.LayerNorm"))
+  if config.projects_embeddings:
+    sd.update(_linear(enc["embeddings_project"], "electra.embeddings_project"))
+  for i in range(config.num_layers):
+    layer, pre = enc[f"layer_{i}"], f"electra.encoder.layer.{i}"
+    att = layer["attention"]
+    for name in ("query", "key", "value"):
+      sd.update(_qkv_in(att[name], f"{pre}.attention.self.{name}"))
+    sd.update(_linear(att["output"], f"{pre}.attention.output.dense"))
+    sd.update(_layer_norm(att["LayerNorm"], f"{pre}.attention.output.LayerNorm"))
+    sd.update(_linear(layer["intermediate"], f"{pre}.intermediate.dense"))
+    sd.update(_linear(layer["output"], f"{pre}.output.dense"))
+    sd.update(_layer_norm(layer["LayerNorm"], f"{pre}.output.LayerNorm"))
+  return sd
+
+
+def discriminator_state_dict(params: Any, config: EncoderConfig) -> dict[str, np.ndarray]:
+  """ElectraForPreTraining keys from objective params {"encoder", "discriminator_head", ...}."""
+  params = _plain(params)
+  sd = electra_model_state_dict(params["encoder"], config)
+  head = params["discriminator_head"]
+  sd.update(_linear(head["dense"], "discriminator_predictions.dense"))
+  sd.update(_linear(head["dense_prediction"], "discriminator_predictions.dense_prediction"))
+  return sd
+
+
+def generator_state_dict(params: Any, generator_config: EncoderConfig) -> dict[str, np.ndarray]:
+  """ElectraForMaskedLM keys: the shared embeddings, the generator encoder and its tied head."""
+  params = _plain(params)
+  if "embeddings" in params["generator"]:
+    raise ValueError("generator params have their own embeddings; ELECTRA's share the encoder's.")
+  encoder = {"embeddings": params["encoder"]["embeddings"], **params["generator"]}
+  sd = electra_model_state_dict(encoder, generator_config)
+  head = params["generator_head"]
+  sd.update(_linear(head["dense"], "generator_predictions.dense"))
+  sd.update(_layer_norm(head["LayerNorm"], "generator_predictions.LayerNorm"))
+  sd["generator_lm_head.bias"] = _f32(head["bias"])
+  return sd
+
+
+def _write(out_dir: str, sd: dict, cfg: dict) -> None:
+  """config.json + model.safetensors, each written under a temporary name and renamed."""
+  os.makedirs(out_dir, exist_ok=True)
+  weights = os.path.join(out_dir, hf_bert.WEIGHTS_FILE)
+  config_path = os.path.join(out_dir, hf_bert.CONFIG_FILE)
+  safetensors.numpy.save_file(sd, weights + ".tmp", metadata={"format": "pt"})
+  with open(config_path + ".tmp", "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(weights + ".tmp", weights)
+  os.replace(config_path + ".tmp", config_path)
+
+
+def write_hf_electra(out_dir: str, params: Any, model_config: EncoderConfig,
+                     generator_config: Optional[EncoderConfig] = None) -> None:
+  """Writes the discriminator to `out_dir` and, if `params` has one, the generator below it."""
+  params = _plain(params)
+  _write(out_dir, discriminator_state_dict(params, model_config),
+         hf_config(model_config, "ElectraForPreTraining"))
+  if "generator" in params:
+    if generator_config is None:
+      raise ValueError("params hold a generator: pass generator_config "
+                       "(objective.generator_config)")
+    _write(os.path.join(out_dir, GENERATOR_DIR), generator_state_dict(params, generator_config),
+           hf_config(generator_config, "ElectraForMaskedLM"))
+
+
+def write_for_objective(out_dir: str, objective: Any, params: Any) -> None:
+  """`write_hf_electra` for an objective with a discriminator head (electra, rts, crts)."""
+  if "discriminator_head" not in _plain(params):
+    raise ValueError(f"{type(objective).__name__} has no discriminator head to export as "
+                     "ELECTRA; export masked-LM objectives with pretrain.hf_bert.")
+  write_hf_electra(out_dir, params, objective.model_config,
+                   getattr(objective, "generator_config", None))
