@@ -84,11 +84,8 @@ class Electra(rtd.Detector):
     return {**params, "generator": generator, "generator_head": head}
 
   def mask(self, rng, input_ids):
-    c = self.config
-    return masking.mask_tokens(
-        rng, input_ids, vocab_size=self.model_config.vocab_size, rate=c.mask_rate,
-        mask_token_rate=c.mask_token_rate, random_token_rate=c.random_token_rate,
-        word_start_table=self.word_start_table)
+    return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
+                                    self.word_start_table)
 
   def generate(self, params, masked, batch, rng, train):
     """Generator logits [B, M, V] at the masked slots."""

@@ -107,3 +107,11 @@ def mask_tokens(rng, input_ids, *, vocab_size, rate=0.15, mask_token_rate=0.8,
                       random_token_rate)
   targets = jnp.take_along_axis(input_ids, positions, 1)
   return Masked(corrupted, positions, targets, weights)
+
+
+def mask_with_config(rng, input_ids, config, vocab_size, word_start_table=None):
+  """`mask_tokens` with the rates of an objective's config block (`config.objective`)."""
+  return mask_tokens(rng, input_ids, vocab_size=vocab_size, rate=config.mask_rate,
+                     mask_token_rate=config.mask_token_rate,
+                     random_token_rate=config.random_token_rate,
+                     word_start_table=word_start_table)

@@ -46,11 +46,8 @@ class MaskedLM:
     return {}
 
   def mask(self, rng, input_ids):
-    c = self.config
-    return masking.mask_tokens(
-        rng, input_ids, vocab_size=self.model_config.vocab_size, rate=c.mask_rate,
-        mask_token_rate=c.mask_token_rate, random_token_rate=c.random_token_rate,
-        word_start_table=self.word_start_table)
+    return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
+                                    self.word_start_table)
 
   def predict(self, params, masked, batch, rng, train):
     """Logits [B, M, V] at the masked slots."""
