@@ -1,5 +1,12 @@
 """Shared test helpers: tiny configs and synthetic packed batches."""
+import glob
+import json
 import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
 import types
 
 # Eight fake CPU devices for the sharding tests, and cheap compilation (tests compile far more
@@ -12,7 +19,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import e2e
+
+ROOT = e2e.ROOT
 
 
 def fake_tokenizer(vocab_size, seed=0):
@@ -40,3 +49,39 @@ def packed_batch(rng, batch, seq_len, vocab_size):
 def tiny_config():
   from configs import demo  # pylint: disable=import-outside-toplevel
   return demo.get_config("size=tiny,vocab_size=500,steps=10,batch_size=8,seq_len=32")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("e2e")
+  stdlib = sysconfig.get_paths()["stdlib"]
+  files = sorted(glob.glob(os.path.join(stdlib, "json", "*.py")) +
+                 glob.glob(os.path.join(stdlib, "email", "*.py")))[:40]
+  with open(root / "code.jsonl", "w") as f:
+    for path in files:
+      with open(path, encoding="utf-8") as src:
+        f.write(json.dumps({"text": src.read()}) + "\n")
+  return root
+
+
+@pytest.fixture(scope="session")
+def runs(corpus):
+  e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
+  straight, killed = corpus / "straight", corpus / "killed"
+  e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={straight}")
+
+  # Kill the second run with SIGKILL as soon as its first checkpoint is complete.
+  proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *e2e.flags(corpus), f"--workdir={killed}"],
+                          cwd=ROOT, env=e2e.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / "checkpoints" / "50").exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+    time.sleep(0.02)
+  still_running = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert still_running, "the run finished before it could be killed: the test proved nothing"
+  done = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert done and done[-1] < e2e.STEPS, f"killed run already had its final checkpoint: {done}"
+  e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={killed}")
+  return straight, killed

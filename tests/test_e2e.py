@@ -3,80 +3,11 @@
 The corpus is a JSONL file of standard-library sources (the `local_text` builder), small enough
 for a tiny model to run in seconds; the same code path serves the full embedded corpus.
 """
-import glob
-import json
-import os
-import signal
-import subprocess
-import sys
-import sysconfig
-import time
-
 import numpy as np
 import pytest
 
+from tests import e2e
 from tests.conftest import ROOT
-
-STEPS = 150
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("e2e")
-  stdlib = sysconfig.get_paths()["stdlib"]
-  files = sorted(glob.glob(os.path.join(stdlib, "json", "*.py")) +
-                 glob.glob(os.path.join(stdlib, "email", "*.py")))[:40]
-  with open(root / "code.jsonl", "w") as f:
-    for path in files:
-      with open(path, encoding="utf-8") as src:
-        f.write(json.dumps({"text": src.read()}) + "\n")
-  return root
-
-
-def _flags(corpus):
-  return [f"--config={ROOT}/configs/demo.py:size=tiny,vocab_size=400,steps={STEPS},batch_size=8,seq_len=64",
-          "--config.data.name=local_text", f"--config.data.paths={corpus / 'code.jsonl'}",
-          f"--config.data.data_dir={corpus / 'tfds'}", "--config.data.validation_fraction=0.2",
-          "--config.train.checkpoint_every=50",
-          "--config.train.eval_every=75", "--config.train.eval_batches=2",
-          "--config.train.log_every=10"]
-
-
-def _env():
-  """One CPU device: the tests' fake 8-device setting would only slow a tiny run down."""
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-
-
-def _run(module, *args, check=True, **kwargs):
-  env = _env()
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, **kwargs)
-  if check and proc.returncode:
-    raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-  return proc
-
-
-@pytest.fixture(scope="module")
-def runs(corpus):
-  _run("pretrain.data.prepare", *_flags(corpus)[:6])
-  straight, killed = corpus / "straight", corpus / "killed"
-  _run("pretrain.main", *_flags(corpus), f"--workdir={straight}")
-
-  # Kill the second run with SIGKILL as soon as its first checkpoint is complete.
-  proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *_flags(corpus), f"--workdir={killed}"],
-                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (killed / "checkpoints" / "50").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-    time.sleep(0.02)
-  still_running = proc.poll() is None
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert still_running, "the run finished before it could be killed: the test proved nothing"
-  done = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-  assert done and done[-1] < STEPS, f"killed run already had its final checkpoint: {done}"
-  _run("pretrain.main", *_flags(corpus), f"--workdir={killed}")
-  return straight, killed
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(runs):
@@ -84,7 +15,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(runs):
   straight, killed = runs
   _, _, _, params_a, step_a = export.load_workdir(str(straight))
   _, _, _, params_b, step_b = export.load_workdir(str(killed))
-  assert step_a == step_b == STEPS
+  assert step_a == step_b == e2e.STEPS
   import jax  # pylint: disable=import-outside-toplevel
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
@@ -96,7 +27,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(runs):
 
 def test_resume_with_another_model_shape_names_the_field(runs):
   straight, _ = runs
-  proc = _run("pretrain.main", *_flags(runs[0].parent), f"--workdir={straight}",
+  proc = e2e.run("pretrain.main", *e2e.flags(runs[0].parent), f"--workdir={straight}",
               "--config.model.hidden_size=32", "--config.model.num_heads=2", check=False)
   assert proc.returncode != 0
   assert "model.hidden_size=64" in proc.stderr and "--config.model.hidden_size" in proc.stderr
@@ -110,7 +41,7 @@ def test_export_loads_in_transformers_with_same_logits(runs, tmp_path):
   from pretrain.models import encoder as enc  # pylint: disable=import-outside-toplevel
   _, killed = runs
   out = tmp_path / "export"
-  _run("pretrain.export", f"--workdir={killed}", f"--out={out}")
+  e2e.run("pretrain.export", f"--workdir={killed}", f"--out={out}")
   with pytest.raises(FileExistsError, match="not empty"):
     export.export(str(killed), str(out))
   _, tokenizer, objective, params, _ = export.load_workdir(str(killed))
@@ -127,3 +58,23 @@ def test_export_loads_in_transformers_with_same_logits(runs, tmp_path):
   ours = objective.head_module.apply({"params": params["mlm_head"]}, hidden,
                                      enc.word_embedding_table(params["encoder"]))[0]
   assert np.max(np.abs(np.asarray(ours) - theirs)) < 1e-4
+
+
+def test_electra_trains_and_exports_through_the_command_line(corpus, tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from pretrain import metrics  # pylint: disable=import-outside-toplevel
+  workdir, out = tmp_path / "electra", tmp_path / "electra-export"
+  data = [f for f in e2e.flags(corpus)[1:6]]
+  e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
+  e2e.run("pretrain.main", f"--config={ROOT}/configs/electra.py:size=tiny,vocab_size=400,steps=20",
+       *data, "--config.data.seq_len=64", f"--workdir={workdir}")
+  rows = metrics.read_jsonl(str(workdir))
+  assert rows[-1]["step"] == 20 and "eval_disc_accuracy" in rows[-1]
+  e2e.run("pretrain.export", f"--workdir={workdir}", f"--out={out}")
+  model = transformers.AutoModelForPreTraining.from_pretrained(out).eval()
+  assert type(model).__name__ == "ElectraForPreTraining"
+  generator = transformers.AutoModelForMaskedLM.from_pretrained(out / "generator").eval()
+  with torch.no_grad():
+    assert model(torch.tensor([[2, 10, 11, 3]])).logits.shape == (1, 4)
+    assert generator(torch.tensor([[2, 10, 11, 3]])).logits.shape == (1, 4, 400)

@@ -1,7 +1,6 @@
 """Export to Hugging Face BERT is checked against the independent PyTorch implementation."""
 
 import json
-import logging
 
 import flax.linen as nn
 import jax

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from tests.conftest import ROOT
-from tests.test_e2e import corpus, _flags, _run  # noqa: F401  (corpus is a fixture)
+from tests import e2e
 
 
 def _free_port():
@@ -17,9 +17,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):  # noqa: F811
+def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):
   from configs import demo  # pylint: disable=import-outside-toplevel
-  _run("pretrain.data.prepare", *_flags(corpus)[:6])
+  e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
   config = demo.get_config("size=tiny,vocab_size=400,steps=8,batch_size=16,seq_len=64")
   config.data.update(name="local_text", paths=str(corpus / "code.jsonl"), data_dir=str(corpus / "tfds"),
                      validation_fraction=0.2)

@@ -204,7 +204,6 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BLH, mask_B1LL, *, deterministic: bool):
     cfg = self.config
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def project(name):
       return _Einsum(cfg, "blh,hnd->blnd", (cfg.hidden_size, cfg.num_heads, cfg.head_dim),
