@@ -138,6 +138,7 @@ def train_and_evaluate(config, workdir):
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   # --- Setup -------------------------------------------------------------------------------
   common.validate(config)
+  preempted = _watch_for_preemption()  # Early: a SIGTERM during setup still ends cleanly.
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
@@ -199,7 +200,6 @@ def train_and_evaluate(config, workdir):
   logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)
 
   # --- Loop ----------------------------------------------------------------------------------
-  preempted = _watch_for_preemption()
   throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
   pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
   for step in range(start + 1, t.steps + 1):
