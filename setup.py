@@ -5,7 +5,8 @@ setuptools.setup(
     name="encoder-pretrain",
     version="0.1.0",
     description="Pretraining of text and code encoders in JAX/Flax.",
-    packages=setuptools.find_packages(include=["pretrain", "pretrain.*", "objectives", "objectives.*", "configs", "configs.*"]),
+    packages=setuptools.find_packages(include=["pretrain", "pretrain.*", "objectives", "objectives.*", "configs", "configs.*",
+                                                "launch"]),
     python_requires=">=3.10",
     install_requires=[
         "absl-py",
@@ -21,11 +22,12 @@ setuptools.setup(
         "sentencepiece",
         "tensorboardX",
         "tensorflow-datasets>=4.9",
+        "tokenizers",
         "tqdm",
     ],
     extras_require={
         # The export is checked against the independent PyTorch implementation.
-        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "tokenizers"],
+        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6"],
         "bench": ["torch==2.13.0", "transformers==4.57.6"],
     },
 )
