@@ -92,18 +92,14 @@ def _layer_norm(p: dict, prefix: str) -> dict:
   return {f"{prefix}.weight": _f32(p["scale"]), f"{prefix}.bias": _f32(p["bias"])}
 
 
-def to_hf_state_dict(encoder_params: Any, mlm_head_params: Any,
-                     config: EncoderConfig) -> dict[str, np.ndarray]:
-  """BertForMaskedLM state dict (float32 numpy); BertModel keys if no head params."""
-  enc = _plain(encoder_params)
-  head = None if mlm_head_params is None else _plain(mlm_head_params)
-  sd = {}
+def encoder_state_dict(enc, config: EncoderConfig, prefix: str) -> dict[str, np.ndarray]:
+  """Embeddings and layers under `prefix` ("bert", "electra"): the part BERT and ELECTRA share."""
   emb = enc["embeddings"]
-  for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-    sd[f"bert.embeddings.{name}.weight"] = _f32(emb[name]["embedding"])
-  sd.update(_layer_norm(emb["LayerNorm"], "bert.embeddings.LayerNorm"))
+  sd = {f"{prefix}.embeddings.{name}.weight": _f32(emb[name]["embedding"])
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+  sd.update(_layer_norm(emb["LayerNorm"], f"{prefix}.embeddings.LayerNorm"))
   for i in range(config.num_layers):
-    layer, pre = enc[f"layer_{i}"], f"bert.encoder.layer.{i}"
+    layer, pre = enc[f"layer_{i}"], f"{prefix}.encoder.layer.{i}"
     att = layer["attention"]
     for name in ("query", "key", "value"):
       sd.update(_qkv_in(att[name], f"{pre}.attention.self.{name}"))
@@ -112,6 +108,15 @@ def to_hf_state_dict(encoder_params: Any, mlm_head_params: Any,
     sd.update(_linear(layer["intermediate"], f"{pre}.intermediate.dense"))
     sd.update(_linear(layer["output"], f"{pre}.output.dense"))
     sd.update(_layer_norm(layer["LayerNorm"], f"{pre}.output.LayerNorm"))
+  return sd
+
+
+def to_hf_state_dict(encoder_params: Any, mlm_head_params: Any,
+                     config: EncoderConfig) -> dict[str, np.ndarray]:
+  """BertForMaskedLM state dict (float32 numpy); BertModel keys if no head params."""
+  enc = _plain(encoder_params)
+  head = None if mlm_head_params is None else _plain(mlm_head_params)
+  sd = encoder_state_dict(enc, config, "bert")
   if head is not None:
     sd.update(_linear(head["dense"], "cls.predictions.transform.dense"))
     sd.update(_layer_norm(head["LayerNorm"], "cls.predictions.transform.LayerNorm"))

@@ -67,21 +67,9 @@ def electra_model_state_dict(encoder_params: Any, config: EncoderConfig) -> dict
     raise ValueError(f"encoder params {'have' if 'embeddings_project' in enc else 'lack'} "
                      f"embeddings_project, which embedding_size={config.embedding_size} and "
                      f"hidden_size={config.hidden_size} contradict.")
-  sd = {f"electra.embeddings.{name}.weight": _f32(emb[name]["embedding"])
-        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-  sd.update(_layer_norm(emb["LayerNorm"], "electra.embeddings.LayerNorm"))
+  sd = hf_bert.encoder_state_dict(enc, config, "electra")
   if config.projects_embeddings:
     sd.update(_linear(enc["embeddings_project"], "electra.embeddings_project"))
-  for i in range(config.num_layers):
-    layer, pre = enc[f"layer_{i}"], f"electra.encoder.layer.{i}"
-    att = layer["attention"]
-    for name in ("query", "key", "value"):
-      sd.update(_qkv_in(att[name], f"{pre}.attention.self.{name}"))
-    sd.update(_linear(att["output"], f"{pre}.attention.output.dense"))
-    sd.update(_layer_norm(att["LayerNorm"], f"{pre}.attention.output.LayerNorm"))
-    sd.update(_linear(layer["intermediate"], f"{pre}.intermediate.dense"))
-    sd.update(_linear(layer["output"], f"{pre}.output.dense"))
-    sd.update(_layer_norm(layer["LayerNorm"], f"{pre}.output.LayerNorm"))
   return sd
 
 
