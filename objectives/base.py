@@ -11,6 +11,9 @@ from typing import Any, Mapping, Protocol
 import jax
 import jax.numpy as jnp
 
+from objectives import masking
+from pretrain.models import encoder as enc
+
 Params = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -45,3 +48,35 @@ def mean_metric(values, weights):
 def metric_values(metrics: Metrics) -> dict[str, jax.Array]:
   """Reduces `(total, count)` pairs to their averages (0 where nothing was counted)."""
   return {k: t / jnp.maximum(c, 1e-9) for k, (t, c) in metrics.items()}
+
+
+class EncoderObjective:
+  """Plumbing every objective over one shared `Encoder` needs: its module, masking, word starts."""
+
+  features = ("input_ids", "segment_ids", "positions")
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
+    self.config = config
+    self.model_config = model_config
+    self.encoder_module = enc.Encoder(model_config)
+    self.word_start_table = tokenizer.word_start_table() if config.whole_word else None
+
+  def init_encoder(self, rng, batch):
+    return self.encoder_module.init(rng, batch["input_ids"], batch["segment_ids"],
+                                    batch["positions"])["params"]
+
+  def encode(self, params, input_ids, batch, rng, train):
+    """Final hidden states [B, L, H] of `input_ids` in the batch's packing."""
+    return self.encoder_module.apply(
+        {"params": params["encoder"]}, input_ids, batch["segment_ids"], batch["positions"],
+        deterministic=not train, rngs={"dropout": rng})
+
+  def mask(self, rng, input_ids):
+    return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
+                                    self.word_start_table)
+
+  def init_state(self):
+    return {}
+
+  def encoder(self, params):
+    return params["encoder"]

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from objectives import base, masking, mlm, rtd
+from objectives import base, mlm, rtd
 from pretrain.models import encoder as enc
 
 
@@ -82,10 +82,6 @@ class Electra(rtd.Detector):
     table = enc.word_embedding_table(params["encoder"])
     head = self.generator_head.init(head_rng, hidden, table)["params"]
     return {**params, "generator": generator, "generator_head": head}
-
-  def mask(self, rng, input_ids):
-    return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
-                                    self.word_start_table)
 
   def generate(self, params, masked, batch, rng, train):
     """Generator logits [B, M, V] at the masked slots."""

@@ -66,38 +66,24 @@ def select_tokens(rng, input_ids_BL, rate, word_start_table=None):
   return masking.select(rng, masking.candidates(input_ids_BL), rate, slots, starts)
 
 
-class Detector:
+class Detector(base.EncoderObjective):
   """The shared encoder + `DiscriminatorHead`; params {"encoder", "discriminator_head"}."""
 
-  features = ("input_ids", "segment_ids", "positions")
-
   def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
-    self.config = config
-    self.model_config = model_config
-    self.encoder_module = enc.Encoder(model_config)
+    super().__init__(config, model_config, tokenizer)
     self.head_module = DiscriminatorHead(model_config)
-    self.word_start_table = tokenizer.word_start_table() if config.whole_word else None
 
   def init(self, rng, batch):
     enc_rng, head_rng = jax.random.split(rng)
-    ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
-    encoder = self.encoder_module.init(enc_rng, ids, seg, pos)["params"]
-    hidden = jnp.zeros((ids.shape[0], 1, self.model_config.hidden_size))
+    encoder = self.init_encoder(enc_rng, batch)
+    hidden = jnp.zeros((batch["input_ids"].shape[0], 1, self.model_config.hidden_size))
     head = self.head_module.init(head_rng, hidden)["params"]
     return {"encoder": encoder, "discriminator_head": head}
 
-  def init_state(self):
-    return {}
-
   def detect(self, params, input_ids_BL, batch, rng, train):
     """[B, L] float32 logits that each token was replaced."""
-    hidden = self.encoder_module.apply(
-        {"params": params["encoder"]}, input_ids_BL, batch["segment_ids"], batch["positions"],
-        deterministic=not train, rngs={"dropout": rng})
+    hidden = self.encode(params, input_ids_BL, batch, rng, train)
     return self.head_module.apply({"params": params["discriminator_head"]}, hidden)
-
-  def encoder(self, params):
-    return params["encoder"]
 
 
 class RandomTokenSubstitution(Detector):
