@@ -113,7 +113,8 @@ def base_config():
       checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = DEFAULT_AXIS_RULES
-  c.init_from = ""               # a workdir or export to start from when the workdir has no checkpoint
+  c.init_from = ""               # a workdir, or a Hugging Face BERT dir, to start from when the
+                                 # workdir has no checkpoint
   return c
 
 

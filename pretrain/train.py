@@ -5,6 +5,7 @@ Sections: setup (mesh, tokenizer, data, objective, optimizer) -> state (sharded 
 """
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,8 @@ from jax.experimental import multihost_utils
 import objectives
 from configs import common
 from objectives import base
-from pretrain import checkpointing, metrics as metrics_lib, optimizer as optimizer_lib, sharding
+from pretrain import (checkpointing, hf_bert, metrics as metrics_lib, optimizer as optimizer_lib,
+                      sharding)
 from pretrain.data import pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 
@@ -171,8 +173,8 @@ def train_and_evaluate(config, workdir):
   else:
     state, _ = sharded_init(init_rng, objective, tx, d.seq_len, mesh, rules)
     if config.init_from:
-      state = state.replace(params=_params_from(config.init_from, objective, tx, d.seq_len, mesh,
-                                                rules, shardings.params))
+      state = state.replace(params=_params_from(config.init_from, state.params, objective, tx,
+                                                d.seq_len, mesh, rules, shardings.params))
   sharding.assert_sufficiently_sharded(state.params, mesh)
   start = int(state.step)
   writer.truncate_after(start)
@@ -271,11 +273,30 @@ def _take_padded(iterator, n, data_config, process_count):
     yield batch
 
 
-def _params_from(path, objective, tx, seq_len, mesh, rules, param_shardings):
-  """Parameters of another run's workdir, placed with this run's shardings."""
-  mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(path))
-  target, _ = abstract_state(objective, tx, seq_len, mesh, rules)
-  with jax.set_mesh(mesh):
-    params = checkpointing.restore_state_only(mngr, target).params
+def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):
+  """Parameters of another run's workdir, or the encoder (and MLM head) of a Hugging Face BERT
+  directory, placed with this run's shardings; other parameters keep their fresh values."""
+  if os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
+    _, encoder, head = hf_bert.read_hf_model(path)
+    loaded = {"encoder": encoder, **({"mlm_head": head} if head is not None else {})}
+    for name, tree in loaded.items():
+      if name in params:
+        _check_same_shapes(tree, params[name], f"{path} ({name})")
+    params = {**params, **{k: v for k, v in loaded.items() if k in params}}
+  else:
+    mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(path))
+    target, _ = abstract_state(objective, tx, seq_len, mesh, rules)
+    with jax.set_mesh(mesh):
+      params = checkpointing.restore_state_only(mngr, target).params
   logging.info("Initialised parameters from %s.", path)
   return jax.device_put(params, param_shardings)
+
+
+def _check_same_shapes(loaded, expected, where):
+  flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  for key, value in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    got = flat_loaded.get(key)
+    if got is None or np.shape(got) != value.shape:
+      raise ValueError(f"init_from {where}: parameter {jax.tree_util.keystr(key)} is "
+                       f"{None if got is None else np.shape(got)} there but {value.shape} in this "
+                       f"model; make config.model match the checkpoint.")

@@ -78,3 +78,17 @@ def test_electra_trains_and_exports_through_the_command_line(corpus, tmp_path):
   with torch.no_grad():
     assert model(torch.tensor([[2, 10, 11, 3]])).logits.shape == (1, 4)
     assert generator(torch.tensor([[2, 10, 11, 3]])).logits.shape == (1, 4, 400)
+
+
+def test_init_from_an_export_starts_where_the_source_run_ended(corpus, runs, tmp_path):
+  from pretrain import metrics  # pylint: disable=import-outside-toplevel
+  _, killed = runs
+  out, workdir = tmp_path / "export", tmp_path / "continued"
+  e2e.run("pretrain.export", f"--workdir={killed}", f"--out={out}")
+  e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={workdir}",
+          f"--config.init_from={out}", "--config.train.steps=1")
+  source = [r for r in metrics.read_jsonl(str(killed)) if "eval_mlm_loss" in r][-1]
+  start = [r for r in metrics.read_jsonl(str(workdir)) if "eval_mlm_loss" in r][0]
+  assert source["step"] == e2e.STEPS and start["step"] == 0
+  np.testing.assert_allclose(start["eval_mlm_loss"], source["eval_mlm_loss"], rtol=1e-6)
+  assert start["eval_mlm_accuracy"] == source["eval_mlm_accuracy"]
