@@ -28,5 +28,9 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
 
+bench: $(VENV)/.base
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/sharding_memory.py
+
 clean:
 	rm -rf $(DEMO_WORKDIR) $(DEMO_EXPORT)

@@ -1,0 +1,119 @@
+"""Train-step throughput and model FLOPs utilisation (MFU) of our MLM step on this machine.
+
+  python bench/train_step.py [--configs=demo,small] [--seq_lens=128] [--batch=32] [--repeats=5]
+
+MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
+matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
+matmuls) + attention accounting, with the vocabulary projection counted only at the masked
+positions that MLM actually computes. Compile time is reported separately; the step time is
+the median of `repeats` timed runs of 5 steps each.
+"""
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import demo  # noqa: E402
+from objectives import masking  # noqa: E402
+from pretrain import optimizer as optimizer_lib, sharding, train  # noqa: E402
+
+
+class _Vocab:
+  def __init__(self, size):
+    self.vocab_size = size
+
+  def word_start_table(self):
+    return np.zeros(self.vocab_size, bool)
+
+
+def matmul_peak(n=2048, repeats=10):
+  """Measured fp32 FLOP/s of a large square matmul (the best of `repeats`)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n**3 / best
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def flops_per_token(m, vocab, seq_len, mask_rate):
+  """Training FLOPs per token: 3 x forward (forward + backward)."""
+  layer = 2 * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.mlp_dim) + 4 * seq_len * m.hidden_size
+  slots = masking.max_predictions(seq_len, mask_rate) / seq_len
+  head = slots * 2 * (m.hidden_size**2 + m.hidden_size * vocab)
+  return 3 * (m.num_layers * layer + head)
+
+
+def bench(size, seq_len, batch, repeats, peak):
+  c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch}")
+  c.model.dropout_rate = 0.1
+  vocab = c.data.tokenizer.vocab_size
+  objective = train.make_objective(c, _Vocab(vocab))
+  tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
+  mesh = sharding.make_mesh(c.mesh)
+  rules = sharding.rules(c.axis_rules)
+  state, shardings = train.sharded_init(jax.random.key(0), objective, tx, seq_len, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+                                   accum_steps=1),
+                 in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
+  ids[:, 0], ids[:, -1] = 2, 3
+  data = sharding.global_batch({"input_ids": ids, "segment_ids": np.ones_like(ids),
+                                "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))},
+                               batch_sharding)
+  key = jax.random.key(1)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t = time.perf_counter()
+    compiled = step.lower(state, data, key).compile()
+    compile_s = time.perf_counter() - t
+    state, m = compiled(state, data, key)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      for _ in range(5):
+        state, m = compiled(state, data, key)
+      jax.block_until_ready(m)
+      times.append((time.perf_counter() - t) / 5)
+  step_s = statistics.median(times)
+  tokens_per_s = batch * seq_len / step_s
+  mfu = tokens_per_s * flops_per_token(c.model, vocab, seq_len, c.objective.mask_rate) / peak
+  return compile_s, step_s, tokens_per_s, mfu
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--configs", default="demo,small")
+  parser.add_argument("--seq_lens", default="128")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  peak = matmul_peak()
+  print(f"devices: {jax.devices()}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  print(f"{'config':<8}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}{'tokens/s':>11}{'MFU':>7}")
+  for size in args.configs.split(","):
+    for seq_len in map(int, args.seq_lens.split(",")):
+      compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak)
+      print(f"{size:<8}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}{tps:>11,.0f}"
+            f"{mfu:>7.1%}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
