@@ -13,15 +13,8 @@
 # on the PATH that sbatch exports). Unknown arguments go unchanged to pretrain.main.
 set -euo pipefail
 
-die() { echo "launch/gpu_slurm.sh: $*" >&2; exit 2; }
-quote() {  # Shell-quotes its arguments, readably ('...' only where needed), joined by spaces.
-  local out=() a
-  for a; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-
+SCRIPT=launch/gpu_slurm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 nodes="" gpus_per_node=8 partition="" account="" time_limit="" job_name="pretrain" port=29500
 python="python" config="" workdir="" mode=sbatch dry_run=0 autodetect=0 extra=()
 for arg in "$@"; do

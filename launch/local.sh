@@ -13,7 +13,8 @@ usage() {
   sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
-die() { echo "launch/local.sh: $*" >&2; exit 2; }
+SCRIPT=launch/local.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 config="" workdir="" num_processes=1 port=12355 dry_run=0 extra=()
 for arg in "$@"; do

@@ -12,7 +12,8 @@
 # Unknown arguments go unchanged to pretrain.main. --dry_run prints every gcloud command only.
 set -euo pipefail
 
-die() { echo "launch/tpu_vm.sh: $*" >&2; exit 2; }
+SCRIPT=launch/tpu_vm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ $# -gt 0 ]] || die "missing subcommand: create, install, run, delete or all (see the top of this file)."
 subcommand=$1; shift
 case "$subcommand" in create|install|run|delete|all) ;; -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
@@ -56,13 +57,6 @@ fi
 common=("--zone=$zone")
 [[ -n "$project" ]] && common+=("--project=$project")
 
-quote() {  # Shell-quotes its arguments, readably ('...' only where needed), joined by spaces.
-  local out=() a
-  for a; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
 gc() {  # Runs (or with --dry_run prints) one gcloud command.
   if (( dry_run )); then quote gcloud "$@"; else gcloud "$@"; fi
 }

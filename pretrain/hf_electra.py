@@ -30,29 +30,9 @@ _linear, _qkv_in, _layer_norm, _f32, _plain = (
 
 
 def hf_config(config: EncoderConfig, architecture: str) -> dict:
-  """An ``ElectraConfig`` dict for config.json."""
-  return {
-      "model_type": "electra",
-      "architectures": [architecture],
-      "vocab_size": config.vocab_size,
-      "embedding_size": config.embed_dim,
-      "hidden_size": config.hidden_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "intermediate_size": config.mlp_dim,
-      "hidden_act": "gelu",  # Exact erf GELU, as our encoder.
-      "hidden_dropout_prob": config.dropout_rate,
-      "attention_probs_dropout_prob": 0.0,  # Our attention has no probability dropout.
-      "max_position_embeddings": config.max_len,
-      "type_vocab_size": config.type_vocab_size,
-      "layer_norm_eps": config.layer_norm_eps,
-      "initializer_range": config.initializer_range,
-      "pad_token_id": 0,
-      "position_embedding_type": "absolute",
-      "is_decoder": False,
-      "add_cross_attention": False,
-      "tie_word_embeddings": True,
-  }
+  """An ``ElectraConfig`` dict for config.json: BERT's fields plus the embedding width."""
+  return {**hf_bert.hf_config(config), "model_type": "electra", "architectures": [architecture],
+          "embedding_size": config.embed_dim}
 
 
 def electra_model_state_dict(encoder_params: Any, config: EncoderConfig) -> dict[str, np.ndarray]:

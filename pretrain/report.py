@@ -15,7 +15,7 @@ _EXPORT = flags.DEFINE_string("export", None, "An export directory to point at."
 def summary(workdir):
   """{first eval row, last eval row, median tokens/s} from the workdir's metrics.jsonl."""
   rows = metrics_lib.read_jsonl(workdir)
-  evals = [r for r in rows if "eval_mlm_accuracy" in r or any(k.startswith("eval_") for k in r)]
+  evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
   speeds = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
   return {"first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None,
           "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None}
