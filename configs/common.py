@@ -75,6 +75,7 @@ def model_config(size):
 
 def base_config():
   """Every key a run reads, with defaults; recipes override values, never add keys."""
+  from objectives import config_defaults as objective_config_defaults  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config("demo")
@@ -98,12 +99,8 @@ def base_config():
       mask_token_rate=0.8,       # of the selected tokens: replaced by [MASK]
       random_token_rate=0.1,     # ... replaced by a random token; the rest stay unchanged
       whole_word=False,
-      # Replaced-token detection (objectives/electra.py, objectives/rtd.py).
-      generator_size_fraction=0.25,  # electra: generator hidden = model.hidden_size * this
-      generator_weight=1.0,          # electra: weight of the generator's MLM loss
-      discriminator_weight=50.0,     # electra, rts, crts: weight of the replaced-token BCE
-      num_clusters=100,              # crts: the vocabulary's id buckets
-      cluster_logit_scale=2.0,       # crts: replacement cluster ~ softmax(scale * minmax(counts))
+      # Objective-specific keys come from each objective module's CONFIG (objectives/__init__.py).
+      **objective_config_defaults(),
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
@@ -118,59 +115,49 @@ def base_config():
   return c
 
 
-def _require(ok, key, value, allowed):
+def require(ok, key, value, allowed):
   if not ok:
     raise ValueError(f"Bad config value {key}={value!r}; allowed: {allowed}.")
 
 
 def validate(config):
   """Checks values that a locked ConfigDict cannot; raises naming the key and the allowed values."""
-  from objectives import NAMES as objective_names  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from objectives import NAMES as objective_names, validate as objective_validate
   m, d, o, opt, t = config.model, config.data, config.objective, config.optimizer, config.train
-  _require(config.objective.name in objective_names, "objective.name", o.name, ", ".join(objective_names))
-  _require(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
+  require(config.objective.name in objective_names, "objective.name", o.name, ", ".join(objective_names))
+  require(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
   for key in ("num_layers", "hidden_size", "num_heads", "mlp_dim", "max_len"):
-    _require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
-  _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+    require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
+  require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
            f"a divisor of model.hidden_size={m.hidden_size}")
-  _require(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "0 <= rate < 1")
-  _require(d.tokenizer.model_type in TOKENIZER_TYPES, "data.tokenizer.model_type",
+  require(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "0 <= rate < 1")
+  require(d.tokenizer.model_type in TOKENIZER_TYPES, "data.tokenizer.model_type",
            d.tokenizer.model_type, ", ".join(TOKENIZER_TYPES))
-  _require(d.tokenizer.vocab_size >= 100, "data.tokenizer.vocab_size", d.tokenizer.vocab_size, ">= 100")
-  _require(8 <= d.seq_len <= m.max_len, "data.seq_len", d.seq_len,
+  require(d.tokenizer.vocab_size >= 100, "data.tokenizer.vocab_size", d.tokenizer.vocab_size, ">= 100")
+  require(8 <= d.seq_len <= m.max_len, "data.seq_len", d.seq_len,
            f"8 <= seq_len <= model.max_len={m.max_len}")
-  _require(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
-  _require(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "0 < f < 1")
-  _require(0 < o.mask_rate < 1, "objective.mask_rate", o.mask_rate, "0 < rate < 1")
-  _require(o.mask_token_rate >= 0 and o.random_token_rate >= 0
+  require(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+  require(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "0 < f < 1")
+  require(0 < o.mask_rate < 1, "objective.mask_rate", o.mask_rate, "0 < rate < 1")
+  require(o.mask_token_rate >= 0 and o.random_token_rate >= 0
            and o.mask_token_rate + o.random_token_rate <= 1, "objective.mask_token_rate",
            (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
-  _require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
+  require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
-  _require(0 < o.generator_size_fraction <= 1 and o.generator_size_fraction * m.hidden_size >= 1,
-           "objective.generator_size_fraction", o.generator_size_fraction,
-           f"0 < f <= 1 with f * model.hidden_size={m.hidden_size} >= 1")
-  _require(o.generator_weight >= 0 and o.discriminator_weight >= 0
-           and o.generator_weight + o.discriminator_weight > 0, "objective.generator_weight",
-           (o.generator_weight, o.discriminator_weight),
-           "generator and discriminator weights >= 0, not both 0")
-  ordinary_ids = d.tokenizer.vocab_size - 5
-  _require(o.name != "crts" or 1 <= o.num_clusters <= ordinary_ids, "objective.num_clusters",
-           o.num_clusters, f"1 <= n <= data.tokenizer.vocab_size - 5 = {ordinary_ids}")
-  _require(o.cluster_logit_scale >= 0, "objective.cluster_logit_scale", o.cluster_logit_scale,
-           ">= 0")
-  _require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
-  _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
-  _require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
-  _require(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps", opt.grad_accum_steps, ">= 1")
-  _require(d.batch_size % opt.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+  objective_validate(config)
+  require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
+  require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
+  require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+  require(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps", opt.grad_accum_steps, ">= 1")
+  require(d.batch_size % opt.grad_accum_steps == 0, "optimizer.grad_accum_steps",
            opt.grad_accum_steps, f"a divisor of data.batch_size={d.batch_size}")
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    _require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
-  _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+    require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
+  require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
   for axis in MESH_AXES:
-    _require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],
+    require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],
              "-1 (the remaining devices) or a positive integer")
-  _require(set(config.mesh.keys()) == set(MESH_AXES), "mesh", dict(config.mesh),
+  require(set(config.mesh.keys()) == set(MESH_AXES), "mesh", dict(config.mesh),
            f"exactly the axes {MESH_AXES}")
   return config

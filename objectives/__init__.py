@@ -1,4 +1,9 @@
-"""The literal objective registry: one name, one constructor; no registration by import side effect."""
+"""The literal objective registry: one name, one constructor; no registration by import side effect.
+
+Each objective module may define `CONFIG` (its own `config.objective` keys with defaults) and
+`validate_config(config)`; `base_config()` merges every module's keys, so a recipe or a command
+line can set them, and `validate` checks them all before anything compiles.
+"""
 from objectives import electra, mlm, rtd
 
 REGISTRY = {
@@ -9,6 +14,7 @@ REGISTRY = {
     "slm": rtd.SwappedLM,
 }
 NAMES = tuple(REGISTRY)
+CONFIG_MODULES = (mlm, rtd, electra)
 
 
 def get(name):
@@ -16,3 +22,21 @@ def get(name):
   if name not in REGISTRY:
     raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(NAMES)}.")
   return REGISTRY[name]
+
+
+def config_defaults():
+  """Every module's objective keys; two modules may not define one key differently."""
+  merged = {}
+  for module in CONFIG_MODULES:
+    for key, value in getattr(module, "CONFIG", {}).items():
+      if key in merged and merged[key] != value:
+        raise ValueError(f"objective key {key!r} is defined twice ({module.__name__}).")
+      merged[key] = value
+  return merged
+
+
+def validate(config):
+  """Runs every module's `validate_config`: keys are shared, so all of them are checked."""
+  for module in CONFIG_MODULES:
+    if hasattr(module, "validate_config"):
+      module.validate_config(config)

@@ -24,8 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from configs import common
 from objectives import base, mlm, rtd
 from pretrain.models import encoder as enc
+
+CONFIG = dict(
+    generator_size_fraction=0.25,  # generator hidden = model.hidden_size * this
+    generator_weight=1.0,          # weight of the generator's MLM loss
+)
 
 
 def generator_config(model_config: enc.EncoderConfig, fraction: float) -> enc.EncoderConfig:
@@ -56,6 +62,17 @@ def scatter_slots(input_ids_BL, positions_BM, values_BM, weights_BM):
   delta_BM = jnp.where(weights_BM > 0, values_BM - current_BM, 0).astype(input_ids_BL.dtype)
   rows_B1 = jnp.arange(input_ids_BL.shape[0])[:, None]
   return input_ids_BL.at[rows_B1, positions_BM].add(delta_BM)
+
+
+def validate_config(config):
+  m, o = config.model, config.objective
+  common.require(0 < o.generator_size_fraction <= 1 and o.generator_size_fraction * m.hidden_size >= 1,
+                 "objective.generator_size_fraction", o.generator_size_fraction,
+                 f"0 < f <= 1 with f * model.hidden_size={m.hidden_size} >= 1")
+  common.require(o.generator_weight >= 0 and o.discriminator_weight >= 0
+                 and o.generator_weight + o.discriminator_weight > 0, "objective.generator_weight",
+                 (o.generator_weight, o.discriminator_weight),
+                 "generator and discriminator weights >= 0, not both 0")
 
 
 class Electra(rtd.Detector):

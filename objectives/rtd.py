@@ -23,8 +23,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from configs import common
 from objectives import base, masking, mlm
 from pretrain.models import encoder as enc
+
+CONFIG = dict(
+    discriminator_weight=50.0,  # electra, rts, crts: weight of the replaced-token BCE
+    num_clusters=100,           # crts: the vocabulary's id buckets
+    cluster_logit_scale=2.0,    # crts: replacement cluster ~ softmax(scale * minmax(counts))
+)
+
+
+def validate_config(config):
+  o = config.objective
+  common.require(o.discriminator_weight >= 0, "objective.discriminator_weight",
+                 o.discriminator_weight, ">= 0")
+  ordinary_ids = config.data.tokenizer.vocab_size - 5
+  common.require(o.name != "crts" or 1 <= o.num_clusters <= ordinary_ids, "objective.num_clusters",
+                 o.num_clusters, f"1 <= n <= data.tokenizer.vocab_size - 5 = {ordinary_ids}")
+  common.require(o.cluster_logit_scale >= 0, "objective.cluster_logit_scale",
+                 o.cluster_logit_scale, ">= 0")
 
 
 class DiscriminatorHead(nn.Module):

@@ -51,6 +51,9 @@ def make_objective(config, tokenizer):
 
 
 def _example_batch(objective, seq_len):
+  """What `init` traces: one row of every feature, unless the objective shapes its own."""
+  if hasattr(objective, "example_batch"):
+    return objective.example_batch(seq_len)
   return {f: jnp.ones((1, seq_len), jnp.int32) for f in objective.features}
 
 
@@ -150,7 +153,9 @@ def train_and_evaluate(config, workdir):
     checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
   objective = make_objective(config, tokenizer)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
-  make_data = functools.partial(pipeline.make_dataset, tokenizer=tokenizer, seq_len=d.seq_len,
+  # An objective with its own input format (pairs, crops...) provides `make_dataset`.
+  make_dataset = getattr(objective, "make_dataset", pipeline.make_dataset)
+  make_data = functools.partial(make_dataset, tokenizer=tokenizer, seq_len=d.seq_len,
                                 batch_size=d.batch_size, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   train_iter = iter(make_data(sources.open_source(d, d.train_split), seed=d.seed))
@@ -158,7 +163,8 @@ def train_and_evaluate(config, workdir):
   if t.eval_batches:
     eval_data = make_data(sources.open_source(d, d.eval_split), seed=d.seed, shuffle=False,
                           num_epochs=1)
-    eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count()))
+    eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count(),
+                                      objective.features))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed), 3)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -262,14 +268,14 @@ def _log(writer, throughput, total, step, scalars):
   return scalars
 
 
-def _take_padded(iterator, n, data_config, process_count):
+def _take_padded(iterator, n, data_config, process_count, features):
   """Exactly `n` eval batches per process (all-padding ones once the split runs out)."""
   rows = data_config.batch_size // process_count
   for _ in range(n):
     batch = next(iterator, None)
     if batch is None:
       batch = {k: np.zeros((rows, data_config.seq_len), np.int32)
-               for k in ("input_ids", "segment_ids", "positions")}
+               for k in features}
     yield batch
 
 
