@@ -28,8 +28,18 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
 
-bench: $(VENV)/.base
-	$(BIN)/python bench/train_step.py
+# Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv.
+BENCH_VENV := .venv-bench
+
+$(BENCH_VENV)/.stamp: setup.py
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.base $(BENCH_VENV)/.stamp
+	$(BIN)/python bench/compare.py --bench_python=$(BENCH_VENV)/bin/python
+	$(BIN)/python bench/pipeline.py --config=configs/demo.py
 	$(BIN)/python bench/sharding_memory.py
 
 clean:

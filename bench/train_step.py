@@ -1,15 +1,20 @@
 """Train-step throughput and model FLOPs utilisation (MFU) of our MLM step on this machine.
 
   python bench/train_step.py [--configs=demo,small] [--seq_lens=128] [--batch=32] [--repeats=5]
+                             [--vocab=16000] [--dtype=float32|bfloat16] [--peak_tflops=X] [--json]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
 matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
 matmuls) + attention accounting, with the vocabulary projection counted only at the masked
 positions that MLM actually computes. Compile time is reported separately; the step time is
-the median of `repeats` timed runs of 5 steps each.
+the median of `repeats` timed runs of 5 steps each. On an accelerator pass `--peak_tflops` (the
+datasheet dense peak for the dtype, e.g. 989 for an H100 in bf16) instead of measuring one.
+`--json` prints one JSON object per configuration (bench/compare.py and bench/gpu.sh read them).
 """
 import argparse
 import functools
+import json
+import resource
 import os
 import statistics
 import sys
@@ -35,9 +40,9 @@ class _Vocab:
     return np.zeros(self.vocab_size, bool)
 
 
-def matmul_peak(n=2048, repeats=10):
-  """Measured fp32 FLOP/s of a large square matmul (the best of `repeats`)."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(n=2048, repeats=10, dtype=jnp.float32):
+  """Measured FLOP/s of a large square matmul (the best of `repeats`)."""
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
@@ -58,10 +63,10 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
   return 3 * (m.num_layers * layer + head)
 
 
-def bench(size, seq_len, batch, repeats, peak):
-  c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch}")
+def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32"):
+  c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab}")
   c.model.dropout_rate = 0.1
-  vocab = c.data.tokenizer.vocab_size
+  c.model.dtype = dtype
   objective = train.make_objective(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
   mesh = sharding.make_mesh(c.mesh)
@@ -104,15 +109,33 @@ def main():
   parser.add_argument("--seq_lens", default="128")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--vocab", type=int, default=16000)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="Datasheet peak in TFLOP/s; 0 measures a matmul peak instead.")
+  parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
-  peak = matmul_peak()
-  print(f"devices: {jax.devices()}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-  print(f"{'config':<8}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}{'tokens/s':>11}{'MFU':>7}")
+  peak = args.peak_tflops * 1e12 or matmul_peak(dtype=jnp.dtype(args.dtype))
+  if not args.json:
+    print(f"devices: {jax.devices()}; {'given' if args.peak_tflops else 'measured'} {args.dtype} "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'config':<8}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}{'tokens/s':>11}"
+          f"{'MFU':>7}")
   for size in args.configs.split(","):
     for seq_len in map(int, args.seq_lens.split(",")):
-      compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak)
-      print(f"{size:<8}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}{tps:>11,.0f}"
-            f"{mfu:>7.1%}", flush=True)
+      compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
+                                          args.vocab, args.dtype)
+      if args.json:
+        print(json.dumps(dict(
+            framework="ours", size=size, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
+            dtype=args.dtype, device=str(jax.devices()[0].device_kind), compile_s=compile_s,
+            step_s=step_s, tokens_per_s=tps, mfu=mfu, peak_flops=peak,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            device_peak_mib=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+            / 2**20)), flush=True)
+      else:
+        print(f"{size:<8}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}{tps:>11,.0f}"
+              f"{mfu:>7.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Our MLM train step next to Hugging Face BERT (Flax and PyTorch), one framework per process.
+
+  python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=5]
+                          [--bench_python=.venv-bench/bin/python]
+
+Every case is `size:seq_len:batch`. Runs bench/train_step.py with this interpreter and
+bench/hf_step.py with `--bench_python` (a virtualenv with transformers 4.57, whose Flax models
+5.x removed), one after another, never at the same time, and prints a markdown table: tokens/s,
+MFU against the measured fp32 matmul peak, speed-up over each baseline, compile time and peak
+resident memory. Never use fake devices for timing: this runs on the real ones.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import train_step  # noqa: E402  pylint: disable=wrong-import-position
+from configs import common  # noqa: E402  pylint: disable=wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CASES = "demo:128:32,small:128:32,demo:512:8,small:512:8,base:128:8"
+
+
+def _run(cmd):
+  """The last JSON line a benchmark process printed (its stderr passes through on failure)."""
+  env = {**os.environ, "XLA_FLAGS": ""}  # Never inherit fake CPU devices.
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _mfu(row, peak):
+  m = common.model_config(row["size"])
+  flops = train_step.flops_per_token(m, row["vocab"], row["seq_len"], 0.15)
+  if row["framework"] != "ours":  # HF projects every position onto the vocabulary: count it.
+    flops += 3 * 2 * (m.hidden_size ** 2 + m.hidden_size * row["vocab"]) * (1 - 0.15)
+  return row["tokens_per_s"] * flops / peak
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default=DEFAULT_CASES)
+  parser.add_argument("--vocab", type=int, default=32000)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
+  args = parser.parse_args()
+  peak = train_step.matmul_peak()
+  print(f"Measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPU cores.\n")
+  print("| config | seq | batch | framework | tokens/s | MFU | ours vs it | compile s | peak RSS MiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for case in args.cases.split(","):
+    size, seq_len, batch = case.split(":")
+    common_args = [f"--seq_len={seq_len}", f"--batch={batch}", f"--vocab={args.vocab}",
+                   f"--repeats={args.repeats}"]
+    rows = [_run([sys.executable, os.path.join(HERE, "train_step.py"), "--json",
+                  f"--configs={size}", f"--seq_lens={seq_len}", f"--batch={batch}",
+                  f"--vocab={args.vocab}", f"--repeats={args.repeats}"])]
+    for framework in ("flax", "torch"):
+      try:
+        rows.append(_run([args.bench_python, os.path.join(HERE, "hf_step.py"),
+                          f"--framework={framework}", f"--size={size}", *common_args]))
+      except (RuntimeError, FileNotFoundError) as e:
+        print(f"<!-- hf-{framework} {case} failed: {str(e)[-400:]!r} -->")
+    ours = rows[0]["tokens_per_s"]
+    for row in rows:
+      ratio = "" if row["framework"] == "ours" else f"{ours / row['tokens_per_s']:.2f}x"
+      print(f"| {size} | {seq_len} | {batch} | {row['framework']} | {row['tokens_per_s']:,.0f} | "
+            f"{_mfu(row, peak):.0%} | {ratio} | {row['compile_s']:.1f} | "
+            f"{row['peak_rss_mib']:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

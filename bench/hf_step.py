@@ -1,0 +1,146 @@
+"""Baseline train-step throughput of Hugging Face BERT MLM (Flax or PyTorch) at our settings.
+
+  python bench/hf_step.py --framework=flax|torch --size=demo --seq_len=128 --batch=32
+
+Same model shape as configs/common.MODEL_SIZES, vocabulary, batch, sequence length, fp32, hidden
+dropout 0.1 (attention-probability dropout 0, as in our encoder) and AdamW as bench/train_step.py.
+Each framework runs in its own process (bench/compare.py starts them one after another) so that
+neither inherits the other's thread pools or allocator. Labels mark 15% of the positions, which is
+the work HF does no matter how many positions are labelled: its vocabulary projection runs at every
+position. Prints one JSON line: compile (first step) seconds, median step seconds, tokens/s,
+peak resident memory.
+
+Needs transformers 4.57.x (the last release with Flax models): `pip install -e .[bench]` in its own
+virtualenv (`make bench` creates .venv-bench).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from configs import common  # noqa: E402
+
+MASK_RATE = 0.15
+
+
+def hf_config(size, vocab):
+  import transformers  # pylint: disable=import-outside-toplevel
+  layers, hidden, heads, mlp = common.MODEL_SIZES[size]
+  return transformers.BertConfig(
+      vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+      intermediate_size=mlp, max_position_embeddings=512, hidden_dropout_prob=0.1,
+      attention_probs_dropout_prob=0.0, hidden_act="gelu")
+
+
+def fake_batch(batch, seq_len, vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
+  labels = np.where(rng.random((batch, seq_len)) < MASK_RATE, ids, -100).astype(np.int32)
+  return ids, np.ones_like(ids), labels
+
+
+def time_steps(step, repeats, steps_per_repeat=5):
+  """(first-call seconds, median seconds per step) of `step()`, which must block until done."""
+  t = time.perf_counter()
+  step()
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      step()
+    times.append((time.perf_counter() - t) / steps_per_repeat)
+  return first, statistics.median(times)
+
+
+def flax_step(config, ids, mask, labels, dtype, device, lr=1e-4):
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  del device  # JAX picks the accelerator itself.
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  model = transformers.FlaxBertForMaskedLM(config, seed=0, dtype=jnp.dtype(dtype))
+  tx = optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01)
+  state = {"params": model.params, "opt": tx.init(model.params)}
+
+  def loss_fn(params, rng):
+    logits = model(ids, attention_mask=mask, params=params, dropout_rng=rng, train=True).logits
+    logits = logits.astype(np.float32)
+    valid = labels >= 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, np.maximum(labels, 0))
+    return (ce * valid).sum() / valid.sum()
+
+  @jax.jit
+  def update(params, opt, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rng)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  rng = jax.random.PRNGKey(0)
+
+  def step():
+    nonlocal rng
+    rng, sub = jax.random.split(rng)
+    state["params"], state["opt"], loss = update(state["params"], state["opt"], sub)
+    loss.block_until_ready()
+
+  return step
+
+
+def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  config._attn_implementation = "sdpa"  # pylint: disable=protected-access  # its fastest CPU path
+  model = transformers.BertForMaskedLM(config).train().to(device)
+  opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+  ids_t, mask_t, labels_t = (torch.from_numpy(x).long().to(device) for x in (ids, mask, labels))
+  # bf16 as mixed precision (float32 master weights), like our model.dtype=bfloat16.
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+  def step():
+    with autocast:
+      loss = model(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--framework", choices=("flax", "torch"), required=True)
+  parser.add_argument("--size", default="demo", choices=tuple(common.MODEL_SIZES))
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--vocab", type=int, default=32000)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="PyTorch only.")
+  args = parser.parse_args()
+  config = hf_config(args.size, args.vocab)
+  ids, mask, labels = fake_batch(args.batch, args.seq_len, args.vocab)
+  make = flax_step if args.framework == "flax" else torch_step
+  if args.framework == "torch":
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(os.cpu_count())
+  first, step_s = time_steps(make(config, ids, mask, labels, args.dtype, args.device), args.repeats)
+  print(json.dumps(dict(
+      framework=f"hf-{args.framework}", size=args.size, seq_len=args.seq_len, batch=args.batch,
+      vocab=args.vocab, dtype=args.dtype, device=args.device, compile_s=first, step_s=step_s,
+      tokens_per_s=args.batch * args.seq_len / step_s,
+      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+if __name__ == "__main__":
+  main()
