@@ -4,7 +4,7 @@ Each objective module may define `CONFIG` (its own `config.objective` keys with 
 `validate_config(config)`; `base_config()` merges every module's keys, so a recipe or a command
 line can set them, and `validate` checks them all before anything compiles.
 """
-from objectives import electra, mlm, rtd
+from objectives import combined, dupmae, electra, mlm, rtd
 
 REGISTRY = {
     "mlm": mlm.MaskedLM,
@@ -12,9 +12,12 @@ REGISTRY = {
     "rts": rtd.RandomTokenSubstitution,
     "crts": rtd.ClusterRandomTokenSubstitution,
     "slm": rtd.SwappedLM,
+    "combined": combined.Combined,
+    "retromae": dupmae.RetroMAE,
+    "dupmae": dupmae.DupMAE,
 }
 NAMES = tuple(REGISTRY)
-CONFIG_MODULES = (mlm, rtd, electra)
+CONFIG_MODULES = (mlm, rtd, electra, combined, dupmae)
 
 
 def get(name):

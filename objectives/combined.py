@@ -1,0 +1,114 @@
+"""Several objectives over one shared encoder, their losses summed with weights.
+
+  --config.objective.name=combined --config.objective.components="mlm:1.0,rts:0.5"
+
+Why a composite instead of a multi-objective train step: the train step stays objective-agnostic
+(objectives/base.py), and any pair of objectives that read the same batch format combines
+without either knowing. Each component is built from the same flat `config.objective` block, so
+shared keys (mask_rate, whole_word, ...) mean the same thing to all of them.
+
+- Parameters: one tree. Every component's `init` runs; "encoder" comes from the first and the
+  others' are dropped (same model config, same shapes), so gradients from every loss meet in one
+  encoder. Other top-level entries (heads, generator, decoder) are merged by name: two components
+  with an entry of the same name (e.g. "mlm_head" of mlm and slm) share it, which is what tying a
+  head across objectives means; their shapes must agree.
+- Randomness: component i draws from fold_in(rng, i), so adding a component never changes the
+  masks of the others.
+- Metrics are prefixed "<name>/"; "loss" is the weighted total. Non-gradient state is a dict by
+  component name (C-RTS counts, MoCo queues) and checkpoints with the train state.
+- All components must take the same input format: objectives that bring their own
+  `make_dataset` (contrastive pairs) combine only with objectives of the same format.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+
+CONFIG = dict(
+    components="mlm:1.0",  # combined: comma-separated name:weight pairs over one shared encoder
+)
+
+
+def parse_components(spec):
+  """"mlm:1,rts:0.5" -> [("mlm", 1.0), ("rts", 0.5)]; a bare name weighs 1."""
+  pairs = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, _, weight = item.partition(":")
+    try:
+      pairs.append((name.strip(), float(weight) if weight else 1.0))
+    except ValueError as e:
+      raise ValueError(f"objective.components={spec!r}: weight {weight!r} of {name!r} is not a "
+                       f"number; write name:weight pairs like 'mlm:1.0,rts:0.5'.") from e
+  return pairs
+
+
+def validate_config(config):
+  o = config.objective
+  if o.name != "combined":
+    return
+  from objectives import NAMES  # pylint: disable=import-outside-toplevel
+  pairs = parse_components(o.components)
+  names = [n for n, _ in pairs]
+  allowed = [n for n in NAMES if n != "combined"]
+  common.require(pairs and all(n in allowed for n in names) and len(set(names)) == len(names),
+                 "objective.components", o.components,
+                 f"distinct name:weight pairs of {', '.join(allowed)}")
+  common.require(all(w >= 0 for _, w in pairs) and sum(w for _, w in pairs) > 0,
+                 "objective.components", o.components, "weights >= 0, not all 0")
+
+
+class Combined:
+  """A weighted sum of registered objectives sharing params["encoder"]."""
+
+  def __init__(self, config, model_config, tokenizer):
+    from objectives import get  # pylint: disable=import-outside-toplevel
+    self.config = config
+    self.model_config = model_config
+    self.weights = parse_components(config.components)
+    self.components = {name: get(name)(config, model_config, tokenizer) for name, _ in self.weights}
+    if len({getattr(type(c), "make_dataset", None) for c in self.components.values()}) > 1:
+      raise ValueError(f"objective.components={config.components!r} mixes input formats "
+                       f"({', '.join(self.components)}); combine objectives that read the same "
+                       f"batches.")
+    first = next(iter(self.components.values()))
+    self.features = tuple(dict.fromkeys(f for c in self.components.values() for f in c.features))
+    if hasattr(first, "make_dataset"):
+      self.make_dataset = first.make_dataset
+    if hasattr(first, "example_batch"):
+      self.example_batch = first.example_batch
+    self.generator_config = next((c.generator_config for c in self.components.values()
+                                  if hasattr(c, "generator_config")), None)
+
+  def init(self, rng, batch):
+    params = {}
+    for i, (name, component) in enumerate(self.components.items()):
+      for key, value in component.init(jax.random.fold_in(rng, i), batch).items():
+        if key in params:
+          _check_same_shapes(params[key], value, key, name)
+        else:
+          params[key] = value
+    return params
+
+  def init_state(self):
+    return {name: c.init_state() for name, c in self.components.items()}
+
+  def loss(self, params, state, batch, rng, *, train):
+    total, metrics, new_state = jnp.zeros((), jnp.float32), {}, {}
+    for i, (name, weight) in enumerate(self.weights):
+      loss, (m, new_state[name]) = self.components[name].loss(
+          params, state[name], batch, jax.random.fold_in(rng, i), train=train)
+      total = total + weight * loss
+      metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    metrics["loss"] = (total, jnp.ones((), jnp.float32))
+    return total, (metrics, new_state)
+
+  def encoder(self, params):
+    return params["encoder"]
+
+
+def _check_same_shapes(kept, other, key, name):
+  shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
+  if shapes(kept) != shapes(other):
+    raise ValueError(f"objective.components: {name!r} has a {key!r} of another shape than the "
+                     f"component before it; they cannot share it.")
