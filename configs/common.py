@@ -18,6 +18,9 @@ MODEL_SIZES = {
 }
 
 SCHEDULES = ("linear", "cosine", "constant")
+# What a step whose loss, gradients or update are NaN/inf does (checked on device every step):
+# "stop" the run naming the step and the metric, or "skip" the update and count it.
+NONFINITE_MODES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_TYPES = ("unigram", "bpe")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -107,7 +110,8 @@ def base_config():
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-6, grad_clip_norm=1.0, grad_accum_steps=1))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=20, eval_every=200, eval_batches=10,
-      checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True))
+      checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True,
+      nonfinite="stop"))         # NONFINITE_MODES: stop the run, or skip such updates
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.init_from = ""               # a workdir, or a Hugging Face BERT dir, to start from when the
@@ -155,6 +159,7 @@ def validate(config):
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+  require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", t.nonfinite, ", ".join(NONFINITE_MODES))
   for axis in MESH_AXES:
     require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],
              "-1 (the remaining devices) or a positive integer")

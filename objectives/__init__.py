@@ -4,7 +4,7 @@ Each objective module may define `CONFIG` (its own `config.objective` keys with 
 `validate_config(config)`; `base_config()` merges every module's keys, so a recipe or a command
 line can set them, and `validate` checks them all before anything compiles.
 """
-from objectives import combined, dupmae, electra, mlm, rtd
+from objectives import combined, contrastive, dupmae, electra, masking, mlm, ngram, rtd
 
 REGISTRY = {
     "mlm": mlm.MaskedLM,
@@ -15,9 +15,11 @@ REGISTRY = {
     "combined": combined.Combined,
     "retromae": dupmae.RetroMAE,
     "dupmae": dupmae.DupMAE,
+    "ernie_gram": ngram.ErnieGram,
+    "contrastive": contrastive.Contrastive,
 }
 NAMES = tuple(REGISTRY)
-CONFIG_MODULES = (mlm, rtd, electra, combined, dupmae)
+CONFIG_MODULES = (masking, mlm, rtd, electra, combined, dupmae, ngram, contrastive)
 
 
 def get(name):

@@ -4,7 +4,8 @@
 
 The directory holds config.json + model.safetensors (BertForMaskedLM names, loadable with
 `transformers.AutoModelForMaskedLM` / `AutoModel`), the tokenizer files `AutoTokenizer` loads,
-flax_params.msgpack + encoder_config.json (our own format), and a README model card.
+flax_params.msgpack + encoder_config.json (our own format), the sentence-transformers module files
+(`SentenceTransformer(<dir>)`: --pooling, --normalize, --max_seq_length) and a README model card.
 Nothing is pickled: safetensors, msgpack and JSON only.
 """
 import dataclasses
@@ -18,12 +19,21 @@ from absl import app, flags
 from etils import epath
 
 from pretrain import checkpointing, hf_bert, hf_electra, optimizer as optimizer_lib, sharding, train
+from pretrain import sentence_transformers_export as st_export
 from pretrain.data import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write; must be empty or not exist.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
+_POOLING = flags.DEFINE_enum(
+    "pooling", None, st_export.POOLING_MODES, "sentence-transformers pooling: mean over tokens or "
+    "the [CLS] state (default: the objective's pooler, else mean).")
+_NORMALIZE = flags.DEFINE_bool("normalize", None, "L2-normalise sentence-transformers embeddings "
+                               "(default: as the objective's pooler did, else true).")
+_MAX_SEQ_LENGTH = flags.DEFINE_integer(
+    "max_seq_length", None, "sentence-transformers truncation (default: the training data.seq_len, "
+    "the longest inputs pretraining showed the model).")
 
 
 def load_workdir(workdir, step=None):
@@ -33,7 +43,7 @@ def load_workdir(workdir, step=None):
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; run pretrain.main first.")
   config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
-  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer", "spm.model"))
+  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))  # spm.model or tokenizer.json
   objective = train.make_objective(config, tokenizer)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -59,37 +69,60 @@ def model_card(config, step, workdir_metrics):
       "`AutoTokenizer`; `flax_params.msgpack` + `encoder_config.json` hold the same weights for "
       "`pretrain.models.encoder`. Attention dropout was not used in pretraining (0.0 in config.json).",
   ]
+  if config.objective.name == "ernie_gram":
+    lines += ["", "The n-gram embeddings and the n-gram rows of the MLM head are pretraining-only: "
+              "the Hugging Face weights hold the encoder and the head's token rows (a plain BERT MLM "
+              "head); only `flax_params.msgpack` keeps the n-gram tables."]
   return "\n".join(lines) + "\n"
 
 
-def export(workdir, out, step=None, overwrite=False):
+def export(workdir, out, step=None, overwrite=False, *, pooling=None, normalize=None,
+           max_seq_length=None):
   out_path = epath.Path(out)
   if out_path.exists() and any(out_path.iterdir()) and not overwrite:
     raise FileExistsError(f"Export directory {out} is not empty; choose another --out or pass "
                           f"--overwrite.")
   config, tokenizer, objective, params, step = load_workdir(workdir, step)
-  out_path.mkdir(parents=True, exist_ok=True)
-  if "discriminator_head" in params:  # Replaced-token detection: an ELECTRA directory.
-    hf_electra.write_for_objective(out, objective, params)
-  else:
-    hf_bert.write_hf_model(out, objective.encoder(params), params.get("mlm_head"),
-                           objective.model_config)
-  tokenizer_lib.save_hf(tokenizer, out)
-  (out_path / "flax_params.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
-  (out_path / "encoder_config.json").write_text(
-      json.dumps(dataclasses.asdict(objective.model_config), indent=2))
   try:
     from pretrain import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
     rows = metrics_lib.read_jsonl(workdir)
   except FileNotFoundError:
     rows = []
+  return write_export(out, config, tokenizer, objective, params, step, rows, pooling=pooling,
+                      normalize=normalize, max_seq_length=max_seq_length)
+
+
+def write_export(out, config, tokenizer, objective, params, step, rows, *, pooling=None,
+                 normalize=None, max_seq_length=None):
+  """Writes the export of in-memory `params` of `objective` (any registered one) into `out`."""
+  out_path = epath.Path(out)
+  out_path.mkdir(parents=True, exist_ok=True)
+  if "discriminator_head" in params:  # Replaced-token detection: an ELECTRA directory.
+    hf_electra.write_for_objective(out, objective, params)
+  else:
+    # ERNIE-Gram's head predicts tokens and n-grams: only its token rows (`token_head`) export.
+    head = (objective.token_head(params) if hasattr(objective, "token_head")
+            else params.get("mlm_head"))
+    hf_bert.write_hf_model(out, objective.encoder(params), head, objective.model_config)
+  tokenizer_lib.save_hf(tokenizer, out)
+  st_pooling = st_export.pooling_for(objective, pooling, normalize)
+  if st_pooling is not None:  # None: a trained pooler sentence-transformers cannot express.
+    st_export.write_module_files(out, objective.model_config.hidden_size, pooling=st_pooling[0],
+                                 normalize=st_pooling[1],
+                                 max_seq_length=max_seq_length or config.data.seq_len)
+  (out_path / "flax_params.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
+  if hasattr(objective, "export_extras"):  # e.g. RetroMAE's decoder, to continue pretraining
+    objective.export_extras(out, params)
+  (out_path / "encoder_config.json").write_text(
+      json.dumps(dataclasses.asdict(objective.model_config), indent=2))
   (out_path / "README.md").write_text(model_card(config, step, rows))
   return out
 
 
 def main(argv):
   del argv
-  out = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
+  out = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value, pooling=_POOLING.value,
+               normalize=_NORMALIZE.value, max_seq_length=_MAX_SEQ_LENGTH.value)
   print(f"Exported {_WORKDIR.value} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")
 
 

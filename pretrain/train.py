@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 import objectives
 from configs import common
 from objectives import base
-from pretrain import (checkpointing, hf_bert, metrics as metrics_lib, optimizer as optimizer_lib,
-                      sharding)
+from pretrain import (checkpointing, hf_bert, hf_import, metrics as metrics_lib,
+                      nonfinite as nonfinite_lib, optimizer as optimizer_lib, sharding)
 from pretrain.data import pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 
@@ -35,6 +35,7 @@ class TrainState:
   params: Any
   opt_state: Any
   obj_state: Any
+  nonfinite: Any  # nonfinite.NonFinite: steps whose loss, gradients or update were NaN/inf
 
 
 def encoder_config(config, vocab_size):
@@ -47,7 +48,12 @@ def encoder_config(config, vocab_size):
 
 def make_objective(config, tokenizer):
   model_config = encoder_config(config, config.data.tokenizer.vocab_size)
-  return objectives.get(config.objective.name)(config.objective, model_config, tokenizer)
+  objective_class = objectives.get(config.objective.name)
+  # An objective that needs more than its own config block (ERNIE-Gram: the data config, to find
+  # or build its n-gram lexicon) builds itself from the run config.
+  if hasattr(objective_class, "from_run_config"):
+    return objective_class.from_run_config(config, model_config, tokenizer)
+  return objective_class(config.objective, model_config, tokenizer)
 
 
 def _example_batch(objective, seq_len):
@@ -61,7 +67,7 @@ def init_state(rng, objective, tx, seq_len):
   """A fresh TrainState whose parameters (and optimizer moments) keep their logical-axis boxes."""
   params = objective.init(rng, _example_batch(objective, seq_len))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    obj_state=objective.init_state())
+                    obj_state=objective.init_state(), nonfinite=nonfinite_lib.init())
 
 
 def sharded_init(rng, objective, tx, seq_len, mesh, axis_rules):
@@ -87,16 +93,21 @@ def _split_micro(batch, n):
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
-def train_step(state, batch, rng, *, objective, tx, schedule, accum_steps):
-  """One optimizer update (over `accum_steps` micro-batches); pure, jitted at the call site."""
+def train_step(state, batch, rng, *, objective, tx, schedule, accum_steps, nonfinite="stop"):
+  """One optimizer update (over `accum_steps` micro-batches); pure, jitted at the call site.
+
+  An update from a non-finite loss, gradient or update is never applied (`nonfinite.guard`;
+  `nonfinite` is config.train.nonfinite: "stop" or "skip").
+  """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(objective.loss, train=True), has_aux=True)
 
   def micro(carry, xs):
-    grads, metrics, obj_state = carry
+    grads, metrics, obj_state, loss = carry
     mb, i = xs
-    (_, (m, obj_state)), g = grad_fn(state.params, obj_state, mb, jax.random.fold_in(rng, i))
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m), obj_state), None
+    (l, (m, obj_state)), g = grad_fn(state.params, obj_state, mb, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m), obj_state,
+            loss + l), None
 
   if accum_steps == 1:
     (loss, (metrics, obj_state)), grads = grad_fn(state.params, state.obj_state, batch, rng)
@@ -105,16 +116,22 @@ def train_step(state, batch, rng, *, objective, tx, schedule, accum_steps):
     first = jax.tree.map(lambda x: x[0], micro_batches)
     shapes = jax.eval_shape(grad_fn, state.params, state.obj_state, first, rng)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1][0]))
-    (grads, metrics, obj_state), _ = jax.lax.scan(
-        micro, (*zeros, state.obj_state), (micro_batches, jnp.arange(accum_steps)))
+    (grads, metrics, obj_state, loss), _ = jax.lax.scan(
+        micro, (*zeros, state.obj_state, jnp.zeros((), shapes[0][0].dtype)),
+        (micro_batches, jnp.arange(accum_steps)))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  norms = dict(loss=loss, grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates))
+  apply, health = nonfinite_lib.guard(state.nonfinite, state.step, nonfinite, norms)
+  params, opt_state, obj_state = nonfinite_lib.select(
+      apply, (optax.apply_updates(state.params, updates), opt_state, obj_state),
+      (state.params, state.opt_state, state.obj_state))
   scalars = base.metric_values(metrics)
-  scalars.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
-                 param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
+  scalars.update(grad_norm=norms["grad_norm"], update_norm=norms["update_norm"],
+                 param_norm=optax.global_norm(params), learning_rate=schedule(state.step),
+                 **nonfinite_lib.scalars(health))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            obj_state=obj_state)
+                            obj_state=obj_state, nonfinite=health)
   return new_state, scalars
 
 
@@ -164,8 +181,9 @@ def train_and_evaluate(config, workdir):
     eval_data = make_data(sources.open_source(d, d.eval_split), seed=d.seed, shuffle=False,
                           num_epochs=1)
     eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count(),
-                                      objective.features))
+                                      _example_batch(objective, d.seq_len)))
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  _check_batch_divides(d.batch_size, batch_sharding)
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed), 3)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
 
@@ -183,12 +201,12 @@ def train_and_evaluate(config, workdir):
                                                 d.seq_len, mesh, rules, shardings.params))
   sharding.assert_sufficiently_sharded(state.params, mesh)
   start = int(state.step)
-  writer.truncate_after(start)
+  writer.truncate_after(start if start else -1)  # From scratch, step 0's evaluation runs again.
 
   # --- Compiled functions -------------------------------------------------------------------
   step_fn = jax.jit(
       functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
-                        accum_steps=config.optimizer.grad_accum_steps),
+                        accum_steps=config.optimizer.grad_accum_steps, nonfinite=t.nonfinite),
       in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, objective=objective))
@@ -209,24 +227,26 @@ def train_and_evaluate(config, workdir):
 
   # --- Loop ----------------------------------------------------------------------------------
   throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
+  log = functools.partial(_log, writer, throughput, t)
   pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
   for step in range(start + 1, t.steps + 1):
     batch = to_device(next(train_iter))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state, scalars = step_fn(state, batch, rng)
     if pending is not None:
-      _log(writer, throughput, t.steps, *pending)
+      log(*pending)
       pending = None
     if step % t.log_every == 0 or step == t.steps:
       pending = (step, scalars)
     if step % t.eval_every == 0 or step == t.steps:
       if pending is not None:
-        final.update(_log(writer, throughput, t.steps, *pending))
+        final.update(log(*pending))
         pending = None
       if eval_batches:
         final.update(run_eval(step))
     stop = _reached_preemption(preempted, step)
     if step % t.checkpoint_every == 0 or step == t.steps or stop:
+      nonfinite_lib.raise_if_stopped(state.nonfinite, t.nonfinite)
       checkpointing.save(mngr, step, state, train_iter, config)
     if stop:
       logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
@@ -234,8 +254,8 @@ def train_and_evaluate(config, workdir):
 
   # --- Finish --------------------------------------------------------------------------------
   if pending is not None:
-    final.update(_log(writer, throughput, t.steps, *pending))
-  mngr.wait_until_finished()
+    final.update(log(*pending))
+  checkpointing.wait(mngr)
   mngr.close()
   writer.close()
   return final
@@ -258,33 +278,48 @@ def _reached_preemption(event, step):
   return event.is_set()
 
 
-def _log(writer, throughput, total, step, scalars):
+def _log(writer, throughput, train_config, step, scalars):
   scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
-  check_finite(step, scalars)
+  scalars = nonfinite_lib.check(step, scalars, train_config.nonfinite, train_config.log_every)
+  if train_config.nonfinite == "stop":
+    check_finite(step, scalars)
   tokens_per_s, eta = throughput.update(step)
   writer.write(step, {**scalars, "tokens_per_s": tokens_per_s})
-  metrics_lib.console_line(step, total, scalars, tokens_per_s, eta)
+  metrics_lib.console_line(step, train_config.steps, scalars, tokens_per_s, eta)
   writer.flush()
   return scalars
 
 
-def _take_padded(iterator, n, data_config, process_count, features):
-  """Exactly `n` eval batches per process (all-padding ones once the split runs out)."""
+def _check_batch_divides(batch_size, batch_sharding):
+  """The global batch must split evenly over the mesh axes that the `batch` rule names."""
+  axes = batch_sharding.spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
+  if batch_size % shards:
+    raise ValueError(
+        f"data.batch_size={batch_size} is not divisible by the {shards} data-parallel shards "
+        f"(mesh axes {'*'.join(axes)} = {shards}); make data.batch_size a multiple of {shards} or "
+        f"change config.mesh.")
+
+
+def _take_padded(iterator, n, data_config, process_count, example):
+  """Exactly `n` eval batches per process (all-padding ones, shaped like the rows of `example`,
+  once the split runs out)."""
   rows = data_config.batch_size // process_count
   for _ in range(n):
     batch = next(iterator, None)
     if batch is None:
-      batch = {k: np.zeros((rows, data_config.seq_len), np.int32)
-               for k in features}
+      batch = {k: np.zeros((rows, *np.shape(v)[1:]), np.int32) for k, v in example.items()}
     yield batch
 
 
 def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):
-  """Parameters of another run's workdir, or the encoder (and MLM head) of a Hugging Face BERT
-  directory, placed with this run's shardings; other parameters keep their fresh values."""
+  """Parameters of another run's workdir, or the encoder (and the MLM / discriminator heads it
+  has) of a Hugging Face BERT, ELECTRA or RoBERTa directory, placed with this run's shardings;
+  other parameters keep their fresh values."""
   if os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
-    _, encoder, head = hf_bert.read_hf_model(path)
-    loaded = {"encoder": encoder, **({"mlm_head": head} if head is not None else {})}
+    imported = hf_import.read_hf_encoder(path)
+    loaded = {"encoder": imported.encoder, **imported.heads}
     for name, tree in loaded.items():
       if name in params:
         _check_same_shapes(tree, params[name], f"{path} ({name})")

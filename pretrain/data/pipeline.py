@@ -49,11 +49,11 @@ class _Tokenize:
         return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
 
 
-def chunk_document(ids, seq_len: int) -> list[np.ndarray]:
+def chunk_document(ids, seq_len: int, cls_id: int = tokenizer_lib.CLS_ID,
+                   sep_id: int = tokenizer_lib.SEP_ID) -> list[np.ndarray]:
     """Splits token ids into "[CLS] ... [SEP]" chunks of at most seq_len tokens."""
     body = seq_len - 2
-    return [np.asarray([tokenizer_lib.CLS_ID, *ids[i:i + body],
-                        tokenizer_lib.SEP_ID], dtype=np.int32)
+    return [np.asarray([cls_id, *ids[i:i + body], sep_id], dtype=np.int32)
             for i in range(0, len(ids), body)]
 
 
@@ -112,12 +112,12 @@ class _PackIterator(grain.DatasetIterator):
             self._pending = None
             if n_full:
                 rows = np.empty((n_full, seq_len), np.int32)
-                rows[:, 0], rows[:, -1] = tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID
+                rows[:, 0], rows[:, -1] = self._cfg["cls_id"], self._cfg["sep_id"]
                 rows[:, 1:-1] = ids[:n_full * body].reshape(n_full, body)
                 full.append(rows)
             if rest:
-                chunk = np.concatenate([[tokenizer_lib.CLS_ID], ids[n_full * body:],
-                                        [tokenizer_lib.SEP_ID]]).astype(np.int32)
+                chunk = np.concatenate([[self._cfg["cls_id"]], ids[n_full * body:],
+                                        [self._cfg["sep_id"]]]).astype(np.int32)
                 if fit is None:  # Open a new bin.
                     fit = len(bins)
                     bins.append([])
@@ -233,4 +233,7 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
     return _PackIterDataset(
         it, seq_len=seq_len, local_batch=local_batch, bins=bins, seed=seed,
         shuffle=shuffle, max_segment_rows=max(8 * bins, 4 * local_batch),
-        pad_last=num_epochs is not None)
+        pad_last=num_epochs is not None,
+        # A third-party vocabulary (e.g. BERT's [CLS]=101) brings its own ids.
+        cls_id=getattr(tokenizer, "cls_id", tokenizer_lib.CLS_ID),
+        sep_id=getattr(tokenizer, "sep_id", tokenizer_lib.SEP_ID))

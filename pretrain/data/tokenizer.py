@@ -27,11 +27,20 @@ sentencepiece's ~10 MB/s).
 Decoding, pieces and the stored model stay sentencepiece.
 
 Known limit: a literal "▁" (U+2581) in the text decodes as a space.
+
+Third-party tokenizers: `tokenizer.path` may also name a Hugging Face
+tokenizer.json (or a directory holding one), e.g. the WordPiece vocabulary of a
+BERT checkpoint to continue pretraining it; `load` then returns an `HFTokenizer`
+with the same interface. Its special ids are wherever its vocabulary puts them
+(BERT: [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103), so code that needs
+them reads `tokenizer.cls_id` etc., not this module's constants, which describe
+our sentencepiece models only.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -47,6 +56,7 @@ PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 RESERVED = (PAD, UNK, CLS, SEP, MASK)
 WORD_MARKER = "\u2581"  # "▁": sentencepiece's visible space / word start.
 MAX_SENTENCE_BYTES = 4096  # Chunk size fed to the trainer.
+HF_FILE, SPM_FILE = "tokenizer.json", "spm.model"
 
 _TRAINER_OPTIONS = dict(
     normalization_rule_name="identity",
@@ -65,6 +75,8 @@ _TRAINER_OPTIONS = dict(
 
 class Tokenizer:
     """A loaded sentencepiece model with this library's reserved ids."""
+
+    pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
 
     def __init__(self, model_proto: bytes, model_path: str = ""):
         self._proto = model_proto
@@ -92,6 +104,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of [PAD] [UNK] [CLS] [SEP] [MASK], in that order."""
+        return PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
 
     @property
     def model_type(self) -> str:
@@ -137,6 +154,97 @@ class Tokenizer:
         table = np.array([self._sp.id_to_piece(i).startswith(WORD_MARKER)
                           for i in range(self.vocab_size)], dtype=bool)
         table[:len(RESERVED)] = False
+        return table
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json behind the interface of `Tokenizer`.
+
+    For continuing the pretraining of a checkpoint with its own vocabulary, such
+    as BERT's WordPiece. The special tokens are looked up by name ([PAD] [UNK]
+    [CLS] [SEP] [MASK]), never assumed to be ids 0..4. Padding and truncation
+    stored in the file are switched off: the pipeline cuts and packs documents
+    itself. Only WordPiece is accepted because whole-word masking needs word
+    starts, and WordPiece marks them plainly: a piece without the continuing
+    prefix ("##") starts a word. [UNK] starts one too (WordPiece emits it for a
+    whole word); [PAD] [CLS] [SEP] [MASK] never do.
+    """
+
+    model_type = "wordpiece"
+
+    def __init__(self, json_text: str, model_path: str = ""):
+        from tokenizers import Tokenizer as Backend
+        self._json, self.model_path = json_text, model_path
+        where = model_path or HF_FILE
+        try:
+            hf = Backend.from_str(json_text)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
+            raise ValueError(f"{where}: not a Hugging Face tokenizer file ({e}).") from None
+        kind = type(hf.model).__name__
+        if kind != "WordPiece":
+            raise ValueError(
+                f"{where} is a {kind} tokenizer; only WordPiece (BERT-style) "
+                "tokenizer.json files are supported, because whole-word masking "
+                "reads word starts from the '##' continuation prefix.")
+        hf.no_padding()
+        hf.no_truncation()
+        hf.encode_special_tokens = True  # Literal "[MASK]" in text stays text.
+        self._hf = hf
+        ids = [hf.token_to_id(t) for t in RESERVED]
+        missing = [t for t, i in zip(RESERVED, ids) if i is None]
+        if missing:
+            raise ValueError(f"{where} has no {' '.join(missing)} token; the pipeline "
+                             f"and masking need all of {' '.join(RESERVED)}.")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
+        self._pieces = [hf.id_to_token(i) for i in range(self.vocab_size)]
+        if None in self._pieces:
+            raise ValueError(f"{where}: token ids are not contiguous (no token for id "
+                             f"{self._pieces.index(None)}); the embedding rows would "
+                             "not line up with the vocabulary.")
+
+    def __getstate__(self):  # Picklable for grain worker processes.
+        return {"json_text": self._json, "model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["json_text"], state["model_path"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of [PAD] [UNK] [CLS] [SEP] [MASK], in that order."""
+        return self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id
+
+    def backend(self):
+        """The `tokenizers.Tokenizer` used for encoding (padding, truncation off)."""
+        return self._hf
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without [CLS]/[SEP] (GIL released, see Tokenizer)."""
+        return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._hf.encode_batch(list(texts),
+                                                      add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        """Text of `ids` without the special tokens (lowercased if the tokenizer is)."""
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._pieces[int(i)]
+
+    def piece_to_id(self, piece: str) -> int:
+        i = self._hf.token_to_id(piece)
+        return self.unk_id if i is None else i
+
+    def word_start_table(self) -> np.ndarray:
+        """bool[vocab_size]: True where a piece starts a word (no "##" prefix)."""
+        prefix = self._hf.model.continuing_subword_prefix
+        table = np.array([not p.startswith(prefix) for p in self._pieces], dtype=bool)
+        table[[self.pad_id, self.cls_id, self.sep_id, self.mask_id]] = False
         return table
 
 
@@ -206,9 +314,43 @@ def train(texts, model_path: str, vocab_size: int, model_type: str = "unigram",
     return Tokenizer(writer.getvalue(), model_path)
 
 
-def load(model_path: str) -> Tokenizer:
+def is_hf_path(path: str) -> bool:
+    """Whether `path` names a Hugging Face tokenizer.json (or a directory holding one)."""
+    return path.endswith(".json") or os.path.isfile(os.path.join(path, HF_FILE))
+
+
+def resolve(path: str) -> str:
+    """The tokenizer file of `path`: itself, or a directory's tokenizer.json or spm.model."""
+    if not os.path.isdir(path):
+        return path
+    for name in (HF_FILE, SPM_FILE):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(
+        f"{path} holds neither {HF_FILE} (a Hugging Face tokenizer) nor {SPM_FILE} "
+        "(sentencepiece); point tokenizer.path at one of those files.")
+
+
+def load(model_path: str) -> Tokenizer | HFTokenizer:
+    """A sentencepiece `Tokenizer`, or an `HFTokenizer` for a tokenizer.json."""
+    model_path = resolve(model_path)
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(
+            f"Tokenizer {model_path} does not exist; restore it (training copies its "
+            "tokenizer to <workdir>/tokenizer/) or point data.tokenizer.path at an "
+            "existing one (`python -m pretrain.data.prepare --config=...` trains one).")
+    if is_hf_path(model_path):
+        # Bytes that are not UTF-8 fail as "not a tokenizer file", naming the path.
+        with open(model_path, encoding="utf-8", errors="replace") as f:
+            return HFTokenizer(f.read(), model_path)
     with open(model_path, "rb") as f:
-        return Tokenizer(f.read(), model_path)
+        proto = f.read()
+    try:
+        return Tokenizer(proto, model_path)
+    except RuntimeError as e:  # sentencepiece could not parse the bytes as a model.
+        raise ValueError(
+            f"{model_path} is not a sentencepiece model ({str(e).strip()}); delete it to "
+            "train a new one, or point data.tokenizer.path at a valid spm.model.") from None
 
 
 def default_model_path(data_config) -> str:
@@ -217,7 +359,7 @@ def default_model_path(data_config) -> str:
     tcfg = data_config.tokenizer
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", sources.dataset_id(data_config))
     return os.path.join(sources.data_dir(data_config) or ".", "tokenizers",
-                        f"{name}-{tcfg.vocab_size}-{tcfg.model_type}", "spm.model")
+                        f"{name}-{tcfg.vocab_size}-{tcfg.model_type}", SPM_FILE)
 
 
 def load_or_train(data_config) -> Tokenizer:
@@ -225,6 +367,11 @@ def load_or_train(data_config) -> Tokenizer:
     from pretrain.data import sources
     tcfg = data_config.tokenizer
     path = tcfg.path or default_model_path(data_config)
+    if is_hf_path(path) and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Tokenizer {path} does not exist; Hugging Face tokenizers are used, never "
+            "trained here: point tokenizer.path at an existing tokenizer.json (or its "
+            "directory), or at a .model path to train a sentencepiece tokenizer there.")
     if not os.path.exists(path):
         with sources.file_lock(f"{path}.lock"):  # One trainer per shared path.
             if not os.path.exists(path):
@@ -236,7 +383,7 @@ def load_or_train(data_config) -> Tokenizer:
             f"data_config.tokenizer.vocab_size is {tcfg.vocab_size}; set "
             f"vocab_size={tok.vocab_size}, or point tokenizer.path at a "
             "new file (or delete this one) to train a new tokenizer.")
-    if tok.model_type != tcfg.model_type:
+    if isinstance(tok, Tokenizer) and tok.model_type != tcfg.model_type:
         log.warning("Tokenizer %s is %s but config asks for %s; using the file.",
                     path, tok.model_type, tcfg.model_type)
     return tok
@@ -311,18 +458,23 @@ def _hf_backend(tok: Tokenizer):
     return hf
 
 
-def save_hf(tok: Tokenizer, out_dir: str, model_max_length: int = 512) -> None:
+def save_hf(tok: Tokenizer | HFTokenizer, out_dir: str,
+            model_max_length: int = 512) -> None:
     """Writes tokenizer.json (+ configs, spm.model) for AutoTokenizer.
 
     `AutoTokenizer.from_pretrained(out_dir)(text)["input_ids"]` equals
-    [CLS_ID] + tok.encode(text) + [SEP_ID]. One deliberate difference: text that
-    literally contains "[MASK]" etc. gets the special id in HF (so fill-mask
-    prompts work) but is plain text to `tok.encode`.
+    [tok.cls_id] + tok.encode(text) + [tok.sep_id]. One deliberate difference:
+    text that literally contains "[MASK]" etc. gets the special id in HF (so
+    fill-mask prompts work) but is plain text to `tok.encode`. An `HFTokenizer`
+    writes its own tokenizer.json back (padding and truncation off).
     """
-    import json
     import shutil
     os.makedirs(out_dir, exist_ok=True)
-    _hf_backend(tok).save(os.path.join(out_dir, "tokenizer.json"))
+    json_path = os.path.join(out_dir, HF_FILE)
+    if isinstance(tok, HFTokenizer):
+        tok.backend().save(json_path)
+    else:
+        _hf_backend(tok).save(json_path)
     names = dict(pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP,
                  mask_token=MASK)
     config = dict(tokenizer_class="PreTrainedTokenizerFast",
@@ -334,8 +486,10 @@ def save_hf(tok: Tokenizer, out_dir: str, model_max_length: int = 512) -> None:
                            ("special_tokens_map.json", names)):
         with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2)
+    if isinstance(tok, HFTokenizer):
+        return
     if tok.model_path and os.path.exists(tok.model_path):
-        shutil.copyfile(tok.model_path, os.path.join(out_dir, "spm.model"))
+        shutil.copyfile(tok.model_path, os.path.join(out_dir, SPM_FILE))
     else:
-        with open(os.path.join(out_dir, "spm.model"), "wb") as f:
+        with open(os.path.join(out_dir, SPM_FILE), "wb") as f:
             f.write(tok._proto)  # pylint: disable=protected-access

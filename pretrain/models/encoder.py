@@ -265,7 +265,7 @@ class Encoder(nn.Module):
   def __call__(self, input_ids_BL: Optional[Array], segment_ids_BL: Array,
                positions_BL: Array, *, deterministic: bool = True,
                return_all_layers: bool = False, input_embeds_BLH: Optional[Array] = None,
-               shared_embeddings: Any = None):
+               shared_embeddings: Any = None, attention_mask_B1LL: Optional[Array] = None):
     """Encodes a packed batch.
 
     Args:
@@ -284,6 +284,9 @@ class Encoder(nn.Module):
         encoder has no ``embeddings`` params of its own; gradients flow into the
         given arrays, so one table is trained by both networks. Its ``embed_dim``,
         ``vocab_size``, ``max_len`` and ``type_vocab_size`` must match the owner's.
+      attention_mask_B1LL: optional boolean [B, 1, L, L] (query, key) mask used instead of
+        the segment mask (ERNIE-Gram's fine-grained prediction slots); every query row must
+        allow at least one key.
 
     Returns:
       [B, L, H] final hidden states in ``config.dtype``, or a tuple of
@@ -306,7 +309,8 @@ class Encoder(nn.Module):
       # Input axis unnamed (replicated): "embed" names the output axis, and one mesh axis may
       # not shard two dimensions of the same array.
       x_BLH = _constrain(_dense(cfg, cfg.hidden_size, (None, "embed"), "embeddings_project")(x_BLE))
-    mask_B1LL = segment_mask(segment_ids_BL)
+    mask_B1LL = (segment_mask(segment_ids_BL) if attention_mask_B1LL is None
+                 else attention_mask_B1LL)
     outputs = [x_BLH]
     for i in range(cfg.num_layers):
       x_BLH = EncoderLayer(cfg, name=f"layer_{i}")(x_BLH, mask_B1LL, deterministic=deterministic)

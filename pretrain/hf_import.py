@@ -1,0 +1,321 @@
+"""Import local Hugging Face BERT / ELECTRA / RoBERTa safetensors directories as our Encoder params.
+
+  imported = hf_import.read_hf_encoder("path/to/hf_dir")  # config.json + model.safetensors
+  imported.config, imported.encoder, imported.heads        # EncoderConfig, params, MLM/RTD heads
+
+All three are post-LN BERT encoders with learned absolute positions and exact GELU, which is
+exactly `pretrain.models.encoder.Encoder`; they differ only in key prefixes, heads, and two
+details handled here:
+  * ELECTRA: `embedding_size` may differ from `hidden_size` (an `embeddings_project` layer);
+  * RoBERTa: position ids start at padding_idx + 1 = pad_token_id + 1 (2), so HF's row p is
+    our position p - 2: the table is imported without its first rows and `max_len` shrinks by
+    the same amount (514 -> 512). The outputs then equal RobertaModel's for unpadded tokens.
+Heads that our objectives have are imported too (for `--config.init_from`): BERT's
+`cls.predictions`, ELECTRA's generator head and RoBERTa's `lm_head` as "mlm_head", ELECTRA's
+`discriminator_predictions` as "discriminator_head". Poolers and task heads are ignored.
+
+`load_encoder(path)` is what fine-tuning's `--config.init` reads: a pretraining workdir, one of
+our export directories (flax_params.msgpack + encoder_config.json), or any such HF directory.
+Only safetensors is read (no pickle); a corrupt file, a missing tensor, a wrong shape or an
+architecture our encoder cannot represent is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from pretrain import hf_bert
+from pretrain.models.encoder import EncoderConfig
+
+# model_type -> the key prefix of the encoder inside task checkpoints (BertForMaskedLM: "bert.").
+PREFIXES = {"bert": "bert", "electra": "electra", "roberta": "roberta"}
+INDEX_FILE = "model.safetensors.index.json"
+MSGPACK_FILE = "flax_params.msgpack"
+ENCODER_CONFIG_FILE = "encoder_config.json"
+# Keys no head of ours uses: poolers, task heads, NSP, position-id buffers.
+_IGNORED = ("pooler.", "cls.seq_relationship.", "classifier.", "qa_outputs.",
+            "embeddings.position_ids", "embeddings.token_type_ids", "lm_head.decoder.",
+            "cls.predictions.decoder.", "generator_lm_head.weight")
+
+
+@dataclasses.dataclass
+class Imported:
+  """An encoder read from a Hugging Face directory (float32 numpy trees)."""
+  config: EncoderConfig
+  encoder: dict
+  heads: dict  # "mlm_head" / "discriminator_head" when the checkpoint has them.
+  model_type: str
+  position_offset: int  # HF position id of our position 0 (2 for RoBERTa, else 0).
+
+
+def read_config(model_dir: str) -> dict:
+  """config.json of `model_dir` as a dict, with errors that say what is wrong."""
+  path = os.path.join(model_dir, hf_bert.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file; expected a Hugging Face model directory "
+                            "(config.json + model.safetensors).")
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}).") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}.")
+  return hf
+
+
+def position_offset(hf: dict) -> int:
+  """HF position id of the first token: RoBERTa counts from padding_idx + 1."""
+  return int(hf.get("pad_token_id", 1)) + 1 if hf.get("model_type") == "roberta" else 0
+
+
+def encoder_config_from_hf(hf: dict) -> EncoderConfig:
+  """EncoderConfig of a BERT/ELECTRA/RoBERTa config dict; rejects what our encoder cannot run."""
+  model_type = hf.get("model_type")
+  if model_type not in PREFIXES:
+    raise ValueError(
+        f"model_type {model_type!r} is not supported; the import reads BERT-architecture "
+        f"encoders: {', '.join(PREFIXES)}.")
+  checks = [
+      (hf.get("hidden_act", "gelu") == "gelu",
+       f"hidden_act {hf.get('hidden_act')!r} (only 'gelu', the exact erf GELU, is supported)"),
+      (hf.get("position_embedding_type", "absolute") == "absolute",
+       f"position_embedding_type {hf.get('position_embedding_type')!r} (only 'absolute')"),
+      (not hf.get("is_decoder") and not hf.get("add_cross_attention"),
+       "a decoder / cross-attention configuration"),
+  ]
+  for ok, what in checks:
+    if not ok:
+      raise ValueError(f"{model_type} config has {what}; our encoder cannot represent it.")
+  offset = position_offset(hf)
+  try:
+    embedding_size = hf.get("embedding_size", hf["hidden_size"])
+    return EncoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        mlp_dim=hf["intermediate_size"], max_len=hf["max_position_embeddings"] - offset,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        dropout_rate=hf.get("hidden_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        initializer_range=hf.get("initializer_range", 0.02),
+        embedding_size=None if embedding_size == hf["hidden_size"] else embedding_size)
+  except KeyError as e:
+    raise ValueError(f"{model_type} config is missing required field {e.args[0]!r}.") from None
+
+
+def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
+  """Tensors of model.safetensors, or of every shard an index file lists."""
+  single = os.path.join(model_dir, hf_bert.WEIGHTS_FILE)
+  index = os.path.join(model_dir, INDEX_FILE)
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    with open(index, encoding="utf-8") as f:
+      files = [os.path.join(model_dir, name)
+               for name in sorted(set(json.load(f)["weight_map"].values()))]
+  else:
+    extra = (" (only safetensors is read; pytorch_model.bin would need pickle: re-save it with "
+             "save_pretrained(..., safe_serialization=True))"
+             if os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")) else "")
+    raise FileNotFoundError(f"{single}: no such file{extra}.")
+  sd = {}
+  for path in files:
+    try:
+      sd.update(hf_bert._load_safetensors(path))  # pylint: disable=protected-access
+    except Exception as e:  # SafetensorError on a corrupt or truncated file, OSError, ...
+      raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); the "
+                       "file is corrupt or truncated, download or export it again.") from None
+  return sd
+
+
+def _expected_shapes(config: EncoderConfig) -> dict[str, tuple]:
+  """Shapes of the encoder keys (without prefix) our import reads."""
+  h, f, e = config.hidden_size, config.mlp_dim, config.embed_dim
+  shapes = {"embeddings.word_embeddings.weight": (config.vocab_size, e),
+            "embeddings.token_type_embeddings.weight": (config.type_vocab_size, e),
+            "embeddings.LayerNorm.weight": (e,), "embeddings.LayerNorm.bias": (e,)}
+  if config.projects_embeddings:
+    shapes.update({"embeddings_project.weight": (h, e), "embeddings_project.bias": (h,)})
+  for i in range(config.num_layers):
+    pre = f"encoder.layer.{i}."
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense"):
+      shapes.update({pre + name + ".weight": (h, h), pre + name + ".bias": (h,)})
+    shapes.update({pre + "intermediate.dense.weight": (f, h), pre + "intermediate.dense.bias": (f,),
+                   pre + "output.dense.weight": (h, f), pre + "output.dense.bias": (h,)})
+    for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+      shapes.update({pre + name + ".weight": (h,), pre + name + ".bias": (h,)})
+  return shapes
+
+
+class _Reader:
+  """Takes tensors by name, checks shapes, and remembers what was never read."""
+
+  def __init__(self, sd: dict, where: str):
+    self.sd, self.where, self.unused = sd, where, set(sd)
+
+  def take(self, key: str, shape: Optional[tuple] = None) -> np.ndarray:
+    if key not in self.sd:
+      raise ValueError(f"{self.where}: checkpoint is missing tensor {key!r}; it is not a complete "
+                       "BERT/ELECTRA/RoBERTa encoder of the size its config.json declares.")
+    value = np.array(self.sd[key], dtype=np.float32)  # A copy: callers own the result.
+    if shape is not None and value.shape != tuple(shape):
+      raise ValueError(f"{self.where}: tensor {key!r} has shape {value.shape} but config.json "
+                       f"implies {tuple(shape)}; the config and weights do not belong together.")
+    self.unused.discard(key)
+    return value
+
+  def linear(self, key, in_shape=None, out_shape=None):
+    """HF Linear {weight [out, in], bias} -> our {kernel [in..., out...], bias [out...]}."""
+    kernel, bias = self.take(key + ".weight").T, self.take(key + ".bias")
+    if in_shape:
+      kernel = kernel.reshape(in_shape + kernel.shape[1:])
+    if out_shape:
+      kernel, bias = kernel.reshape(kernel.shape[:-1] + out_shape), bias.reshape(out_shape)
+    return {"kernel": np.ascontiguousarray(kernel), "bias": bias}
+
+  def layer_norm(self, key):
+    return {"scale": self.take(key + ".weight"), "bias": self.take(key + ".bias")}
+
+
+def _normalise_keys(sd: dict, model_type: str) -> dict:
+  """Encoder keys without their "<model_type>." prefix (bare BertModel saves have none)."""
+  prefix = PREFIXES[model_type] + "."
+  return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def from_state_dict(sd: dict, hf: dict, where: str = "checkpoint") -> Imported:
+  """An `Imported` from a state dict and its config dict (see module docstring)."""
+  config = encoder_config_from_hf(hf)
+  model_type, offset = hf["model_type"], position_offset(hf)
+  r = _Reader(_normalise_keys(sd, model_type), where)
+  shapes = _expected_shapes(config)
+  for key, shape in shapes.items():  # Shape errors name the first mismatch, before any reshape.
+    r.take(key, shape)
+  r.unused |= set(shapes)
+  pos = r.take("embeddings.position_embeddings.weight")
+  if pos.ndim != 2 or pos.shape[0] != config.max_len + offset or pos.shape[1] != config.embed_dim:
+    raise ValueError(f"{where}: position embeddings have shape {pos.shape}, config.json implies "
+                     f"({config.max_len + offset}, {config.embed_dim}).")
+  emb = {name: {"embedding": r.take(f"embeddings.{name}.weight")}
+         for name in ("word_embeddings", "token_type_embeddings")}
+  emb["position_embeddings"] = {"embedding": np.ascontiguousarray(pos[offset:])}
+  emb["LayerNorm"] = r.layer_norm("embeddings.LayerNorm")
+  enc = {"embeddings": emb}
+  if config.projects_embeddings:
+    enc["embeddings_project"] = r.linear("embeddings_project")
+  heads = (config.num_heads, config.head_dim)
+  for i in range(config.num_layers):
+    pre = f"encoder.layer.{i}."
+    att = {name: r.linear(f"{pre}attention.self.{name}", out_shape=heads)
+           for name in ("query", "key", "value")}
+    att["output"] = r.linear(f"{pre}attention.output.dense", in_shape=heads)
+    att["LayerNorm"] = r.layer_norm(f"{pre}attention.output.LayerNorm")
+    enc[f"layer_{i}"] = {"attention": att, "intermediate": r.linear(f"{pre}intermediate.dense"),
+                         "output": r.linear(f"{pre}output.dense"),
+                         "LayerNorm": r.layer_norm(f"{pre}output.LayerNorm")}
+  result = Imported(config, enc, _heads(r, config), model_type, offset)
+  left = sorted(k for k in r.unused if not any(k.startswith(p) or ("." + p) in k for p in _IGNORED))
+  if left:
+    raise ValueError(f"{where}: checkpoint has tensors this encoder cannot represent (is it "
+                     f"really a {model_type} encoder?): {left[:8]}")
+  return result
+
+
+def _heads(r: _Reader, config: EncoderConfig) -> dict:
+  """The pretraining heads present in the checkpoint, as our head params."""
+  heads = {}
+  mlm = [("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+          ("cls.predictions.bias", "cls.predictions.decoder.bias")),
+         ("generator_predictions.dense", "generator_predictions.LayerNorm",
+          ("generator_lm_head.bias",)),
+         ("lm_head.dense", "lm_head.layer_norm", ("lm_head.bias", "lm_head.decoder.bias"))]
+  for dense, norm, biases in mlm:
+    if dense + ".weight" in r.sd:
+      bias = next((b for b in biases if b in r.sd), biases[0])
+      heads["mlm_head"] = {"dense": r.linear(dense), "LayerNorm": r.layer_norm(norm),
+                           "bias": r.take(bias, (config.vocab_size,))}
+      for b in biases:
+        r.unused.discard(b)
+      for decoder in ("cls.predictions.decoder.weight", "lm_head.decoder.weight"):
+        if decoder in r.sd and not np.array_equal(
+            r.sd[decoder], r.sd["embeddings.word_embeddings.weight"]):
+          raise ValueError(f"{r.where}: {decoder} differs from the word embeddings; only tied "
+                           "MLM heads are supported.")
+  if "discriminator_predictions.dense.weight" in r.sd:
+    heads["discriminator_head"] = {
+        "dense": r.linear("discriminator_predictions.dense"),
+        "dense_prediction": r.linear("discriminator_predictions.dense_prediction")}
+  return heads
+
+
+def read_hf_encoder(model_dir: str) -> Imported:
+  """Reads a local BERT / ELECTRA / RoBERTa directory written by us or by transformers."""
+  hf = read_config(model_dir)
+  where = os.path.join(model_dir, hf_bert.CONFIG_FILE)
+  try:
+    encoder_config_from_hf(hf)  # Architecture errors before reading any weights.
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  return from_state_dict(load_state_dict(model_dir), hf, model_dir)
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """What fine-tuning starts from: encoder config and params, the tokenizer dir, the source."""
+  config: EncoderConfig
+  encoder: Any
+  tokenizer_dir: str  # Holds spm.model or tokenizer.json.
+  source: str  # "workdir", "export" or "hf:<model_type>".
+  description: dict  # Objective, steps, ... for the fine-tuned model card.
+
+
+def is_our_export(path: str) -> bool:
+  return all(os.path.isfile(os.path.join(path, f)) for f in (MSGPACK_FILE, ENCODER_CONFIG_FILE))
+
+
+def read_export(path: str) -> tuple[EncoderConfig, dict]:
+  """(config, the full params tree) of an export dir's flax_params.msgpack + encoder_config.json."""
+  import flax.serialization  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(path, ENCODER_CONFIG_FILE), encoding="utf-8") as f:
+    fields = json.load(f)
+  known = {f.name for f in dataclasses.fields(EncoderConfig)}
+  config = EncoderConfig(**{k: v for k, v in fields.items() if k in known})
+  with open(os.path.join(path, MSGPACK_FILE), "rb") as f:
+    try:
+      params = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # msgpack raises several unrelated types on bad bytes.
+      raise ValueError(f"{path}/{MSGPACK_FILE}: cannot decode ({type(e).__name__}: {e}); export "
+                       "the workdir again.") from None
+  if "encoder" not in params:
+    raise ValueError(f"{path}/{MSGPACK_FILE} has no 'encoder' entry (top-level keys: "
+                     f"{sorted(params)}); it is not a pretrain.export file.")
+  return config, params
+
+
+def load_encoder(path: str) -> Pretrained:
+  """The encoder at `path`: a pretraining workdir, our export dir, or a Hugging Face dir."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init {path!r} is not a directory; give a pretraining workdir, a "
+                            "pretrain.export directory or a Hugging Face model directory.")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    from pretrain import export  # pylint: disable=import-outside-toplevel
+    config, _, objective, params, step = export.load_workdir(path)
+    return Pretrained(objective.model_config, objective.encoder(params),
+                      os.path.join(path, "tokenizer"), "workdir",
+                      {"objective": config.objective.name, "steps": step, "data": config.data.name})
+  if is_our_export(path):
+    config, params = read_export(path)
+    return Pretrained(config, params["encoder"], path, "export", {})
+  if os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
+    imported = read_hf_encoder(path)
+    return Pretrained(imported.config, imported.encoder, path, f"hf:{imported.model_type}", {})
+  raise FileNotFoundError(
+      f"{path} is none of: a pretraining workdir (checkpoints/), a pretrain.export directory "
+      f"({MSGPACK_FILE} + {ENCODER_CONFIG_FILE}), a Hugging Face model directory (config.json + "
+      "model.safetensors).")
