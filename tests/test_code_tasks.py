@@ -112,18 +112,18 @@ def test_exception_labels_are_the_most_frequent_types():
 
 
 def test_finetune_splits_keep_train_dev_and_test_files_apart():
-  files = code_tasks.heldout_files("train", max_files=300)
+  files = code_tasks.heldout_files("train", max_files=150)
   train, dev = code_tasks.split_train_dev(files, 0.2)
   assert train and dev and len(train) + len(dev) == len(files)
   assert not {p for p, _ in train} & {p for p, _ in dev}
-  match = code_tasks.finetune_splits("docstring_match", max_files=300)
+  match = code_tasks.finetune_splits("docstring_match", max_files=150)
   for split in ("train", "dev", "test"):
     rows = match[split]
     assert [r["label"] for r in rows] == [1, 0] * (len(rows) // 2)
     assert all(own["text"] == other["text"] and own["text_b"] != other["text_b"]
                for own, other in zip(rows[::2], rows[1::2]))
   queries, candidates, relevant = code_tasks.finetune_splits(
-      "docstring_retrieval", max_files=300)["test"]
-  assert (queries, candidates, relevant) == code_tasks.docstring_retrieval(max_files=300)
+      "docstring_retrieval", max_files=150)["test"]
+  assert (queries, candidates, relevant) == code_tasks.docstring_retrieval(max_files=150)
   with pytest.raises(ValueError, match="built-in tasks: exception_type"):
     code_tasks.finetune_splits("sentiment")
