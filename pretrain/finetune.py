@@ -273,6 +273,10 @@ def train_and_evaluate(config, workdir):
   results = {"init": config.init, "source": pre.source, "from_scratch": config.from_scratch,
              "task": d.source, "head": head, "step": int(state.step),
              "num_train": len(data.train), "labels": data.label_names, **final}
+  if head == "sequence":  # What always answering the most frequent training label scores.
+    majority = np.bincount(train_arrays["labels"]).argmax()
+    results.update({f"{name}_majority_accuracy": float(np.mean(split["labels"] == majority))
+                    for name, split in (("dev", dev), ("test", test))})
   if jax.process_index() == 0 and final:
     with open(os.path.join(workdir, RESULTS_FILE), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

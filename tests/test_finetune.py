@@ -388,6 +388,7 @@ def test_pretrained_encoder_beats_chance_and_random_init(straight, pretrained, t
   print(f"test accuracy: pretrained {results['test_accuracy']:.3f}, "
         f"random init {scratch['test_accuracy']:.3f}")
   assert results["test_accuracy"] >= 0.8, results  # 192 test rows: chance is 0.5 +- 0.04.
+  assert 0.4 < results["test_majority_accuracy"] < 0.6
   assert results["test_accuracy"] >= scratch["test_accuracy"] + 0.15, (results, scratch)
   with open(os.path.join(straight[0], finetune.RESULTS_FILE)) as f:
     assert json.load(f)["test_accuracy"] == results["test_accuracy"]
