@@ -59,6 +59,18 @@ def base_config():
   return c
 
 
+def set_schedule(c, steps, lr, layer_decay=None, evals=4):
+  """Steps, learning rate with 10% warmup, and `evals` evaluations/checkpoints over the run."""
+  c.optimizer.learning_rate = lr
+  c.optimizer.warmup_steps = steps // 10
+  if layer_decay is not None:
+    c.optimizer.layer_decay = layer_decay
+  c.train.steps = steps
+  c.train.eval_every = max(1, steps // evals)
+  c.train.checkpoint_every = max(1, steps // evals)
+  return c
+
+
 def validate(config):
   """Checks every value a locked ConfigDict cannot; raises naming the key and the allowed values."""
   require = common.require

@@ -26,10 +26,4 @@ def get_config(arg=None):
   # A pair row holds docstring + code; a bi-encoder row one of them (and 32 in-batch candidates).
   c.data.seq_len = a.seq_len or (64 if biencoder else 128)
   c.data.batch_size = a.batch_size or (32 if biencoder else 16)
-  c.optimizer.learning_rate = a.lr
-  c.optimizer.warmup_steps = a.steps // 10
-  c.optimizer.layer_decay = 0.9
-  c.train.steps = a.steps
-  c.train.eval_every = max(1, a.steps // 4)
-  c.train.checkpoint_every = max(1, a.steps // 4)
-  return c
+  return common.set_schedule(c, a.steps, a.lr, layer_decay=0.9)

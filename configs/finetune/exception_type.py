@@ -22,11 +22,5 @@ def get_config(arg=None):
   c.task.head = "sequence"
   # Mean pooling: MLM never trains the [CLS] state, which a short fine-tuning barely moves.
   c.task.pooling = "mean"
-  c.optimizer.learning_rate = a.lr
-  c.optimizer.warmup_steps = a.steps // 10
-  c.optimizer.layer_decay = 0.9
-  c.train.steps = a.steps
-  c.train.eval_every = max(1, a.steps // 4)
-  c.train.checkpoint_every = max(1, a.steps // 4)
-  return c
+  return common.set_schedule(c, a.steps, a.lr, layer_decay=0.9)
 

@@ -26,9 +26,5 @@ def get_config(arg=None):
   c.data.source = "files"
   c.data.seq_len = a.seq_len
   c.data.batch_size = a.batch_size
-  c.optimizer.learning_rate = a.lr
-  c.optimizer.warmup_steps = a.steps // 10
-  c.train.steps = a.steps
-  c.train.eval_every = max(1, a.steps // 5)
-  c.train.checkpoint_every = max(1, a.steps // 5)
+  common.set_schedule(c, a.steps, a.lr, evals=5)
   return c
