@@ -59,7 +59,9 @@ class EncoderObjective:
     self.config = config
     self.model_config = model_config
     self.encoder_module = enc.Encoder(model_config)
-    self.word_start_table = tokenizer.word_start_table() if config.whole_word else None
+    self.special_ids = masking.SpecialIds.of(tokenizer)
+    self.word_start_table = (tokenizer.word_start_table() if masking.uses_word_starts(config)
+                             else None)
 
   def init_encoder(self, rng, batch):
     return self.encoder_module.init(rng, batch["input_ids"], batch["segment_ids"],
@@ -73,7 +75,7 @@ class EncoderObjective:
 
   def mask(self, rng, input_ids):
     return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
-                                    self.word_start_table)
+                                    self.word_start_table, self.special_ids)
 
   def init_state(self):
     return {}

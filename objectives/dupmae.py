@@ -71,13 +71,13 @@ def sentence_starts(positions_BL):
   return jnp.arange(positions_BL.shape[1])[None, :] - positions_BL
 
 
-def decoder_labels(input_ids_BL):
+def decoder_labels(input_ids_BL, ids=masking.SENTENCEPIECE):
   """[B, L] 0/1 weights of the decoder's targets: all tokens but each sentence's [CLS] and [SEP]."""
-  return masking.candidates(input_ids_BL).astype(jnp.float32)
+  return masking.candidates(input_ids_BL, ids).astype(jnp.float32)
 
 
 def decoder_attention_mask(rng, input_ids_BL, segment_ids_BL, positions_BL, rate,
-                           word_start_table=None):
+                           word_start_table=None, ids=masking.SENTENCEPIECE):
   """[B, L, L] bool, query row x key: what each decoder row may attend to.
 
   Row i (an ordinary token) sees h, never itself, nothing outside its segment, and each other
@@ -87,10 +87,10 @@ def decoder_attention_mask(rng, input_ids_BL, segment_ids_BL, positions_BL, rate
   B, L = input_ids_BL.shape
   u_BLL = jax.random.uniform(rng, (B, L, L))
   if word_start_table is not None:
-    starts_BL = masking.word_starts(input_ids_BL, word_start_table)
+    starts_BL = masking.word_starts(input_ids_BL, word_start_table, ids)
     word_BL = jax.lax.cummax(jnp.where(starts_BL, jnp.arange(L)[None, :], 0), axis=1)
     u_BLL = jnp.take_along_axis(u_BLL, jnp.broadcast_to(word_BL[:, None, :], (B, L, L)), axis=2)
-  ordinary_B1L = masking.candidates(input_ids_BL)[:, None, :]
+  ordinary_B1L = masking.candidates(input_ids_BL, ids)[:, None, :]
   keep_BLL = (u_BLL >= rate) | ~ordinary_B1L
   not_self_LL = ~jnp.eye(L, dtype=bool)
   h_B1L = sentence_slots(segment_ids_BL, positions_BL)[:, None, :]
@@ -99,35 +99,35 @@ def decoder_attention_mask(rng, input_ids_BL, segment_ids_BL, positions_BL, rate
   return same_BLL & ((keep_BLL & not_self_LL) | h_B1L | padding_BL1)
 
 
-def sentence_bags(input_ids_BL, segment_ids_BL, max_sentences):
+def sentence_bags(input_ids_BL, segment_ids_BL, max_sentences, ids=masking.SENTENCEPIECE):
   """[B, L] bag of each token: b * S + s - 1 for an ordinary token of segment s of row b (S =
   max_sentences), B * S (a slot that is dropped) for special tokens and padding."""
   B, _ = input_ids_BL.shape
   S = max_sentences
-  ordinary = masking.candidates(input_ids_BL) & (segment_ids_BL <= S)
+  ordinary = masking.candidates(input_ids_BL, ids) & (segment_ids_BL <= S)
   return jnp.where(ordinary, jnp.arange(B)[:, None] * S + segment_ids_BL - 1, B * S)
 
 
-def bow_targets(input_ids_BL, segment_ids_BL, vocab_size, max_sentences):
+def bow_targets(input_ids_BL, segment_ids_BL, vocab_size, max_sentences, ids=masking.SENTENCEPIECE):
   """[B * S, V] target distributions: uniform over the distinct ordinary ids of each sentence
   (all-zero rows for empty slots), and [B * S] weights (1 where the sentence has a token)."""
   B, _ = input_ids_BL.shape
-  bag_BL = sentence_bags(input_ids_BL, segment_ids_BL, max_sentences)
+  bag_BL = sentence_bags(input_ids_BL, segment_ids_BL, max_sentences, ids)
   present_NV = jnp.zeros((B * max_sentences + 1, vocab_size), jnp.float32)
   present_NV = present_NV.at[bag_BL.ravel(), input_ids_BL.ravel()].set(1.0)[:-1]
   count_N = jnp.sum(present_NV, -1)
   return present_NV / jnp.maximum(count_N, 1.0)[:, None], (count_N > 0).astype(jnp.float32)
 
 
-def bag_of_words_loss(logits_BLV, input_ids_BL, segment_ids_BL):
+def bag_of_words_loss(logits_BLV, input_ids_BL, segment_ids_BL, ids=masking.SENTENCEPIECE):
   """DupMAE's BoW loss: per sentence, CE(uniform over its distinct ids, softmax(max-pooled
   logits of its ordinary tokens)); the mean over sentences and the `(total, count)` metric."""
   B, L, V = logits_BLV.shape
   S = L // 3  # A sentence holds at least [CLS] token [SEP].
-  bag_BL = sentence_bags(input_ids_BL, segment_ids_BL, S)
+  bag_BL = sentence_bags(input_ids_BL, segment_ids_BL, S, ids)
   pooled_NV = jax.ops.segment_max(logits_BLV.reshape(B * L, V).astype(jnp.float32),
                                   bag_BL.ravel(), num_segments=B * S + 1)[:-1]
-  targets_NV, weights_N = bow_targets(input_ids_BL, segment_ids_BL, V, S)
+  targets_NV, weights_N = bow_targets(input_ids_BL, segment_ids_BL, V, S, ids)
   pooled_NV = jnp.where(weights_N[:, None] > 0, pooled_NV, 0.0)  # Empty slots hold -inf.
   ce_N = -jnp.sum(targets_NV * jax.nn.log_softmax(pooled_NV, -1), -1)
   loss = jnp.sum(ce_N * weights_N) / jnp.maximum(jnp.sum(weights_N), 1.0)
@@ -159,12 +159,19 @@ class RetroMAE(mlm.MaskedLM):
     decoder = jax.tree.map(np.asarray, params["decoder"])
     (epath.Path(out_dir) / DECODER_FILE).write_bytes(flax.serialization.msgpack_serialize(decoder))
 
+  def import_extras(self, model_dir, params):
+    """`init_from=<export>`: the exported decoder too; a plain BERT directory has none (the
+    decoder then starts fresh, as RetroMAE's does from BERT)."""
+    if not (epath.Path(model_dir) / DECODER_FILE).exists():
+      return params
+    return with_decoder(params, model_dir)
+
   def decode(self, params, hidden_BLH, batch, rng, train):
     """Decoder logits [B, L, V] at every position, from the encoder's final states."""
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
     mask_rng, query_rng, kv_rng, layer_rng = jax.random.split(rng, 4)
     mask_BLL = decoder_attention_mask(mask_rng, ids, seg, pos, self.config.decoder_mask_rate,
-                                      self.word_start_table)
+                                      self.word_start_table, self.special_ids)
     embed = lambda ids_BL, x_BLH, r: self.embeddings_module.apply(  # noqa: E731
         {"params": params["encoder"]["embeddings"]}, ids_BL, pos, x_BLH,
         deterministic=not train, rngs={"dropout": r})
@@ -194,7 +201,7 @@ class RetroMAE(mlm.MaskedLM):
     encoder_loss, metrics = self.encoder_terms(params, hidden_BLH, masked, batch)
     decoder_logits_BLV = self.decode(params, hidden_BLH, batch, decoder_rng, train)
     decoder_loss, decoder_metrics = mlm.mlm_loss_and_metrics(
-        decoder_logits_BLV, ids, decoder_labels(ids), "decoder_mlm")
+        decoder_logits_BLV, ids, decoder_labels(ids, self.special_ids), "decoder_mlm")
     loss = encoder_loss + decoder_loss
     metrics.update(decoder_metrics, total_loss=base.mean_metric(loss, jnp.ones(())))
     return loss, (metrics, state)
@@ -234,6 +241,6 @@ class DupMAE(RetroMAE):
         enc.gather_positions(logits_BLV, masked.positions), masked.targets, masked.weights,
         "encoder_mlm")
     bow_loss, bow_metrics = bag_of_words_loss(logits_BLV, batch["input_ids"],
-                                              batch["segment_ids"])
+                                              batch["segment_ids"], self.special_ids)
     metrics.update(bow_metrics)
     return mlm_loss + self.config.bow_weight * bow_loss, metrics

@@ -9,8 +9,8 @@ on about 15% of the positions instead of all of them.
 `objective.masking_strategy` chooses what is selected (every objective that masks through
 `mask_with_config` or `select_with_config` gets it):
 - "token": independent tokens (BERT), or whole words with `whole_word=True` (BERT-wwm);
-- "whole_word": whole words, the same as "token" with `whole_word=True`, which it requires (that key
-  is what loads the tokenizer's word-start table);
+- "whole_word": whole words, the same as "token" with `whole_word=True` (either loads the
+  tokenizer's word-start table, see `uses_word_starts`);
 - "span": contiguous spans of n units with p(n) proportional to 1/n for n <= max_span (Megatron-LM's
   and ALBERT's n-gram masking, max 3), 80/10/10 drawn per token as they do;
 - "geometric": SpanBERT: n ~ Geo(geometric_p = 0.2) truncated at geometric_max_span = 10 and
@@ -49,9 +49,35 @@ CONFIG = dict(
     geometric_max_span=10,     # geometric: lengths truncated at this and renormalised
 )
 
-# Never selected for prediction; [UNK] is a real (if rare) token of the text and may be.
-NON_CANDIDATE_IDS = (tok.PAD_ID, tok.CLS_ID, tok.SEP_ID, tok.MASK_ID)
-FIRST_ORDINARY_ID = 5  # Random replacements are drawn from [FIRST_ORDINARY_ID, vocab_size).
+
+
+class SpecialIds(NamedTuple):
+  """The ids masking treats specially. Defaults: our sentencepiece tokenizer's reserved ids 0..4.
+
+  A third-party vocabulary (BERT's WordPiece: [PAD] 0, [CLS] 101, [SEP] 102, [MASK] 103, and
+  [unusedN] placeholders up to id 998) brings its own, from `SpecialIds.of(tokenizer)`.
+  [PAD] [CLS] [SEP] [MASK] are never selected; [UNK] is a real (if rare) token of the text and may
+  be. Random replacements are drawn from [first_ordinary, vocab_size).
+  """
+  pad: int = tok.PAD_ID
+  cls: int = tok.CLS_ID
+  sep: int = tok.SEP_ID
+  mask: int = tok.MASK_ID
+  first_ordinary: int = len(tok.RESERVED)
+
+  @classmethod
+  def of(cls, tokenizer):
+    """A tokenizer's ids (a stand-in without the attributes gets the defaults)."""
+    fields = ("pad_id", "cls_id", "sep_id", "mask_id", "first_ordinary_id")
+    return cls(*(int(getattr(tokenizer, f, d)) for f, d in zip(fields, cls._field_defaults.values())))
+
+  @property
+  def non_candidates(self):
+    return (self.pad, self.cls, self.sep, self.mask)
+
+
+SENTENCEPIECE = SpecialIds()
+FIRST_ORDINARY_ID = SENTENCEPIECE.first_ordinary
 
 
 class Strategy(NamedTuple):
@@ -75,16 +101,16 @@ def max_predictions(seq_len, rate):
   return max(1, math.ceil(seq_len * rate))
 
 
-def candidates(input_ids):
+def candidates(input_ids, ids=SENTENCEPIECE):
   """[B, L] bool: tokens that may be selected (not padding or a special token)."""
-  return ~jnp.isin(input_ids, jnp.asarray(NON_CANDIDATE_IDS))
+  return ~jnp.isin(input_ids, jnp.asarray(ids.non_candidates))
 
 
-def word_starts(input_ids, word_start_table):
+def word_starts(input_ids, word_start_table, ids=SENTENCEPIECE):
   """[B, L] bool: a token starts a word if its piece carries the word marker or follows a special."""
   table = jnp.asarray(word_start_table, bool)
-  previous = jnp.pad(input_ids[:, :-1], ((0, 0), (1, 0)), constant_values=tok.CLS_ID)
-  return table[input_ids] | ~candidates(previous)
+  previous = jnp.pad(input_ids[:, :-1], ((0, 0), (1, 0)), constant_values=ids.cls)
+  return table[input_ids] | ~candidates(previous, ids)
 
 
 def _target_counts(cand, rate, slots):
@@ -129,7 +155,7 @@ def gather_selected(selected, slots):
 
 
 def corrupt(rng, input_ids, selected, vocab_size, mask_token_rate, random_token_rate,
-            group_BL=None):
+            group_BL=None, ids=SENTENCEPIECE):
   """BERT's 80/10/10: selected tokens become [MASK], a random ordinary token, or stay.
 
   With `group_BL` (the index of a token that stands for each token's group, e.g. its span start),
@@ -139,8 +165,8 @@ def corrupt(rng, input_ids, selected, vocab_size, mask_token_rate, random_token_
   u = jax.random.uniform(u_rng, input_ids.shape)
   if group_BL is not None:
     u = jnp.take_along_axis(u, group_BL, 1)
-  random_ids = jax.random.randint(r_rng, input_ids.shape, FIRST_ORDINARY_ID, vocab_size)
-  out = jnp.where(selected & (u < mask_token_rate), tok.MASK_ID, input_ids)
+  random_ids = jax.random.randint(r_rng, input_ids.shape, ids.first_ordinary, vocab_size)
+  out = jnp.where(selected & (u < mask_token_rate), ids.mask, input_ids)
   use_random = selected & (u >= mask_token_rate) & (u < mask_token_rate + random_token_rate)
   return jnp.where(use_random, random_ids, out).astype(input_ids.dtype)
 
@@ -178,9 +204,6 @@ def validate_config(config):
   o = config.objective
   common.require(o.masking_strategy in STRATEGIES, "objective.masking_strategy",
                  o.masking_strategy, ", ".join(STRATEGIES))
-  common.require(o.masking_strategy != "whole_word" or o.whole_word, "objective.masking_strategy",
-                 o.masking_strategy, "token, span or geometric; for whole words set "
-                 "objective.whole_word=True (its word-start table is what groups the words)")
   common.require(isinstance(o.max_span, int) and 1 <= o.max_span <= config.data.seq_len,
                  "objective.max_span", o.max_span, "an int in [1, data.seq_len]")
   common.require(0 < o.geometric_p <= 1, "objective.geometric_p", o.geometric_p, "0 < p <= 1")
@@ -248,11 +271,12 @@ def select_spans(rng, cand_BL, k_B1, span_start_BL, unit_start_BL):
   return cand_BL & (jnp.take_along_axis(unit_end, unit_BL, 1) <= k_B1), span_BL
 
 
-def select_units(rng, input_ids, rate, slots, word_start_table=None, strategy=TOKENS):
+def select_units(rng, input_ids, rate, slots, word_start_table=None, strategy=TOKENS,
+                 ids=SENTENCEPIECE):
   """[B, L] bool selection of about round(rate * #candidates) tokens per row, and the index of
   each token's span start ([B, L], or None when units are selected one at a time)."""
-  cand = candidates(input_ids)
-  starts = None if word_start_table is None else word_starts(input_ids, word_start_table)
+  cand = candidates(input_ids, ids)
+  starts = None if word_start_table is None else word_starts(input_ids, word_start_table, ids)
   if strategy.span_probs is None:
     return select(rng, cand, rate, slots, starts), None
   tile_rng, pick_rng = jax.random.split(rng)
@@ -261,32 +285,42 @@ def select_units(rng, input_ids, rate, slots, word_start_table=None, strategy=TO
   return select_spans(pick_rng, cand, _target_counts(cand, rate, slots), span_starts, units)
 
 
-def select_with_config(rng, input_ids, config, word_start_table=None):
+def _check_word_starts(config, word_start_table):
+  if word_start_table is None and config.get("masking_strategy", "token") == "whole_word":
+    raise ValueError("objective.masking_strategy='whole_word' needs the tokenizer's word-start "
+                     "table; build the objective with the tokenizer (see uses_word_starts).")
+
+
+def select_with_config(rng, input_ids, config, word_start_table=None, ids=SENTENCEPIECE):
   """[B, L] bool: the tokens an objective's config selects (for objectives that do not predict)."""
+  _check_word_starts(config, word_start_table)
   slots = max_predictions(input_ids.shape[1], config.mask_rate)
   return select_units(rng, input_ids, config.mask_rate, slots, word_start_table,
-                      strategy_from_config(config))[0]
+                      strategy_from_config(config), ids)[0]
 
 
 def mask_tokens(rng, input_ids, *, vocab_size, rate=0.15, mask_token_rate=0.8,
-                random_token_rate=0.1, word_start_table=None, strategy=TOKENS):
+                random_token_rate=0.1, word_start_table=None, strategy=TOKENS,
+                ids=SENTENCEPIECE):
   """Selects and corrupts tokens for masked-LM-style objectives; returns a `Masked`."""
   select_rng, corrupt_rng = jax.random.split(rng)
   slots = max_predictions(input_ids.shape[1], rate)
-  selected, span_BL = select_units(select_rng, input_ids, rate, slots, word_start_table, strategy)
+  selected, span_BL = select_units(select_rng, input_ids, rate, slots, word_start_table, strategy,
+                                   ids)
   positions, weights = gather_selected(selected, slots)
   corrupted = corrupt(corrupt_rng, input_ids, selected, vocab_size, mask_token_rate,
-                      random_token_rate, span_BL if strategy.span_corruption else None)
+                      random_token_rate, span_BL if strategy.span_corruption else None, ids)
   targets = jnp.take_along_axis(input_ids, positions, 1)
   return Masked(corrupted, positions, targets, weights)
 
 
-def mask_with_config(rng, input_ids, config, vocab_size, word_start_table=None):
-  """`mask_tokens` with the rates and strategy of an objective's config block."""
-  if word_start_table is None and config.get("masking_strategy", "token") == "whole_word":
-    raise ValueError("objective.masking_strategy='whole_word' needs the tokenizer's word-start "
-                     "table; set objective.whole_word=True, which loads it.")
-  return mask_tokens(rng, input_ids, vocab_size=vocab_size, rate=config.mask_rate,
-                     mask_token_rate=config.mask_token_rate,
-                     random_token_rate=config.random_token_rate,
-                     word_start_table=word_start_table, strategy=strategy_from_config(config))
+def mask_with_config(rng, input_ids, config, vocab_size, word_start_table=None, ids=SENTENCEPIECE,
+                     *, mask_token_rate=None, random_token_rate=None):
+  """`mask_tokens` with the rates and strategy of an objective's config block (the corruption
+  rates can be overridden: SLM replaces every selected token)."""
+  _check_word_starts(config, word_start_table)
+  return mask_tokens(
+      rng, input_ids, vocab_size=vocab_size, rate=config.mask_rate,
+      mask_token_rate=config.mask_token_rate if mask_token_rate is None else mask_token_rate,
+      random_token_rate=config.random_token_rate if random_token_rate is None else random_token_rate,
+      word_start_table=word_start_table, strategy=strategy_from_config(config), ids=ids)

@@ -91,10 +91,10 @@ class Units(NamedTuple):
   ngram: jax.Array     # every token of a selected n-gram (n >= 2)
 
 
-def select_units(rng, batch, rate, slots):
+def select_units(rng, batch, rate, slots, ids=masking.SENTENCEPIECE):
   """Whole units (lexicon n-grams or single tokens) while round(rate * #candidates) tokens last."""
   ids_BL, len_BL = batch["input_ids"], batch["ngram_len"]
-  cand_BL = masking.candidates(ids_BL)
+  cand_BL = masking.candidates(ids_BL, ids)
   unit_start_BL = cand_BL & (len_BL > 0)
   selected = masking.select(rng, cand_BL, rate, slots, unit_start_BL)
   L = ids_BL.shape[1]
@@ -110,12 +110,12 @@ class Collapsed(NamedTuple):
   index: jax.Array        # [B, L] new index of each original token; L where it was deleted
 
 
-def collapse(input_ids_BL, segment_ids_BL, positions_BL, delete_BL):
+def collapse(input_ids_BL, segment_ids_BL, positions_BL, delete_BL, pad_id=tok.PAD_ID):
   """Removes the `delete` tokens and closes the gaps: a cumsum-based compaction to length L."""
   L = input_ids_BL.shape[1]
   keep = ~delete_BL
   index = jnp.where(keep, jnp.cumsum(keep, 1) - 1, L)
-  return Collapsed(_scatter_rows(L, index, input_ids_BL, tok.PAD_ID),
+  return Collapsed(_scatter_rows(L, index, input_ids_BL, pad_id),
                    _scatter_rows(L, index, segment_ids_BL, 0),
                    _scatter_rows(L, index, positions_BL, 0), index)
 
@@ -256,11 +256,12 @@ class ErnieGram(base.EncoderObjective):
     slots = masking.max_predictions(L, c.mask_rate)
 
     # Select units, corrupt, collapse the n-grams.
-    units = select_units(select_rng, batch, c.mask_rate, slots)
+    special = self.special_ids
+    units = select_units(select_rng, batch, c.mask_rate, slots, special)
     corrupted_BL = masking.corrupt(corrupt_rng, ids_BL, units.start & ~units.ngram, V,
-                                   c.mask_token_rate, c.random_token_rate)
-    corrupted_BL = jnp.where(units.start & units.ngram, tok.MASK_ID, corrupted_BL)
-    row = collapse(corrupted_BL, seg_BL, pos_BL, units.selected & ~units.start)
+                                   c.mask_token_rate, c.random_token_rate, ids=special)
+    corrupted_BL = jnp.where(units.start & units.ngram, special.mask, corrupted_BL)
+    row = collapse(corrupted_BL, seg_BL, pos_BL, units.selected & ~units.start, special.pad)
     start_BM, coarse_w_BM = masking.gather_selected(units.start, slots)   # original positions
     coarse_pos_BM = jnp.take_along_axis(row.index, start_BM, 1)           # positions in `row`
     is_ngram_BM = jnp.take_along_axis(units.ngram, start_BM, 1)
@@ -288,7 +289,7 @@ class ErnieGram(base.EncoderObjective):
     if c.ngram_comprehensive:
       fine_orig_BM, fine_w_BM = masking.gather_selected(units.ngram, slots)
       fine_seg_BM = jnp.where(fine_w_BM > 0, jnp.take_along_axis(seg_BL, fine_orig_BM, 1), 0)
-      ids_BT = jnp.concatenate([ids_BT, jnp.full_like(fine_orig_BM, tok.MASK_ID)], 1)
+      ids_BT = jnp.concatenate([ids_BT, jnp.full_like(fine_orig_BM, special.mask)], 1)
       seg_BT = jnp.concatenate([seg_BT, fine_seg_BM], 1)
       pos_BT = jnp.concatenate([pos_BT, jnp.take_along_axis(pos_BL, fine_orig_BM, 1)], 1)
       attention = comprehensive_mask(row.segment_ids, fine_seg_BM)

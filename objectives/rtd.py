@@ -77,13 +77,6 @@ def detection_loss_and_metrics(logits_BL, replaced_BL, weights_BL):
   }
 
 
-def select_tokens(rng, input_ids_BL, rate, word_start_table=None):
-  """[B, L] bool: round(rate * #candidates) tokens (or whole words) per row, as MLM selects."""
-  slots = masking.max_predictions(input_ids_BL.shape[1], rate)
-  starts = None if word_start_table is None else masking.word_starts(input_ids_BL, word_start_table)
-  return masking.select(rng, masking.candidates(input_ids_BL), rate, slots, starts)
-
-
 class Detector(base.EncoderObjective):
   """The shared encoder + `DiscriminatorHead`; params {"encoder", "discriminator_head"}."""
 
@@ -112,7 +105,8 @@ class RandomTokenSubstitution(Detector):
 
   def replace(self, rng, input_ids_BL, selected_BL, state):
     del state
-    return masking.corrupt(rng, input_ids_BL, selected_BL, self.model_config.vocab_size, 0.0, 1.0)
+    return masking.corrupt(rng, input_ids_BL, selected_BL, self.model_config.vocab_size, 0.0, 1.0,
+                           ids=self.special_ids)
 
   def update_state(self, state, input_ids_BL, corrupted_BL, logits_BL, weights_BL):
     del input_ids_BL, corrupted_BL, logits_BL, weights_BL
@@ -121,7 +115,9 @@ class RandomTokenSubstitution(Detector):
   def loss(self, params, state, batch, rng, *, train):
     select_rng, replace_rng, dropout_rng = jax.random.split(rng, 3)
     ids = batch["input_ids"]
-    selected = select_tokens(select_rng, ids, self.config.mask_rate, self.word_start_table)
+    # The same selection as MLM: round(mask_rate * #candidates) tokens, words or spans per row.
+    selected = masking.select_with_config(select_rng, ids, self.config, self.word_start_table,
+                                          self.special_ids)
     corrupted = self.replace(replace_rng, ids, selected, state)
     logits = self.detect(params, corrupted, batch, dropout_rng, train)
     weights = batch["segment_ids"] > 0
@@ -133,15 +129,15 @@ class RandomTokenSubstitution(Detector):
     return loss, (metrics, new_state)
 
 
-def id_clusters(vocab_size, num_clusters):
+def id_clusters(vocab_size, num_clusters, first_ordinary=masking.FIRST_ORDINARY_ID):
   """(cluster of each id [V], first id of each cluster [K + 1]) as numpy int32.
 
-  The ordinary ids [FIRST_ORDINARY_ID, V) are cut into `num_clusters` contiguous buckets of
+  The ordinary ids [first_ordinary, V) are cut into `num_clusters` contiguous buckets of
   (nearly) equal size; special ids join cluster 0 but are never selected. Our choice: id buckets,
   because sentencepiece orders ids by piece score (unigram) or merge order (BPE), so buckets are
   roughly frequency bands, and no corpus statistics are needed.
   """
-  first, n = masking.FIRST_ORDINARY_ID, vocab_size - masking.FIRST_ORDINARY_ID
+  first, n = first_ordinary, vocab_size - first_ordinary
   if not 1 <= num_clusters <= n:
     raise ValueError(f"objective.num_clusters={num_clusters} must be in [1, {n}] (the number of "
                      f"ordinary ids of a {vocab_size}-id vocabulary).")
@@ -168,7 +164,8 @@ class ClusterRandomTokenSubstitution(RandomTokenSubstitution):
 
   def __init__(self, config, model_config, tokenizer):
     super().__init__(config, model_config, tokenizer)
-    self.cluster_V, self.starts_K1 = id_clusters(model_config.vocab_size, config.num_clusters)
+    self.cluster_V, self.starts_K1 = id_clusters(model_config.vocab_size, config.num_clusters,
+                                                 self.special_ids.first_ordinary)
     self.num_clusters = config.num_clusters
 
   def init_state(self):
@@ -201,6 +198,6 @@ class SwappedLM(mlm.MaskedLM):
   """
 
   def mask(self, rng, input_ids):
-    return masking.mask_tokens(
-        rng, input_ids, vocab_size=self.model_config.vocab_size, rate=self.config.mask_rate,
-        mask_token_rate=0.0, random_token_rate=1.0, word_start_table=self.word_start_table)
+    return masking.mask_with_config(rng, input_ids, self.config, self.model_config.vocab_size,
+                                    self.word_start_table, self.special_ids,
+                                    mask_token_rate=0.0, random_token_rate=1.0)

@@ -68,19 +68,19 @@ def load_encoder(path: str, step: int | None = None) -> EncoderBundle:
 
 
 def tokenize(tokenizer, texts, max_len):
-  """int32 [N, max_len] ids "[CLS] text [SEP]" (truncated), zero-padded, and the lengths [N]."""
-  ids = np.zeros((len(texts), max_len), np.int32)
+  """int32 [N, max_len] ids "[CLS] text [SEP]" (truncated), [PAD]-padded, and the lengths [N]."""
+  ids = np.full((len(texts), max_len), tokenizer.pad_id, np.int32)
   lengths = np.zeros(len(texts), np.int32)
   for i, pieces in enumerate(tokenizer.encode_batch(list(texts))):
-    row = [tokenizer_lib.CLS_ID, *pieces[:max_len - 2], tokenizer_lib.SEP_ID]
+    row = [tokenizer.cls_id, *pieces[:max_len - 2], tokenizer.sep_id]
     ids[i, :len(row)], lengths[i] = row, len(row)
   return ids, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _embed_batch(params, ids_BL, *, config):
+def _embed_batch(params, ids_BL, lengths_B, *, config):
   """{pooler: [B, H] float32} embeddings of one padded batch."""
-  segment_ids_BL = (ids_BL != tokenizer_lib.PAD_ID).astype(jnp.int32)
+  segment_ids_BL = (jnp.arange(ids_BL.shape[1]) < lengths_B[:, None]).astype(jnp.int32)
   positions_BL = jnp.broadcast_to(jnp.arange(ids_BL.shape[1]), ids_BL.shape)
   hidden_BLH = enc.Encoder(config).apply({"params": params}, ids_BL, segment_ids_BL,
                                          positions_BL).astype(jnp.float32)
@@ -108,7 +108,9 @@ def embed_all(model: EncoderBundle | str, texts, *, max_len=128, batch_size=64):
     width = min(max_len, -(-int(lengths[rows].max()) // 16) * 16)
     batch = np.zeros((batch_size, width), np.int32)  # Fixed batch size: one compile per width.
     batch[:len(rows)] = ids[rows, :width]
-    for pooler, values in _embed_batch(params, batch, config=model.config).items():
+    batch_lengths = np.zeros(batch_size, np.int32)
+    batch_lengths[:len(rows)] = lengths[rows]
+    for pooler, values in _embed_batch(params, batch, batch_lengths, config=model.config).items():
       out[pooler][rows] = np.asarray(values)[:len(rows)]
   return out
 

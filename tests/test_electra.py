@@ -246,7 +246,7 @@ def test_shared_embeddings_get_gradients_from_both_networks(setup):
 def test_rts_replaces_selected_tokens_with_random_ordinary_ids():
   objective = _objective(_tiny_config("rts"))
   ids = jnp.asarray(packed_batch(np.random.default_rng(0), 64, 128, V)["input_ids"])
-  selected = rtd.select_tokens(jax.random.key(0), ids, 0.15)
+  selected = masking.select_with_config(jax.random.key(0), ids, objective.config)
   corrupted = objective.replace(jax.random.key(1), ids, selected, {})
   ids, selected, corrupted = map(np.asarray, (ids, selected, corrupted))
   cand = np.asarray(masking.candidates(ids))
@@ -261,7 +261,8 @@ def test_rts_replaces_selected_tokens_with_random_ordinary_ids():
   config = _tiny_config("rts")
   config.objective.whole_word = True
   table = _objective(config).word_start_table
-  words = np.asarray(rtd.select_tokens(jax.random.key(2), jnp.asarray(ids), 0.15, table))
+  words = np.asarray(masking.select_with_config(jax.random.key(2), jnp.asarray(ids),
+                                                config.objective, table))
   inside = (~np.asarray(masking.word_starts(jnp.asarray(ids), table)) & cand)[:, 1:]
   np.testing.assert_array_equal(words[:, 1:][inside], words[:, :-1][inside])
   assert abs(words.sum() / cand.sum() - 0.15) < 0.02

@@ -104,6 +104,25 @@ def test_wordpiece_tokenizer_behind_our_interface(tokenizer, tmp_path):
   assert again.encode(TEXTS[4]) == tokenizer.encode(TEXTS[4])
 
 
+def test_masking_uses_the_wordpiece_special_ids(tokenizer):
+  from objectives import masking  # pylint: disable=import-outside-toplevel
+  ids = masking.SpecialIds.of(tokenizer)
+  assert ids == masking.SpecialIds(pad=0, cls=101, sep=102, mask=103, first_ordinary=999)
+  assert tokenizer.id_to_piece(998) == "[unused993]" and tokenizer.id_to_piece(999) == "!"
+  rows, _, _ = st_export.tokenize(tokenizer, TEXTS * 40, 32)
+  rows = jax.numpy.asarray(rows)
+  masked = masking.mask_tokens(jax.random.key(0), rows, vocab_size=tokenizer.vocab_size,
+                               rate=0.3, ids=ids)
+  out, rows = np.asarray(masked.input_ids), np.asarray(rows)
+  changed = out != rows
+  # [CLS] [SEP] [PAD] are never selected; [MASK] is 103; random ids skip the reserved block.
+  assert not changed[np.isin(rows, [0, 101, 102])].any()
+  assert np.mean(out[changed] == 103) > 0.8
+  random = out[changed & (out != 103)]
+  assert random.size and random.min() >= 999
+  assert not np.isin(out[changed], [0, 4, 101, 102]).any()
+
+
 def test_tokenizer_config_errors_name_the_fix(tmp_path):
   data = ml_collections.ConfigDict(dict(tokenizer=dict(path=MINILM, vocab_size=16000,
                                                        model_type="unigram")))
@@ -166,6 +185,7 @@ def test_continued_mlm_from_minilm_exports_to_sentence_transformers(imported, tm
   assert model.max_seq_length == 64 and len(model) == 3  # data.seq_len; mean + normalize.
   theirs = model.encode(TEXTS, convert_to_numpy=True)
   _, tokenizer, objective, params, _ = export.load_workdir(workdir)
+  assert objective.special_ids.mask == 103  # The warm start masked with MiniLM's own [MASK].
   ours = st_export.embed(objective.encoder(params), objective.model_config, tokenizer, TEXTS,
                          max_seq_length=64)
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

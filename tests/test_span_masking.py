@@ -178,8 +178,9 @@ def test_token_and_whole_word_strategies_are_unchanged():
       np.testing.assert_array_equal(a, b, err_msg=str(case))
 
 
-def test_objectives_mask_spans_through_the_config():
-  config = demo.get_config("size=tiny,vocab_size=500,seq_len=32")
+@pytest.mark.parametrize("name", ["mlm", "slm"])
+def test_objectives_mask_spans_through_the_config(name):
+  config = demo.get_config(f"size=tiny,vocab_size=500,seq_len=32,objective={name}")
   batch = packed_batch(np.random.default_rng(0), 64, 32, 500)
   adjacent = {}
   for strategy in ("token", "span"):
@@ -195,9 +196,16 @@ def test_objectives_mask_spans_through_the_config():
   assert adjacent["token"] < 0.25 and adjacent["span"] > 0.35, adjacent
 
 
+@pytest.mark.parametrize("name", ["mlm", "rts", "electra"])
+def test_whole_word_strategy_loads_the_word_start_table_by_itself(name):
+  config = demo.get_config(f"size=tiny,vocab_size=500,seq_len=32,objective={name}")
+  config.objective.masking_strategy = "whole_word"
+  objective = train.make_objective(common.validate(config), fake_tokenizer(500))
+  assert objective.word_start_table is not None
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("masking_strategy", "ngram", "allowed: token, whole_word, span, geometric"),
-    ("masking_strategy", "whole_word", "set objective.whole_word=True"),
     ("max_span", 0, "an int in \\[1, data.seq_len\\]"),
     ("geometric_p", 0.0, "0 < p <= 1"),
 ])

@@ -77,6 +77,7 @@ class Tokenizer:
     """A loaded sentencepiece model with this library's reserved ids."""
 
     pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+    first_ordinary_id = len(RESERVED)  # Random replacements in masking start here.
 
     def __init__(self, model_proto: bytes, model_path: str = ""):
         self._proto = model_proto
@@ -201,6 +202,7 @@ class HFTokenizer:
             raise ValueError(f"{where}: token ids are not contiguous (no token for id "
                              f"{self._pieces.index(None)}); the embedding rows would "
                              "not line up with the vocabulary.")
+        self.first_ordinary_id = _first_ordinary_id(self._pieces, ids)
 
     def __getstate__(self):  # Picklable for grain worker processes.
         return {"json_text": self._json, "model_path": self.model_path}
@@ -246,6 +248,23 @@ class HFTokenizer:
         table = np.array([not p.startswith(prefix) for p in self._pieces], dtype=bool)
         table[[self.pad_id, self.cls_id, self.sep_id, self.mask_id]] = False
         return table
+
+
+def _first_ordinary_id(pieces, special_ids) -> int:
+    """The id after the leading block of special and "[unusedN]" placeholder pieces.
+
+    Masking draws random replacement tokens from [this, vocab_size): BERT's vocabulary keeps
+    [PAD] [unused0..98] [UNK] [CLS] [SEP] [MASK] [unused99..993] in ids 0..998, which must never
+    be drawn. A special token outside that block (rare in WordPiece vocabularies) could be drawn;
+    that only weakens one replacement.
+    """
+    reserved = set(int(i) for i in special_ids)
+    i = 0
+    while i < len(pieces) and (i in reserved or re.fullmatch(r"\[unused\d+\]", pieces[i])):
+        i += 1
+    if i >= len(pieces) - 1:
+        raise ValueError("The tokenizer has no ordinary tokens after its special ones.")
+    return i
 
 
 def training_sentences(text: str, max_bytes: int = MAX_SENTENCE_BYTES):
