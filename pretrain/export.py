@@ -22,20 +22,6 @@ from pretrain import checkpointing, hf_bert, hf_electra, optimizer as optimizer_
 from pretrain import sentence_transformers_export as st_export
 from pretrain.data import tokenizer as tokenizer_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write; must be empty or not exist.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
-_POOLING = flags.DEFINE_enum(
-    "pooling", None, st_export.POOLING_MODES, "sentence-transformers pooling: mean over tokens or "
-    "the [CLS] state (default: the objective's pooler, else mean).")
-_NORMALIZE = flags.DEFINE_bool("normalize", None, "L2-normalise sentence-transformers embeddings "
-                               "(default: as the objective's pooler did, else true).")
-_MAX_SEQ_LENGTH = flags.DEFINE_integer(
-    "max_seq_length", None, "sentence-transformers truncation (default: the training data.seq_len, "
-    "the longest inputs pretraining showed the model).")
-
-
 def load_workdir(workdir, step=None):
   """(config, tokenizer, objective, params, step) of a workdir's checkpoint, on one device."""
   mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
@@ -119,13 +105,32 @@ def write_export(out, config, tokenizer, objective, params, step, rows, *, pooli
   return out
 
 
+def define_flags():
+  """The command line's flags; defined on demand, not at import, so that importing this module
+  (pretrain.finetune and pretrain.hf_import do) never collides with the importer's own flags."""
+  flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
+  flags.DEFINE_string("out", None, "Directory to write; must be empty or not exist.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
+  flags.DEFINE_enum(
+      "pooling", None, st_export.POOLING_MODES, "sentence-transformers pooling: mean over tokens "
+      "or the [CLS] state (default: the objective's pooler, else mean).")
+  flags.DEFINE_bool("normalize", None, "L2-normalise sentence-transformers embeddings "
+                    "(default: as the objective's pooler did, else true).")
+  flags.DEFINE_integer(
+      "max_seq_length", None, "sentence-transformers truncation (default: the training "
+      "data.seq_len, the longest inputs pretraining showed the model).")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
 def main(argv):
   del argv
-  out = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value, pooling=_POOLING.value,
-               normalize=_NORMALIZE.value, max_seq_length=_MAX_SEQ_LENGTH.value)
-  print(f"Exported {_WORKDIR.value} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")
+  f = flags.FLAGS
+  out = export(f.workdir, f.out, f.step, f.overwrite, pooling=f.pooling, normalize=f.normalize,
+               max_seq_length=f.max_seq_length)
+  print(f"Exported {f.workdir} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  define_flags()
   app.run(main)

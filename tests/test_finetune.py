@@ -394,6 +394,17 @@ def test_pretrained_encoder_beats_chance_and_random_init(straight, pretrained, t
     assert json.load(f)["test_accuracy"] == results["test_accuracy"]
 
 
+def test_loading_a_workdir_defines_no_flags_of_its_own():
+  """`--config.init=<workdir>` imports pretrain.export inside pretrain.finetune, whose --workdir
+  flag is already defined; export's flags exist only when it runs as the main program."""
+  code = ("from absl import flags; flags.DEFINE_string('workdir', None, '');"
+          "from pretrain import export, finetune; assert 'out' not in flags.FLAGS")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+  proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert "--out" in proc.stdout and "--max_seq_length" in proc.stdout, proc.stderr[-2000:]
+
+
 def _metric_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
