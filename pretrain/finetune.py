@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs.finetune import common as ft_common
-from pretrain import (checkpointing, hf_import, metrics as metrics_lib, nonfinite as nonfinite_lib,
+from pretrain import (checkpointing, hf_import, loop, metrics as metrics_lib,
                       optimizer as optimizer_lib, sharding, train)
 from pretrain.data import downstream
 from pretrain.models import heads
@@ -176,7 +176,7 @@ def train_and_evaluate(config, workdir):
   """Fine-tunes `config.init` on the configured task in `workdir` (resuming); returns results."""
   # --- Setup ---
   ft_common.validate(config)
-  preempted = train._watch_for_preemption()  # pylint: disable=protected-access
+  preempted = loop.watch_for_preemption()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
   d, t, head = config.data, config.train, config.task.head
@@ -236,40 +236,24 @@ def train_and_evaluate(config, workdir):
   print(f"Fine-tuning {config.init} ({pre.source}{scratch}) on {d.source}: {len(data.train)} "
         f"train examples, {kind}, steps {start}..{t.steps}.", flush=True)
 
-  def run_eval(step, splits):
+  def run_eval(step, state, splits):
     result = {f"{name}_{k}": v for name, split in splits.items()
               for k, v in evaluate(state.params, split).items()}
     writer.write(step, result)
     metrics_lib.console_line(step, t.steps, result)
     return result
 
-  # --- Loop ---
-  throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
-  log = functools.partial(train._log, writer, throughput, t)  # pylint: disable=protected-access
-  pending = None  # Metrics fetched one step late, as in pretraining.
-  for step in range(start + 1, t.steps + 1):
-    batch = sharding.global_batch(next(train_iter), batch_sharding)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state, scalars = step_fn(state, batch, rng)
-    if pending is not None:
-      log(*pending)
-      pending = None
-    if step % t.log_every == 0 or step == t.steps:
-      pending = (step, scalars)
-    if step % t.eval_every == 0 and step != t.steps:
-      run_eval(step, {"dev": dev})
-    stop = train._reached_preemption(preempted, step)  # pylint: disable=protected-access
-    if step % t.checkpoint_every == 0 or step == t.steps or stop:
-      nonfinite_lib.raise_if_stopped(state.nonfinite, t.nonfinite)
-      checkpointing.save(mngr, step, state, train_iter, config)
-    if stop:
-      logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
-      break
-  if pending is not None:
-    log(*pending)
+  # --- Loop (pretraining's: pretrain/loop.py); dev scores on the way, dev + test at the end ---
+  evaluate_dev = lambda step, state: run_eval(step, state, {"dev": dev}) if step < t.steps else {}  # noqa: E731
+  save = lambda step, state: checkpointing.save(mngr, step, state, train_iter, config)  # noqa: E731
+  state, _ = loop.run(
+      state, step_fn, lambda: sharding.global_batch(next(train_iter), batch_sharding), rng,
+      start=start, train_config=t, tokens_per_step=d.batch_size * d.seq_len, writer=writer,
+      mesh=mesh, rules=rules, preempted=preempted, save=save, evaluate=evaluate_dev)
 
   # --- Finish: dev and test scores of the final parameters (none when preempted) ---
-  final = {} if int(state.step) < t.steps else run_eval(t.steps, {"dev": dev, "test": test})
+  final = ({} if int(state.step) < t.steps
+           else run_eval(t.steps, state, {"dev": dev, "test": test}))
   results = {"init": config.init, "source": pre.source, "from_scratch": config.from_scratch,
              "task": d.source, "head": head, "step": int(state.step),
              "num_train": len(data.train), "labels": data.label_names, **final}
@@ -301,7 +285,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: pretrain.export (imported with this module) has its own flags.
+  # Defined here, not at import, so that importing this module defines no flags.
   config_flags.DEFINE_config_file("config", None, "configs/finetune/<task>.py[:key=value,...]")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
   flags.mark_flags_as_required(["config", "workdir"])

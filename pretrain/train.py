@@ -1,13 +1,12 @@
 """The training loop: `train_and_evaluate(config, workdir)` and the pure, jitted train step.
 
 Sections: setup (mesh, tokenizer, data, objective, optimizer) -> state (sharded init or restore)
--> loop (step, log one step late, evaluate, checkpoint) -> finish (wait for the last save).
+-> loop (pretrain/loop.py: step, log one step late, evaluate, checkpoint) -> finish (wait for the
+last save).
 """
 import functools
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -18,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 import objectives
 from configs import common
 from objectives import base
-from pretrain import (checkpointing, hf_bert, hf_import, metrics as metrics_lib,
+from pretrain import (checkpointing, hf_bert, hf_import, loop, metrics as metrics_lib,
                       nonfinite as nonfinite_lib, optimizer as optimizer_lib, sharding)
 from pretrain.data import pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
@@ -149,18 +147,11 @@ def evaluate(eval_fn, state, batches, rng):
   return {f"eval_{k}": float(v) for k, v in jax.device_get(base.metric_values(totals)).items()}
 
 
-def check_finite(step, scalars):
-  for name, value in scalars.items():
-    if not math.isfinite(value):
-      raise FloatingPointError(f"Non-finite {name}={value} at step {step}: the run stopped instead of "
-                               f"training on; lower optimizer.learning_rate or check the data.")
-
-
 def train_and_evaluate(config, workdir):
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   # --- Setup -------------------------------------------------------------------------------
   common.validate(config)
-  preempted = _watch_for_preemption()  # Early: a SIGTERM during setup still ends cleanly.
+  preempted = loop.watch_for_preemption()  # Early: a SIGTERM during setup still ends cleanly.
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
@@ -214,7 +205,7 @@ def train_and_evaluate(config, workdir):
   eval_batches = [to_device(b) for b in eval_batches]
   final = {}
 
-  def run_eval(step):
+  def run_eval(step, state):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       result = evaluate(eval_fn, state, eval_batches, eval_rng)
     writer.write(step, result)
@@ -222,72 +213,22 @@ def train_and_evaluate(config, workdir):
     return result
 
   if start == 0 and eval_batches:
-    final.update(run_eval(0))
+    final.update(run_eval(0, state))
   logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)
 
   # --- Loop ----------------------------------------------------------------------------------
-  throughput = metrics_lib.Throughput(d.batch_size * d.seq_len, t.steps, start)
-  log = functools.partial(_log, writer, throughput, t)
-  pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
-  for step in range(start + 1, t.steps + 1):
-    batch = to_device(next(train_iter))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state, scalars = step_fn(state, batch, rng)
-    if pending is not None:
-      log(*pending)
-      pending = None
-    if step % t.log_every == 0 or step == t.steps:
-      pending = (step, scalars)
-    if step % t.eval_every == 0 or step == t.steps:
-      if pending is not None:
-        final.update(log(*pending))
-        pending = None
-      if eval_batches:
-        final.update(run_eval(step))
-    stop = _reached_preemption(preempted, step)
-    if step % t.checkpoint_every == 0 or step == t.steps or stop:
-      nonfinite_lib.raise_if_stopped(state.nonfinite, t.nonfinite)
-      checkpointing.save(mngr, step, state, train_iter, config)
-    if stop:
-      logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
-      break
+  save = lambda step, state: checkpointing.save(mngr, step, state, train_iter, config)  # noqa: E731
+  state, logged = loop.run(
+      state, step_fn, lambda: to_device(next(train_iter)), rng, start=start, train_config=t,
+      tokens_per_step=d.batch_size * d.seq_len, writer=writer, mesh=mesh, rules=rules,
+      preempted=preempted, save=save, evaluate=run_eval if eval_batches else None)
+  final.update(logged)
 
   # --- Finish --------------------------------------------------------------------------------
-  if pending is not None:
-    final.update(log(*pending))
   checkpointing.wait(mngr)
   mngr.close()
   writer.close()
   return final
-
-
-def _watch_for_preemption():
-  """SIGTERM (what TPU VMs and SLURM send before they take a machine) sets an event."""
-  event = threading.Event()
-  # With several processes jax.distributed's own handler catches SIGTERM; keep it.
-  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda *_: event.set())
-  return event
-
-
-def _reached_preemption(event, step):
-  """True at the step boundary where every process should save and stop."""
-  if jax.process_count() > 1:
-    # The preemption service makes every process agree on the same step.
-    return multihost_utils.reached_preemption_sync_point(step)
-  return event.is_set()
-
-
-def _log(writer, throughput, train_config, step, scalars):
-  scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
-  scalars = nonfinite_lib.check(step, scalars, train_config.nonfinite, train_config.log_every)
-  if train_config.nonfinite == "stop":
-    check_finite(step, scalars)
-  tokens_per_s, eta = throughput.update(step)
-  writer.write(step, {**scalars, "tokens_per_s": tokens_per_s})
-  metrics_lib.console_line(step, train_config.steps, scalars, tokens_per_s, eta)
-  writer.flush()
-  return scalars
 
 
 def _check_batch_divides(batch_size, batch_sharding):
@@ -315,8 +256,9 @@ def _take_padded(iterator, n, data_config, process_count, example):
 
 def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):
   """Parameters of another run's workdir, or the encoder (and the MLM / discriminator heads it
-  has) of a Hugging Face BERT, ELECTRA or RoBERTa directory, placed with this run's shardings;
-  other parameters keep their fresh values."""
+  has) of a Hugging Face BERT, ELECTRA or RoBERTa directory, plus what the objective's
+  `import_extras` reads from an export of it (RetroMAE's decoder, a contrastive pooler), placed
+  with this run's shardings; other parameters keep their fresh values."""
   if os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
     imported = hf_import.read_hf_encoder(path)
     loaded = {"encoder": imported.encoder, **imported.heads}
@@ -324,6 +266,8 @@ def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardi
       if name in params:
         _check_same_shapes(tree, params[name], f"{path} ({name})")
     params = {**params, **{k: v for k, v in loaded.items() if k in params}}
+    if hasattr(objective, "import_extras"):  # What the objective's export_extras wrote there.
+      params = objective.import_extras(path, params)
   else:
     mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(path))
     target, _ = abstract_state(objective, tx, seq_len, mesh, rules)

@@ -1,0 +1,95 @@
+"""The step loop that pretraining and fine-tuning share: log, evaluate, checkpoint, preempt.
+
+One loop, so both keep the same guarantees: metrics are fetched one step late (dispatch stays
+asynchronous, no per-step host sync), a non-finite step never reaches a checkpoint
+(`train.nonfinite`), and SIGTERM (what TPU VMs and SLURM send before they take a machine) saves
+the current step and stops cleanly, every process at the same step.
+"""
+import functools
+import math
+import signal
+import threading
+
+import flax.linen as nn
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from pretrain import metrics as metrics_lib, nonfinite as nonfinite_lib
+
+
+def watch_for_preemption():
+  """An event that SIGTERM sets; install it early, so a SIGTERM during setup still ends cleanly."""
+  event = threading.Event()
+  # With several processes jax.distributed's own handler catches SIGTERM; keep it.
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: event.set())
+  return event
+
+
+def reached_preemption(event, step):
+  """True at the step boundary where every process should save and stop."""
+  if jax.process_count() > 1:
+    # The preemption service makes every process agree on the same step.
+    return multihost_utils.reached_preemption_sync_point(step)
+  return event.is_set()
+
+
+def check_finite(step, scalars):
+  for name, value in scalars.items():
+    if not math.isfinite(value):
+      raise FloatingPointError(f"Non-finite {name}={value} at step {step}: the run stopped instead of "
+                               f"training on; lower optimizer.learning_rate or check the data.")
+
+
+def log_scalars(writer, throughput, train_config, step, scalars):
+  """Fetches a step's device metrics, checks them, and writes the metrics row and console line."""
+  scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+  scalars = nonfinite_lib.check(step, scalars, train_config.nonfinite, train_config.log_every)
+  if train_config.nonfinite == "stop":
+    check_finite(step, scalars)
+  tokens_per_s, eta = throughput.update(step)
+  writer.write(step, {**scalars, "tokens_per_s": tokens_per_s})
+  metrics_lib.console_line(step, train_config.steps, scalars, tokens_per_s, eta)
+  writer.flush()
+  return scalars
+
+
+def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step, writer, mesh,
+        rules, preempted, save, evaluate=None):
+  """Steps start + 1 .. train_config.steps; returns (state, last logged and evaluated metrics).
+
+  `step_fn(state, batch, rng) -> (state, scalars)`; `next_batch()` gives the next device batch;
+  `save(step, state)` checkpoints; `evaluate(step, state) -> dict` runs every eval_every steps and
+  at the last step (its results join the returned metrics). The loop stops early, after saving,
+  when `preempted` is reached.
+  """
+  t = train_config
+  log = functools.partial(log_scalars, writer, metrics_lib.Throughput(tokens_per_step, t.steps,
+                                                                      start), t)
+  final = {}
+  pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
+  for step in range(start + 1, t.steps + 1):
+    batch = next_batch()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state, scalars = step_fn(state, batch, rng)
+    if pending is not None:
+      log(*pending)
+      pending = None
+    if step % t.log_every == 0 or step == t.steps:
+      pending = (step, scalars)
+    if evaluate is not None and (step % t.eval_every == 0 or step == t.steps):
+      if pending is not None:
+        final.update(log(*pending))
+        pending = None
+      final.update(evaluate(step, state))
+    stop = reached_preemption(preempted, step)
+    if step % t.checkpoint_every == 0 or step == t.steps or stop:
+      nonfinite_lib.raise_if_stopped(state.nonfinite, t.nonfinite)
+      save(step, state)
+    if stop:
+      logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
+      break
+  if pending is not None:
+    final.update(log(*pending))
+  return state, final
