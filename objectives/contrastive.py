@@ -51,6 +51,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs import common
 from objectives import base, views
@@ -334,7 +335,9 @@ class Contrastive(base.EncoderObjective):
       state["key_params"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), boxed)
       state["key_initialized"] = jnp.zeros((), bool)
       queue = jax.random.normal(jax.random.key(0), (self.config.queue_size, self.dim))
-      state["queue"] = poolers.l2_normalize(queue)
+      # Rows split like a batch over the data-parallel devices (the queue is a multiple of the
+      # global batch), not replicated: 131072 x 768 floats is 400 MB per device otherwise.
+      state["queue"] = nn.LogicallyPartitioned(poolers.l2_normalize(queue), ("batch", None))
       state["queue_ptr"] = jnp.zeros((), jnp.int32)
     if self.guide is not None:
       state["guide"] = self._boxed_guide()
@@ -358,6 +361,19 @@ class Contrastive(base.EncoderObjective):
   def export_extras(self, out_dir, params):
     """pooler.json + pooler_params.msgpack, so an export embeds as it was trained."""
     poolers.save(out_dir, self.pooler_config, params.get("pooler", {}))
+
+  def import_extras(self, model_dir, params):
+    """`init_from=<export>`: its trained pooler when it is the one this config builds (a
+    different pooler, or a plain BERT directory, leaves the fresh one)."""
+    saved = poolers.load(model_dir)
+    if saved is None or saved[0] != self.pooler_config or "pooler" not in params:
+      return params
+    pooler = nn.unbox(params["pooler"])
+    if jax.tree.map(np.shape, pooler) != jax.tree.map(np.shape, saved[1]):
+      raise ValueError(f"{model_dir}: its pooler parameters do not fit {self.pooler_config}; "
+                       "the export and this config disagree.")
+    return {**params, "pooler": jax.tree.map(
+        lambda old, new: np.asarray(new, np.asarray(old).dtype), pooler, saved[1])}
 
   # --- Embeddings ---
   def hidden(self, encoder_params, rows, rng, train):

@@ -28,7 +28,10 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 # Model fields that decide parameter shapes; a checkpoint is only resumed when they all match.
 SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.mlp_dim",
                 "model.max_len", "model.embedding_size", "data.tokenizer.vocab_size",
-                "objective.name", "objective.generator_size_fraction")
+                "objective.name", "objective.generator_size_fraction", "objective.pooler",
+                "objective.pooler_latents", "objective.pooler_heads", "objective.projection_dim",
+                "objective.contrastive_loss", "objective.queue_size",
+                "objective.ngram_vocab_size")
 
 
 class _IteratorSnapshot:
@@ -91,8 +94,13 @@ def saved_config(mngr, step=None):
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
+_MISSING = object()
+
+
 def _lookup(d, dotted):
   for key in dotted.split("."):
+    if not isinstance(d, dict) or key not in d:
+      return _MISSING
     d = d[key]
   return d
 
@@ -102,6 +110,8 @@ def check_compatible(saved, config, where, fields=SHAPE_FIELDS):
   current = json.loads(config.to_json_best_effort())
   for field in fields:
     old, new = _lookup(saved, field), _lookup(current, field)
+    if old is _MISSING:
+      continue  # Saved before the key existed; restoring still checks every array's shape.
     if old != new:
       raise ValueError(
           f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}. "

@@ -377,6 +377,17 @@ def test_init_from_a_hf_bert_dir_warm_starts_the_contrastive_objective(hf_dir):
   np.testing.assert_array_equal(new_state["queue"][B:], state["queue"][B:])
 
 
+def test_moco_queue_is_split_over_the_data_parallel_devices():
+  config = _config("loss=moco,queue_size=16")
+  objective = train.make_objective(config, fake_tokenizer(V))
+  tx, _ = train.optimizer_lib.make_optimizer(config.optimizer, 10)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  target, _ = train.abstract_state(objective, tx, L, mesh, sharding.rules(config.axis_rules))
+  queue = target.obj_state["queue"]
+  assert queue.shape == (16, 64)
+  assert queue.sharding.shard_shape(queue.shape) == (2, 64)  # 16 rows over 8 devices.
+
+
 # --- Pair pipelines ------------------------------------------------------------------------------
 
 class WordTokenizer:

@@ -236,12 +236,18 @@ def test_trains_and_exports_through_the_command_line(corpus, tmp_path):
     with torch.no_grad():
       theirs = model(torch.tensor(ids[:, :n[0]])).last_hidden_state[0, 0].numpy()
     np.testing.assert_allclose(embedding, theirs, atol=1e-4)
-  # The decoder, beside it: loading it into fresh parameters restores the trained decoder.
-  _, _, objective, params, _ = export.load_workdir(str(workdir))
+  # The decoder, beside it: init_from=<export> restores encoder, MLM head and decoder.
+  config, _, objective, params, _ = export.load_workdir(str(workdir))
   example = train._example_batch(objective, 64)  # pylint: disable=protected-access
   fresh = nn.unbox(objective.init(jax.random.key(9), example))
-  restored = dupmae.with_decoder(jax.device_get(fresh), str(out))
-  for a, b in zip(jax.tree.leaves(restored["decoder"]), jax.tree.leaves(params["decoder"])):
-    np.testing.assert_array_equal(a, b)
+  tx, _ = train.optimizer_lib.make_optimizer(config.optimizer, 10)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  rules = sharding.rules(config.axis_rules)
+  _, shardings = train.abstract_state(objective, tx, 64, mesh, rules)
+  restored = train._params_from(  # pylint: disable=protected-access
+      str(out), fresh, objective, tx, 64, mesh, rules, shardings.params)
+  for name in ("encoder", "mlm_head", "decoder"):
+    for a, b in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(params[name])):
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
   with pytest.raises(FileNotFoundError, match="no decoder"):
     dupmae.with_decoder(fresh, str(tmp_path))
