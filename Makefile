@@ -26,7 +26,7 @@ demo: $(VENV)/.base
 	$(BIN)/python -m pretrain.report --workdir=$(DEMO_WORKDIR) --export=$(DEMO_EXPORT)
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv.
 BENCH_VENV := .venv-bench

@@ -2,11 +2,7 @@
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 import sysconfig
-import time
 import types
 
 # Eight fake CPU devices for the sharding tests, and cheap compilation (tests compile far more
@@ -65,23 +61,26 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def runs(corpus):
+def kill_runs(corpus, tmp_path_factory):
+  """(straight workdir, killed workdir, kill record): the same command line run straight, and run
+  with two random SIGKILLs and reruns until done (bench/soak_kills.py's code).
+
+  Seed 3 draws targets 14 and 90: the first kill usually lands before the first checkpoint (step
+  50), so the rerun starts afresh and must log step 0's evaluation once, not twice; the second
+  lands after it, so the last rerun resumes mid-way. All runs share one compilation cache.
+  """
+  from bench import soak_kills  # pylint: disable=import-outside-toplevel
   e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
   straight, killed = corpus / "straight", corpus / "killed"
-  e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={straight}")
+  run_env = soak_kills.env(str(tmp_path_factory.mktemp("xla_cache")))
+  soak_kills.run(e2e.flags(corpus), str(straight), run_env)
+  record = soak_kills.run_with_kills(
+      e2e.flags(corpus), str(killed), e2e.STEPS, kills=2, rng=np.random.default_rng(3),
+      run_env=run_env, log_every=10, max_delay_s=0.3, targets_within=(5, 110))
+  return straight, killed, record
 
-  # Kill the second run with SIGKILL as soon as its first checkpoint is complete.
-  proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *e2e.flags(corpus), f"--workdir={killed}"],
-                          cwd=ROOT, env=e2e.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (killed / "checkpoints" / "50").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-    time.sleep(0.02)
-  still_running = proc.poll() is None
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert still_running, "the run finished before it could be killed: the test proved nothing"
-  done = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-  assert done and done[-1] < e2e.STEPS, f"killed run already had its final checkpoint: {done}"
-  e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={killed}")
-  return straight, killed
+
+@pytest.fixture(scope="session")
+def runs(kill_runs):
+  """(straight workdir, killed-and-resumed workdir) of `kill_runs`."""
+  return kill_runs[:2]

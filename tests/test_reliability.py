@@ -31,21 +31,12 @@ VOCAB = 500
 
 # --------------------------------------------------------------------------------- kills ---
 
-def test_two_random_sigkills_resume_to_the_uninterrupted_run(runs, tmp_path):
-  """bench/soak_kills.py with two kills (the bench runs five), against the e2e straight run.
-
-  Seed 3 draws targets 14 and 90: the first kill usually lands before the first checkpoint (step
-  50), so the rerun starts afresh and must log step 0's evaluation once, not twice; the second
-  lands after it, so the rerun resumes mid-way.
-  """
-  straight, _ = runs
-  workdir = tmp_path / "killed"
-  record = soak_kills.run_with_kills(
-      e2e.flags(straight.parent), str(workdir), e2e.STEPS, kills=2, rng=np.random.default_rng(3),
-      run_env=soak_kills.env(str(tmp_path / "xla_cache")), log_every=10, max_delay_s=0.3,
-      targets_within=(5, 110))
+def test_two_random_sigkills_resume_to_the_uninterrupted_run(kill_runs):
+  """bench/soak_kills.py with two kills (the bench runs five): conftest's `kill_runs`."""
+  straight, killed, record = kill_runs
   assert len(record) == 2 and all(k["killed_while_running"] for k in record), record
-  result = soak_kills.compare(str(straight), str(workdir))
+  assert record[-1]["checkpoints"], "the last kill should come after a checkpoint (a real resume)"
+  result = soak_kills.compare(str(straight), str(killed))
   assert result["equal"], {k: v for k, v in result.items() if k != "losses"}
   assert result["steps"] == (e2e.STEPS, e2e.STEPS) and len(result["losses"]) == e2e.STEPS // 10
 
