@@ -8,7 +8,6 @@ same `make_dataset` training uses) after a warm-up, then one train step of the s
 step so training never waits for data. Builds the corpus and tokenizer first if they are missing
 (`python -m pretrain.data.prepare` does the same).
 """
-import argparse
 import os
 import sys
 import time

@@ -12,31 +12,23 @@ recall@10, ranks pessimistic on ties (`pretrain.retrieval`).
 
 --pretrain trains configs/demo.py:whole_word=True (MLM), configs/dupmae.py:variant=retromae and
 configs/dupmae.py:variant=dupmae in <root>/<name>, with everything but the objective equal (model,
-data, batch, optimizer, schedule shape). Equal compute: each run gets the steps that give it the
-training FLOPs of `--mlm_steps` MLM steps, per-step FLOPs read from XLA's cost analysis of the
-lowered train step; the decoder (one layer plus the vocabulary projection at every position) and
-DupMAE's all-position encoder logits make their steps 2-3x as expensive as MLM's at the demo size.
+data, batch, optimizer, schedule shape). Equal compute (bench/equal_compute.py): each run gets the
+steps that give it the training FLOPs of `--mlm_steps` MLM steps. The decoder (one layer plus the
+vocabulary projection at every position) and DupMAE's all-position encoder logits make their steps
+2-3x as expensive as MLM's at the demo size.
 Every command is printed before it runs; rerunning resumes finished or interrupted runs.
 """
 import argparse
-import functools
 import os
-import subprocess
 import sys
-import time
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pretrain import optimizer as optimizer_lib, retrieval, train  # noqa: E402
+from bench import equal_compute  # noqa: E402
+from pretrain import retrieval  # noqa: E402
 from pretrain.data import code_tasks  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = equal_compute.ROOT
 # name -> config argument of pretrain.main (steps appended).
 RUNS = {
     "mlm": "configs/demo.py:whole_word=True",
@@ -48,69 +40,11 @@ RUNS = {
 }
 
 
-def load_config(spec):
-  """The ConfigDict of "configs/x.py:arg" (as pretrain.main would build it)."""
-  path, _, arg = spec.partition(":")
-  module = types.ModuleType("config")
-  with open(os.path.join(ROOT, path)) as f:
-    exec(compile(f.read(), path, "exec"), module.__dict__)  # pylint: disable=exec-used
-  return module.get_config(arg or None)
-
-
-def step_flops(config):
-  """FLOPs of one train step of `config` (XLA's cost analysis of the lowered step; no compile)."""
-  vocab = config.data.tokenizer.vocab_size
-  tokenizer = types.SimpleNamespace(vocab_size=vocab,
-                                    word_start_table=lambda: np.zeros(vocab, bool))
-  objective = train.make_objective(config, tokenizer)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-  seq_len, batch_size = config.data.seq_len, config.data.batch_size
-  state = jax.eval_shape(lambda r: nn.unbox(train.init_state(r, objective, tx, seq_len)),
-                         jax.random.key(0))
-  # Rows shaped like the objective's own (pair objectives have shorter query rows).
-  batch = {f: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), jnp.int32)
-           for f, x in train._example_batch(objective, seq_len).items()}  # pylint: disable=protected-access
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
-                                   schedule=schedule, accum_steps=1))
-  return float(step.lower(state, batch, jax.random.key(0)).cost_analysis()["flops"])
-
-
 def run_specs(size, names=tuple(RUNS)):
   """{name: config argument} of the RUNS `names` (and mlm, the budget's unit) at model size
   `size` (configs/common.py MODEL_SIZES)."""
-  return {name: RUNS[name] + ("," if ":" in RUNS[name] else ":") + f"size={size}"
+  return {name: equal_compute.with_args(RUNS[name], size=size)
           for name in dict.fromkeys(("mlm", *names))}
-
-
-def equal_compute_steps(mlm_steps, size, names=tuple(RUNS)):
-  """{name: (steps, FLOPs per step)} giving every run the FLOPs of `mlm_steps` MLM steps."""
-  flops = {name: step_flops(load_config(spec)) for name, spec in run_specs(size, names).items()}
-  budget = mlm_steps * flops["mlm"]
-  return {name: (max(1, round(budget / f)), f) for name, f in flops.items()}
-
-
-def run(*args):
-  command = [sys.executable, *args]
-  print("$ " + " ".join(command), flush=True)
-  subprocess.run(command, cwd=ROOT, check=True)
-
-
-def pretrain(root, mlm_steps, size, names, extra_flags):
-  """Trains and exports the RUNS `names` at equal FLOPs; returns {name: export dir}."""
-  plan, specs = equal_compute_steps(mlm_steps, size, names), run_specs(size, names)
-  for name, (steps, flops) in plan.items():
-    print(f"{name}: {flops / 1e9:.2f} GFLOP per step -> {steps} steps "
-          f"({steps * flops / 1e12:.1f} TFLOP)", flush=True)
-  exports = {}
-  for name, (steps, _) in plan.items():
-    workdir, out = os.path.join(root, name), os.path.join(root, name, "export")
-    start = time.perf_counter()
-    run("-m", "pretrain.main", f"--config={specs[name]},steps={steps}", f"--workdir={workdir}",
-        *extra_flags)
-    run("-m", "pretrain.export", f"--workdir={workdir}", f"--out={out}", "--overwrite")
-    print(f"{name}: trained and exported in {time.perf_counter() - start:.0f} s", flush=True)
-    exports[name] = out
-  return exports
 
 
 def markdown(results):
@@ -149,7 +83,9 @@ def main():
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
       parser.error(f"unknown --runs {unknown}; valid: {', '.join(RUNS)}")
-    exports = pretrain(os.path.abspath(args.root), args.mlm_steps, args.size, names, extra_flags)
+    specs = run_specs(args.size, names)
+    plan = equal_compute.equal_compute_steps(specs, "mlm", args.mlm_steps)
+    exports = equal_compute.pretrain(os.path.abspath(args.root), specs, plan, extra_flags)
     models += [(path, retrieval.POOLERS) for path in exports.values()]
   queries, candidates, relevant = code_tasks.docstring_retrieval(args.validation_fraction)
   print(f"{len(queries)} queries, {len(candidates)} candidates", flush=True)
