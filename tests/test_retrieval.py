@@ -60,9 +60,10 @@ def _bundle():
                              max_len=64, dropout_rate=0.0)
   ids = jnp.ones((1, 8), jnp.int32)
   params = nn.unbox(enc.Encoder(config).init(jax.random.key(0), ids, ids, ids)["params"])
-  # Characters -> ordinary ids: enough of a tokenizer for `embed`.
+  # Characters -> ordinary ids, and our reserved ids: enough of a tokenizer for `embed`.
   tokenizer = types.SimpleNamespace(
-      encode_batch=lambda texts: [[5 + ord(ch) % 59 for ch in t] for t in texts])
+      encode_batch=lambda texts: [[5 + ord(ch) % 59 for ch in t] for t in texts],
+      pad_id=tokenizer_lib.PAD_ID, cls_id=tokenizer_lib.CLS_ID, sep_id=tokenizer_lib.SEP_ID)
   return retrieval.EncoderBundle(params, config, tokenizer)
 
 
