@@ -25,7 +25,10 @@ def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):
                      validation_fraction=0.2)
   config.train.update(checkpoint_every=2, eval_every=4, eval_batches=2, log_every=2)
   config.mesh.update(data=2, fsdp=4, tensor=1)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  # Cheap compilation, as in conftest: each process compiles more than it runs.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+                      " --xla_llvm_disable_expensive_passes=true"}
   coordinator = f"127.0.0.1:{_free_port()}"
   workdir, outs = tmp_path / "work", [str(tmp_path / f"p{i}.npz") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"),
