@@ -1,6 +1,6 @@
 """Our MLM train step next to Hugging Face BERT (Flax and PyTorch), one framework per process.
 
-  python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=5]
+  python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=3]
                           [--bench_python=.venv-bench/bin/python]
 
 Every case is `size:seq_len:batch`. Runs bench/train_step.py with this interpreter and
@@ -21,7 +21,7 @@ from bench import train_step  # noqa: E402  pylint: disable=wrong-import-positio
 from configs import common  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CASES = "demo:128:32,small:128:32,demo:512:8,small:512:8,base:128:8"
+DEFAULT_CASES = "demo:128:32,small:128:16,demo:512:8,small:512:4,base:128:4"
 
 
 def _run(cmd):
@@ -45,7 +45,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default=DEFAULT_CASES)
   parser.add_argument("--vocab", type=int, default=32000)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
   args = parser.parse_args()
   peak = train_step.matmul_peak()
