@@ -74,6 +74,16 @@ def _parse(text: str):
         return None
 
 
+def _parsed(files):
+    """(path, text, tree, lines, line starts) of each (path, text) that parses (BOM dropped)."""
+    for path, text in files:
+        text = _without_bom(text)
+        tree = _parse(text)
+        if tree is not None:
+            lines = _split_lines(text)
+            yield path, text, tree, lines, _line_starts(lines)
+
+
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 
@@ -160,13 +170,7 @@ def function_pairs(files) -> list[dict]:
     not parse are skipped.
     """
     out = []
-    for path, text in files:
-        text = _without_bom(text)
-        tree = _parse(text)
-        if tree is None:
-            continue
-        lines = _split_lines(text)
-        starts = _line_starts(lines)
+    for path, text, tree, lines, starts in _parsed(files):
         for qualname, node in _function_nodes(tree):
             out.append({
                 "path": path, "name": node.name, "qualname": qualname,
@@ -255,13 +259,7 @@ def _exception_text(text, lines, starts, try_node, handler, body_lines, handler_
 
 def _single_name_handlers(files):
     """(path, text, lines, starts, try_node, handler) for every `except Name[ as e]:` clause."""
-    for path, text in files:
-        text = _without_bom(text)
-        tree = _parse(text)
-        if tree is None:
-            continue
-        lines = _split_lines(text)
-        starts = _line_starts(lines)
+    for path, text, tree, lines, starts in _parsed(files):
         for try_node, h in _handlers(tree):
             if isinstance(h.type, ast.Name) and h.type.lineno == h.lineno:
                 yield path, text, lines, starts, try_node, h
