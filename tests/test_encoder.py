@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from pretrain.models.encoder import (Encoder, EncoderConfig, MlmHead, gather_positions,
-                                     word_embedding_table)
+from pretrain.models.encoder import (Encoder, EncoderConfig, MlmHead, add_vocab_bias,
+                                     gather_positions, word_embedding_table)
 
 CFG = EncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
                     max_len=16)
@@ -161,3 +161,17 @@ def test_mlm_head_checks_embedding_shape():
   head = MlmHead(CFG)
   with pytest.raises(ValueError, match="word-embedding table"):
     head.init(jax.random.key(0), jnp.zeros((1, 2, 32)), jnp.zeros((10, 32)))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 7)])
+def test_add_vocab_bias_gradient_is_the_row_sum(shape):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  loss = lambda x, b: jnp.sum(jnp.sin(add_vocab_bias(x, b)) * weights)
+  g_x, g_b = jax.jit(jax.grad(loss, argnums=(0, 1)))(logits, bias)
+  upstream = np.cos(np.asarray(logits) + np.asarray(bias)) * np.asarray(weights)
+  np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
+  np.testing.assert_allclose(g_x, upstream, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_b, upstream.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)

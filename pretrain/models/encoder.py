@@ -348,8 +348,33 @@ class MlmHead(nn.Module):
                         jnp.dtype(cfg.param_dtype))
     logits_BMV = jnp.einsum("bme,ve->bmv", x_BME.astype(dtype), embedding_VH.astype(dtype),
                             preferred_element_type=jnp.float32)
-    logits_BMV = logits_BMV + bias_V.astype(jnp.float32)
+    logits_BMV = add_vocab_bias(logits_BMV, bias_V.astype(jnp.float32))
     return nn.with_logical_constraint(logits_BMV, ("batch", "length", "vocab"))
+
+
+@jax.custom_vjp
+def add_vocab_bias(logits_BMV: Array, bias_V: Array) -> Array:
+  """``logits + bias`` whose bias gradient is a matrix-vector product, not a column sum.
+
+  XLA:CPU reduces a [rows, 32k] array over its rows 10-50x slower than a dot with a vector of
+  ones does (35 ms against 3.5 ms for 640 x 32000 floats), and that reduction is the bias
+  gradient of every vocabulary-sized output. In a whole step other work hides part of it: a
+  RetroMAE step (decoder logits at every position) got 2.4% faster, an MLM step within noise.
+  """
+  return logits_BMV + bias_V
+
+
+def _add_vocab_bias_fwd(logits_BMV, bias_V):
+  return logits_BMV + bias_V, None
+
+
+def _add_vocab_bias_bwd(_, grad_BMV):
+  ones = jnp.ones(grad_BMV.shape[:-1], grad_BMV.dtype)
+  rows = "".join("abcdefgh"[:ones.ndim])
+  return grad_BMV, jnp.einsum(f"{rows},{rows}v->v", ones, grad_BMV)
+
+
+add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
 
 
 def _unbox(tree: Any) -> Any:
