@@ -24,6 +24,9 @@ class Objective(Protocol):
 
   # Batch fields the input pipeline must provide (e.g. "input_ids", "segment_ids", "positions").
   features: tuple[str, ...]
+  # The `objective.*` config keys that decide this objective's array shapes: a resume that
+  # changes one is refused with a message naming it (`pretrain.checkpointing.check_compatible`).
+  shape_fields: tuple[str, ...]
 
   def init(self, rng: jax.Array, batch: Batch) -> Params:
     """Every trained parameter (encoder, heads, generator, decoder...), boxed with logical axes."""
@@ -54,6 +57,7 @@ class EncoderObjective:
   """Plumbing every objective over one shared `Encoder` needs: its module, masking, word starts."""
 
   features = ("input_ids", "segment_ids", "positions")
+  shape_fields = ()
 
   def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
     self.config = config

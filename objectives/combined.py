@@ -73,6 +73,8 @@ class Combined:
                        f"batches.")
     first = next(iter(self.components.values()))
     self.features = tuple(dict.fromkeys(f for c in self.components.values() for f in c.features))
+    self.shape_fields = tuple(dict.fromkeys(
+        f for c in self.components.values() for f in c.shape_fields))
     if hasattr(first, "make_dataset"):
       self.make_dataset = first.make_dataset
     if hasattr(first, "example_batch"):

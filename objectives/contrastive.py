@@ -285,6 +285,9 @@ class Contrastive(base.EncoderObjective):
     self.pooler_module = poolers.Pooler(self.pooler_config)
     self.dim = self.pooler_config.output_dim
     self.moco = config.contrastive_loss == "moco"
+    self.shape_fields = tuple(f"objective.{key}" for key in (
+        "pooler", "pooler_latents", "pooler_heads", "projection_dim", "projection_layer_norm",
+        "contrastive_loss") + (("queue_size",) if self.moco else ()))
     self.dims = tuple(config.matryoshka_dims) or default_dims(self.dim)
     self.starbucks = (tuple(zip(config.starbucks_layers, config.starbucks_dims))
                       or default_starbucks(model_config.num_layers, self.dim))

@@ -82,6 +82,8 @@ class Electra(rtd.Detector):
   generator (an Encoder tree without embeddings), generator_head (MlmHead of generator_config).
   """
 
+  shape_fields = ("objective.generator_size_fraction",)
+
   def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
     super().__init__(config, model_config, tokenizer)
     self.generator_config = generator_config(model_config, config.generator_size_fraction)

@@ -170,6 +170,8 @@ class ErnieGram(base.EncoderObjective):
                lexicon=None):
     super().__init__(config, model_config, tokenizer)
     self.num_ngrams = config.ngram_vocab_size
+    self.shape_fields = ("objective.ngram_vocab_size", "objective.ngram_relation") + (
+        ("objective.generator_size_fraction",) if config.ngram_relation else ())
     joint = dataclasses.replace(model_config, vocab_size=model_config.vocab_size + self.num_ngrams)
     self.head_module = enc.MlmHead(joint)
     self.token_head_module = enc.MlmHead(model_config)

@@ -402,3 +402,21 @@ def test_no_load_path_can_unpickle():
           elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
             found.append((path, "allow_pickle"))
   assert scanned > 20 and not found, found
+
+
+def test_resume_checks_only_the_shape_keys_of_the_objective_in_use(tiny_config):
+  """A key only another objective reads (ERNIE-Gram's lexicon size on an MLM run) may change."""
+  mlm = train.make_objective(tiny_config, fake_tokenizer(VOCAB))
+  saved = json.loads(tiny_config.to_json_best_effort())
+  tiny_config.objective.ngram_vocab_size += 1
+  tiny_config.objective.queue_size *= 2
+  checkpointing.check_compatible(saved, tiny_config, "w",
+                                 checkpointing.SHAPE_FIELDS + mlm.shape_fields)
+  tiny_config.objective.name = "electra"
+  saved = json.loads(tiny_config.to_json_best_effort())
+  tiny_config.objective.generator_size_fraction = 0.5
+  electra = train.make_objective(tiny_config, fake_tokenizer(VOCAB))
+  with pytest.raises(ValueError, match=r"objective.generator_size_fraction=0.25 but the config "
+                                       r"says 0.5"):
+    checkpointing.check_compatible(saved, tiny_config, "w",
+                                   checkpointing.SHAPE_FIELDS + electra.shape_fields)
