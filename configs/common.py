@@ -18,6 +18,9 @@ MODEL_SIZES = {
 }
 
 SCHEDULES = ("linear", "cosine", "constant")
+# jax.random implementations. threefry2x32 gives the same numbers on any mesh; rbg and unsafe_rbg
+# (MaxText's choice) draw dropout and masking bits faster but their values depend on the sharding.
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # What a step whose loss, gradients or update are NaN/inf does (checked on device every step):
 # "stop" the run naming the step and the metric, or "skip" the update and count it.
 NONFINITE_MODES = ("stop", "skip")
@@ -81,6 +84,7 @@ def base_config():
   from objectives import config_defaults as objective_config_defaults  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.rng_impl = "threefry2x32"    # RNG_IMPLS
   c.model = model_config("demo")
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib",      # local builders: python_stdlib, local_text; or any TFDS catalog name
@@ -150,6 +154,7 @@ def validate(config):
   require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
   objective_validate(config)
+  require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
   require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
   require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")

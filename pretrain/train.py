@@ -175,14 +175,15 @@ def train_and_evaluate(config, workdir):
                                       _example_batch(objective, d.seq_len)))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   _check_batch_divides(d.batch_size, batch_sharding)
-  init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed), 3)
+  init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl), 3)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
 
   # --- State: resume > init_from > scratch ---------------------------------------------------
   mngr = checkpointing.manager(workdir, t)
   target, shardings = abstract_state(objective, tx, d.seq_len, mesh, rules)
   with jax.set_mesh(mesh):
-    state = checkpointing.restore(mngr, target, train_iter, config, workdir)
+    state = checkpointing.restore(mngr, target, train_iter, config, workdir,
+                                  checkpointing.SHAPE_FIELDS + objective.shape_fields)
   if state is not None:
     logging.info("Resumed from %s at step %d.", workdir, int(state.step))
   else:

@@ -87,3 +87,10 @@ def test_mesh_that_does_not_divide_devices_is_explained():
   with pytest.raises(ValueError, match="does not divide the 8 devices"):
     sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+
+
+def test_unknown_rng_impl_names_the_choices():
+  config = _load(os.path.join(ROOT, "configs", "demo.py")).get_config(None)
+  config.rng_impl = "philox"
+  with pytest.raises(ValueError, match=r"rng_impl='philox'; allowed: threefry2x32, rbg, unsafe_rbg"):
+    common.validate(config)

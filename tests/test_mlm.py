@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from pretrain import optimizer as optimizer_lib, sharding, train
 from pretrain.models import encoder as enc
@@ -51,19 +52,20 @@ def test_whole_word_objective_trains(tiny_config):
   assert np.isfinite(loss) and float(metrics["mlm_loss"][1]) > 0
 
 
-def _one_step_losses(config):
+def _one_step_losses(config, rng_impl="threefry2x32"):
   objective = train.make_objective(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
-  state, shardings = train.sharded_init(jax.random.key(0), objective, tx, 32, mesh, rules)
+  state, shardings = train.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, 32, mesh,
+                                        rules)
   step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=config.optimizer.grad_accum_steps))
   batch = packed_batch(np.random.default_rng(0), 8, 32, 500)
   losses = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(2):
-      state, m = step(state, batch, jax.random.key(1))
+      state, m = step(state, batch, jax.random.key(1, impl=rng_impl))
       losses.append(float(m["mlm_loss"]))
   return losses
 
@@ -78,6 +80,16 @@ def test_golden_first_steps(tiny_config):
       losses, expected, rtol=2e-5,
       err_msg="The first two MLM losses of the tiny config changed: initialisation, masking, model "
               "or optimizer numerics moved. Update GOLDEN_* only if that change was intended.")
+
+
+@pytest.mark.parametrize("rng_impl", ["rbg", "unsafe_rbg"])
+def test_faster_rng_impls_train(tiny_config, rng_impl):
+  """config.rng_impl: init, masking and dropout all draw from the other generator, and train."""
+  tiny_config.optimizer.update(warmup_steps=0, learning_rate=1e-3)
+  tiny_config.model.dropout_rate = 0.1
+  losses = _one_step_losses(tiny_config, rng_impl)
+  assert np.isfinite(losses).all() and losses[1] < losses[0]
+  assert abs(losses[0] - GOLDEN_STEP0_LOSS) > 1e-4  # Not threefry's numbers.
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients(tiny_config):
