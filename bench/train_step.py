@@ -1,7 +1,8 @@
 """Train-step throughput and model FLOPs utilisation (MFU) of our MLM step on this machine.
 
   python bench/train_step.py [--configs=demo,small] [--seq_lens=128] [--batch=32] [--repeats=5]
-                             [--vocab=16000] [--dtype=float32|bfloat16] [--peak_tflops=X] [--json]
+                             [--vocab=16000] [--dtype=float32|bfloat16] [--peak_tflops=X]
+                             [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--json]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
 matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
@@ -27,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import demo  # noqa: E402
+from configs import common, demo  # noqa: E402
 from objectives import masking  # noqa: E402
 from pretrain import optimizer as optimizer_lib, sharding, train  # noqa: E402
 
@@ -63,7 +64,8 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
   return 3 * (m.num_layers * layer + head)
 
 
-def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32"):
+def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
+          rng_impl="threefry2x32"):
   c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
@@ -71,7 +73,8 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32"):
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
   mesh = sharding.make_mesh(c.mesh)
   rules = sharding.rules(c.axis_rules)
-  state, shardings = train.sharded_init(jax.random.key(0), objective, tx, seq_len, mesh, rules)
+  state, shardings = train.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, seq_len,
+                                        mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=1),
@@ -83,7 +86,7 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32"):
   data = sharding.global_batch({"input_ids": ids, "segment_ids": np.ones_like(ids),
                                 "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))},
                                batch_sharding)
-  key = jax.random.key(1)
+  key = jax.random.key(1, impl=rng_impl)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t = time.perf_counter()
     compiled = step.lower(state, data, key).compile()
@@ -113,6 +116,8 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="Datasheet peak in TFLOP/s; 0 measures a matmul peak instead.")
+  parser.add_argument("--rng_impl", default="threefry2x32", choices=common.RNG_IMPLS,
+                      help="config.rng_impl: the generator behind dropout and masking bits.")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   peak = args.peak_tflops * 1e12 or matmul_peak(dtype=jnp.dtype(args.dtype))
@@ -124,7 +129,7 @@ def main():
   for size in args.configs.split(","):
     for seq_len in map(int, args.seq_lens.split(",")):
       compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
-                                          args.vocab, args.dtype)
+                                          args.vocab, args.dtype, args.rng_impl)
       if args.json:
         print(json.dumps(dict(
             framework="ours", size=size, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
