@@ -41,10 +41,14 @@ def packed_batch(rng, batch, seq_len, vocab_size):
   return {"input_ids": ids, "segment_ids": seg.astype(np.int32), "positions": pos}
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
   from configs import demo  # pylint: disable=import-outside-toplevel
   return demo.get_config("size=tiny,vocab_size=500,steps=10,batch_size=8,seq_len=32")
+
+
+@pytest.fixture
+def tiny_config():
+  return make_tiny_config()
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +76,7 @@ def kill_runs(corpus, tmp_path_factory):
   from bench import soak_kills  # pylint: disable=import-outside-toplevel
   e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
   straight, killed = corpus / "straight", corpus / "killed"
+  # Full compiler optimisation: 150 steps of execution outweigh the compile time here.
   run_env = soak_kills.env(str(tmp_path_factory.mktemp("xla_cache")))
   soak_kills.run(e2e.flags(corpus), str(straight), run_env)
   record = soak_kills.run_with_kills(

@@ -6,6 +6,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 150
+# Tiny models spend most of a short run compiling: the tests compile with less LLVM effort.
+CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def flags(corpus):
@@ -18,8 +20,9 @@ def flags(corpus):
 
 
 def env():
-  """One CPU device: the tests' fake 8-device setting would only slow a tiny run down."""
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  """One CPU device (the tests' fake 8-device setting would only slow a tiny run down), cheap
+  compilation."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": CHEAP_COMPILE}
 
 
 def run(module, *args, check=True, **kwargs):

@@ -22,7 +22,6 @@ from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
 
 V, L, G = 500, 32, 16
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 PLANTED = ((10, 11, 12), (20, 21), (30, 31), (40, 41, 42))
 
 # The first two train-step losses (coarse + fine cross-entropy) of `_config()` on `_batch()`, one
@@ -252,9 +251,7 @@ def test_ernie_gram_runs_end_to_end_and_exports(corpus, tmp_path):
           "--config.train.eval_every=4", "--config.train.eval_batches=1",
           "--config.train.checkpoint_every=4", "--config.train.log_every=1",
           "--config.model.num_layers=1", f"--workdir={workdir}"]
-  # One device, and conftest's cheap compilation (it halves this run's CPU time).
-  env = {**e2e.env(), "XLA_FLAGS": FAST_COMPILE_FLAGS}
-  proc = subprocess.run([sys.executable, "-m", "pretrain.main", *args], cwd=ROOT, env=env,
+  proc = subprocess.run([sys.executable, "-m", "pretrain.main", *args], cwd=ROOT, env=e2e.env(),
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
