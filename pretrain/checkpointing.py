@@ -25,9 +25,9 @@ from jax.experimental import multihost_utils
 
 UNREADABLE_DIR = "checkpoints_unreadable"
 
-# Model fields that decide parameter shapes; a checkpoint is only resumed when they all match.
-# The config keys that decide array shapes for every objective; each objective adds its own
-# (`shape_fields`), so a key another objective reads never blocks a resume.
+# The config keys that decide array shapes under every objective; a checkpoint is only resumed when
+# they all match. Each objective adds its own (`shape_fields`), so a key that only another
+# objective reads never blocks a resume.
 SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.mlp_dim",
                 "model.max_len", "model.embedding_size", "data.tokenizer.vocab_size",
                 "objective.name")
