@@ -76,8 +76,9 @@ def kill_runs(corpus, tmp_path_factory):
   from bench import soak_kills  # pylint: disable=import-outside-toplevel
   e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
   straight, killed = corpus / "straight", corpus / "killed"
-  # Full compiler optimisation: 150 steps of execution outweigh the compile time here.
-  run_env = soak_kills.env(str(tmp_path_factory.mktemp("xla_cache")))
+  # e2e.env()'s compiler flags: test_launch compares its own run with the straight one bit for bit.
+  run_env = {**soak_kills.env(str(tmp_path_factory.mktemp("xla_cache"))),
+             "XLA_FLAGS": e2e.CHEAP_COMPILE}
   soak_kills.run(e2e.flags(corpus), str(straight), run_env)
   record = soak_kills.run_with_kills(
       e2e.flags(corpus), str(killed), e2e.STEPS, kills=2, rng=np.random.default_rng(3),
