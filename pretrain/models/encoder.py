@@ -369,9 +369,8 @@ def _add_vocab_bias_fwd(logits_BMV, bias_V):
 
 
 def _add_vocab_bias_bwd(_, grad_BMV):
-  ones = jnp.ones(grad_BMV.shape[:-1], grad_BMV.dtype)
-  rows = "".join("abcdefgh"[:ones.ndim])
-  return grad_BMV, jnp.einsum(f"{rows},{rows}v->v", ones, grad_BMV)
+  rows_NV = grad_BMV.reshape(-1, grad_BMV.shape[-1])
+  return grad_BMV, jnp.ones(rows_NV.shape[0], rows_NV.dtype) @ rows_NV
 
 
 add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
