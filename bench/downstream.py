@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import equal_compute  # noqa: E402
-from pretrain import finetune  # noqa: E402
+from pretrain.finetune import train as finetune_train
 
 OBJECTIVES = ("mlm", "electra", "rts", "crts", "slm")
 TASKS = ("exception_type", "docstring_match")
@@ -28,7 +28,7 @@ SCRATCH = "random init"
 def finetune_run(root, name, init, task, scratch=False, task_args=""):
   """results.json of fine-tuning `init` on `task` (runs it unless it finished before)."""
   workdir = os.path.join(root, "finetune", f"{name}-{task}".replace(" ", "_"))
-  path = os.path.join(workdir, finetune.RESULTS_FILE)
+  path = os.path.join(workdir, finetune_train.RESULTS_FILE)
   if not os.path.exists(path):
     config = f"configs/finetune/{task}.py" + (f":{task_args}" if task_args else "")
     equal_compute.run("-m", "pretrain.finetune", f"--config={config}", f"--config.init={init}",

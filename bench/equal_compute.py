@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain import optimizer as optimizer_lib, train
+from pretrain.training import optimizer as optimizer_lib
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,15 +47,15 @@ def step_flops(config):
   vocab = config.data.tokenizer.vocab_size
   tokenizer = types.SimpleNamespace(vocab_size=vocab,
                                     word_start_table=lambda: np.zeros(vocab, bool))
-  objective = train.make_objective(config, tokenizer)
+  objective = objectives.build(config, tokenizer)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
-  state = jax.eval_shape(lambda r: nn.unbox(train.init_state(r, objective, tx, seq_len)),
+  state = jax.eval_shape(lambda r: nn.unbox(state_lib.init_state(r, objective, tx, seq_len)),
                          jax.random.key(0))
   # Rows shaped like the objective's own (pair objectives have shorter query rows).
   batch = {f: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), jnp.int32)
-           for f, x in train._example_batch(objective, seq_len).items()}  # pylint: disable=protected-access
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+           for f, x in objective.example_batch(seq_len).items()}  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx,
                                    schedule=schedule, accum_steps=1))
   return float(step.lower(state, batch, jax.random.key(0)).cost_analysis()["flops"])
 

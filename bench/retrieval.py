@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import equal_compute  # noqa: E402
 from pretrain import retrieval  # noqa: E402
-from pretrain.data import code_tasks  # noqa: E402
+from pretrain.finetune import code_tasks  # noqa: E402
 
 ROOT = equal_compute.ROOT
 # name -> config argument of pretrain.main (steps appended).

@@ -15,7 +15,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import bert  # noqa: E402
-from pretrain import optimizer as optimizer_lib, sharding, train  # noqa: E402
+from pretrain.training import optimizer as optimizer_lib, sharding
+import objectives
+from pretrain.training import state as state_lib
 
 MESHES = {"data=8": {"data": 8, "fsdp": 1, "tensor": 1},
           "fsdp=8": {"data": 1, "fsdp": 8, "tensor": 1},
@@ -44,11 +46,11 @@ def main():
   print(f"{'model':<12}{'mesh':<26}{'params/device':>16}{'optimizer/device':>18}{'total/device':>16}")
   for size in ("base", "large"):
     config = bert.get_config(f"size={size}")
-    objective = train.make_objective(config, _Vocab(config.data.tokenizer.vocab_size))
+    objective = objectives.build(config, _Vocab(config.data.tokenizer.vocab_size))
     tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
     for name, mesh_config in MESHES.items():
       mesh = sharding.make_mesh(mesh_config)
-      target, _ = train.abstract_state(objective, tx, config.data.seq_len, mesh,
+      target, _ = state_lib.abstract_state(objective, tx, config.data.seq_len, mesh,
                                        sharding.rules(config.axis_rules))
       p, o = bytes_per_device(target.params), bytes_per_device(target.opt_state)
       print(f"{'bert-' + size:<12}{name:<26}{p / 2**20:>13.1f}MiB{o / 2**20:>15.1f}MiB"

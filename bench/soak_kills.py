@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from pretrain.interop import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -130,9 +131,9 @@ def run_with_kills(flags, workdir, steps, kills, rng, run_env, log_every=1, max_
 def compare(straight, killed):
   """Bitwise comparison of final parameters and of every logged row (timings aside)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from pretrain import export, metrics  # pylint: disable=import-outside-toplevel
-  _, _, _, params_a, step_a = export.load_workdir(straight)
-  _, _, _, params_b, step_b = export.load_workdir(killed)
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
+  _, _, _, params_a, step_a = load.load_workdir(straight)
+  _, _, _, params_b, step_b = load.load_workdir(killed)
   leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
   different = sum(not np.array_equal(a, b) for a, b in zip(leaves_a, leaves_b))
   strip = lambda w: [{k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731

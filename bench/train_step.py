@@ -30,7 +30,10 @@ import numpy as np  # noqa: E402
 
 from configs import common, demo  # noqa: E402
 from objectives import masking  # noqa: E402
-from pretrain import optimizer as optimizer_lib, sharding, train  # noqa: E402
+from pretrain.training import optimizer as optimizer_lib, sharding
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 
 class _Vocab:
@@ -69,14 +72,14 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
   c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
-  objective = train.make_objective(c, _Vocab(vocab))
+  objective = objectives.build(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
   mesh = sharding.make_mesh(c.mesh)
   rules = sharding.rules(c.axis_rules)
-  state, shardings = train.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, seq_len,
+  state, shardings = state_lib.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, seq_len,
                                         mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=1),
                  in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
                  donate_argnums=0)

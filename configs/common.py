@@ -8,6 +8,9 @@ import ast
 
 import ml_collections
 
+import objectives
+from objectives.checks import require
+
 MODEL_SIZES = {
     # name: (num_layers, hidden_size, num_heads, mlp_dim)
     "tiny": (2, 64, 2, 256),
@@ -81,7 +84,6 @@ def model_config(size):
 
 def base_config():
   """Every key a run reads, with defaults; recipes override values, never add keys."""
-  from objectives import config_defaults as objective_config_defaults  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rng_impl = "threefry2x32"    # RNG_IMPLS
@@ -107,7 +109,7 @@ def base_config():
       random_token_rate=0.1,     # ... replaced by a random token; the rest stay unchanged
       whole_word=False,
       # Objective-specific keys come from each objective module's CONFIG (objectives/__init__.py).
-      **objective_config_defaults(),
+      **objectives.config_defaults(),
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
@@ -123,17 +125,10 @@ def base_config():
   return c
 
 
-def require(ok, key, value, allowed):
-  if not ok:
-    raise ValueError(f"Bad config value {key}={value!r}; allowed: {allowed}.")
-
-
 def validate(config):
   """Checks values that a locked ConfigDict cannot; raises naming the key and the allowed values."""
-  # pylint: disable-next=import-outside-toplevel
-  from objectives import NAMES as objective_names, validate as objective_validate
   m, d, o, opt, t = config.model, config.data, config.objective, config.optimizer, config.train
-  require(config.objective.name in objective_names, "objective.name", o.name, ", ".join(objective_names))
+  require(o.name in objectives.NAMES, "objective.name", o.name, ", ".join(objectives.NAMES))
   require(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
   for key in ("num_layers", "hidden_size", "num_heads", "mlp_dim", "max_len"):
     require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
@@ -153,7 +148,7 @@ def validate(config):
            (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
   require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
-  objective_validate(config)
+  objectives.validate(config)
   require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
   require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")

@@ -110,7 +110,7 @@ def _loss_key(row):
 
 def summary(runs):
   """A text table of each run's last training loss and last evaluation."""
-  from pretrain import metrics  # pylint: disable=import-outside-toplevel
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   rows, eval_keys = [], []
   for name, workdir, _ in runs:
     try:

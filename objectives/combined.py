@@ -17,14 +17,18 @@ shared keys (mask_rate, whole_word, ...) mean the same thing to all of them.
 - Metrics are prefixed "<name>/"; "loss" is the weighted total. Non-gradient state is a dict by
   component name (C-RTS counts, MoCo queues) and checkpoints with the train state.
 - All components must take the same input format: objectives that bring their own
-  `make_dataset` (contrastive pairs) combine only with objectives of the same format.
+  their own `input_format` (contrastive pairs) combine only with objectives of the same format.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
+from objectives import base, checks
 
+
+# The registry's names (objectives/__init__.py checks that the two agree).
+COMPONENT_NAMES = ("mlm", "electra", "rts", "crts", "slm", "retromae", "dupmae", "ernie_gram",
+                   "contrastive")
 CONFIG = dict(
     components="mlm:1.0",  # combined: comma-separated name:weight pairs over one shared encoder
 )
@@ -47,40 +51,47 @@ def validate_config(config):
   o = config.objective
   if o.name != "combined":
     return
-  from objectives import NAMES  # pylint: disable=import-outside-toplevel
   pairs = parse_components(o.components)
   names = [n for n, _ in pairs]
-  allowed = [n for n in NAMES if n != "combined"]
-  common.require(pairs and all(n in allowed for n in names) and len(set(names)) == len(names),
+  allowed = [n for n in COMPONENT_NAMES if n != "combined"]
+  checks.require(pairs and all(n in allowed for n in names) and len(set(names)) == len(names),
                  "objective.components", o.components,
                  f"distinct name:weight pairs of {', '.join(allowed)}")
-  common.require(all(w >= 0 for _, w in pairs) and sum(w for _, w in pairs) > 0,
+  checks.require(all(w >= 0 for _, w in pairs) and sum(w for _, w in pairs) > 0,
                  "objective.components", o.components, "weights >= 0, not all 0")
 
 
-class Combined:
+class Combined(base.Objective):
   """A weighted sum of registered objectives sharing params["encoder"]."""
 
-  def __init__(self, config, model_config, tokenizer):
-    from objectives import get  # pylint: disable=import-outside-toplevel
+  checks = (validate_config,)
+
+  def __init__(self, config, model_config, tokenizer, resources=base.Resources(), *, get):
+    """`get` is the registry's lookup (objectives.get): this module sits below the registry."""
     self.config = config
     self.model_config = model_config
     self.weights = parse_components(config.components)
-    self.components = {name: get(name)(config, model_config, tokenizer) for name, _ in self.weights}
-    if len({getattr(type(c), "make_dataset", None) for c in self.components.values()}) > 1:
+    self.components = {name: get(name)(config, model_config, tokenizer, resources)
+                       for name, _ in self.weights}
+    formats = {c.input_format for c in self.components.values()}
+    if len(formats) > 1:
       raise ValueError(f"objective.components={config.components!r} mixes input formats "
-                       f"({', '.join(self.components)}); combine objectives that read the same "
+                       f"({', '.join(sorted(formats))}); combine objectives that read the same "
                        f"batches.")
-    first = next(iter(self.components.values()))
-    self.features = tuple(dict.fromkeys(f for c in self.components.values() for f in c.features))
-    self.shape_fields = tuple(dict.fromkeys(
-        f for c in self.components.values() for f in c.shape_fields))
-    if hasattr(first, "make_dataset"):
-      self.make_dataset = first.make_dataset
-    if hasattr(first, "example_batch"):
-      self.example_batch = first.example_batch
-    self.generator_config = next((c.generator_config for c in self.components.values()
-                                  if hasattr(c, "generator_config")), None)
+    parts = list(self.components.values())
+    first = parts[0]
+    self.input_format = first.input_format
+    self.features = tuple(dict.fromkeys(f for c in parts for f in c.features))
+    self.shape_fields = tuple(dict.fromkeys(f for c in parts for f in c.shape_fields))
+    self.export_format = "electra" if any(c.export_format == "electra" for c in parts) else "bert"
+    self.generator_config = next((c.generator_config for c in parts if c.generator_config), None)
+    self.pooler_config = next((c.pooler_config for c in parts if c.pooler_config), None)
+    self.dataset_options = first.dataset_options
+    self.example_batch = first.example_batch
+
+  @classmethod
+  def component_classes(cls, objective_config, get):
+    return [get(name) for name, _ in parse_components(objective_config.components)]
 
   def init(self, rng, batch):
     params = {}
@@ -105,8 +116,14 @@ class Combined:
     metrics["loss"] = (total, jnp.ones((), jnp.float32))
     return total, (metrics, new_state)
 
-  def encoder(self, params):
-    return params["encoder"]
+  def export_extras(self, out_dir, params):
+    for component in self.components.values():
+      component.export_extras(out_dir, params)
+
+  def import_extras(self, model_dir, params):
+    for component in self.components.values():
+      params = component.import_extras(model_dir, params)
+    return params
 
 
 def _check_same_shapes(kept, other, key, name):

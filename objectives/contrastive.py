@@ -30,7 +30,8 @@ One objective, `contrastive`, whose parts are chosen by `config.objective`:
   like the reference code, the teacher side is not detached. Layer l's embedding pools the
   output of the l-th transformer layer with the same pooler.
 - guide (GISTEmbed): a frozen guide encoder (a workdir, an export dir, or a Hugging Face BERT /
-  ELECTRA / RoBERTa dir such as all-MiniLM-L6-v2, see `load_guide`) embeds both sides
+  ELECTRA / RoBERTa dir such as all-MiniLM-L6-v2, see `pretrain.interop.load.load_guide`,
+  built by the entry point and passed in `base.Resources`) embeds both sides
   (cosine); every in-batch candidate it scores strictly above the query's own positive is masked
   out of the softmax. The guide reads the same token ids as the student: THE GUIDE AND THE STUDENT
   MUST SHARE A TOKENIZER (checked: equal vocabulary sizes). Its params live in the objective's
@@ -43,9 +44,7 @@ XLA computes), the trained encoder costs 6 N B (Lq + Ld) FLOPs; MoCo replaces th
 `crop`, Lq = Ld = views.crop_length(seq_len, crop_ratio_max) (66 for seq_len 128 and 0.5); MLM
 costs 6 N B seq_len plus its head.
 """
-import dataclasses
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -53,9 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
-from objectives import base, views
-from pretrain import hf_import
+from objectives import base, checks, views
 from pretrain.data import pairs
 from pretrain.models import encoder as enc, poolers
 
@@ -111,7 +108,7 @@ def validate_config(config):
   o, m = config.objective, config.model
   if o.name != "contrastive":
     return
-  req = common.require
+  req = checks.require
   req(o.view in pairs.VIEWS, "objective.view", o.view, ", ".join(pairs.VIEWS))
   req(0 < o.crop_ratio_min <= o.crop_ratio_max <= 1, "objective.crop_ratio_min",
       (o.crop_ratio_min, o.crop_ratio_max), "0 < crop_ratio_min <= crop_ratio_max <= 1")
@@ -226,55 +223,20 @@ def guide_masks(gq_BD, gd_BD):
   return sim > positive[:, None], sim.T > positive[:, None]
 
 
-# --- The guide ----------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Guide:
-  model_config: enc.EncoderConfig
-  pooler_config: poolers.PoolerConfig
-  params: dict  # {"encoder": ..., "pooler": ...} numpy arrays
-
-
-def _sentence_transformers_pooler(path):
-  """"cls" or "mean" from a sentence-transformers 1_Pooling/config.json, None if there is none."""
-  cfg_path = os.path.join(path, "1_Pooling", "config.json")
-  if not os.path.isfile(cfg_path):
-    return None
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-
-
-def load_guide(path, guide_pooler="auto") -> Guide:
-  """A frozen guide from anything `hf_import.load_encoder` reads (a pretraining workdir, an
-  export dir, a Hugging Face BERT / ELECTRA / RoBERTa dir); it always scores by cosine.
-
-  Pooler: with guide_pooler="auto", an export's pooler.json (as trained), else the pooling of a
-  sentence-transformers 1_Pooling/config.json (all-MiniLM-L6-v2: mean), else mean.
-  """
-  pretrained = hf_import.load_encoder(path)
-  model_config = dataclasses.replace(pretrained.config, dropout_rate=0.0)
-  saved_pooler = poolers.load(path)
-  if guide_pooler == "auto" and saved_pooler is not None:
-    pooler_config, pooler_params = saved_pooler
-    pooler_config = dataclasses.replace(pooler_config, normalize=True)
-  else:
-    kind = (guide_pooler if guide_pooler != "auto"
-            else _sentence_transformers_pooler(path) or "mean")
-    pooler_config, pooler_params = poolers.PoolerConfig(
-        kind=kind, hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
-        normalize=True), {}
-  return Guide(model_config, pooler_config,
-               {"encoder": pretrained.encoder, "pooler": pooler_params})
-
-
 # --- The objective ------------------------------------------------------------------------------
 
 class Contrastive(base.EncoderObjective):
   """See the module docstring. Params {"encoder"[, "pooler"]}."""
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
-    super().__init__(config, model_config, tokenizer)
+  checks = (validate_config,)
+  input_format = "pairs"
+
+  @classmethod
+  def needs(cls, objective_config):
+    return frozenset({"guide"}) if objective_config.guide else frozenset()
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
+    super().__init__(config, model_config, tokenizer, resources)
     self.features = pairs.features(config.view)
     self.pooler_config = poolers.PoolerConfig(
         kind=config.pooler, hidden_size=model_config.hidden_size,
@@ -293,7 +255,10 @@ class Contrastive(base.EncoderObjective):
                       or default_starbucks(model_config.num_layers, self.dim))
     self.all_layers = (self.pooler_config.needs_all_layers
                        or config.nesting in ("2dmse", "starbucks"))
-    self.guide = load_guide(config.guide, config.guide_pooler) if config.guide else None
+    self.guide = resources.guide
+    if config.guide and self.guide is None:
+      raise ValueError(f"objective.guide={config.guide!r}: the entry point builds the guide "
+                       "(pretrain.interop.load.load_guide) and passes it in Resources.")
     if self.guide and self.guide.model_config.vocab_size != model_config.vocab_size:
       raise ValueError(
           f"objective.guide={config.guide!r} has a {self.guide.model_config.vocab_size}-token "
@@ -306,10 +271,10 @@ class Contrastive(base.EncoderObjective):
                for k in self.features}
     return {k: jnp.ones((1, n), jnp.int32) for k, n in lengths.items()}
 
-  def make_dataset(self, source, tokenizer, **kwargs):
+  def dataset_options(self):
     c = self.config
-    return pairs.make_dataset(source, tokenizer, view=c.view, query_len=c.query_len,
-                              ict_remove_rate=c.ict_remove_rate, ict_unit=c.ict_unit, **kwargs)
+    return dict(view=c.view, query_len=c.query_len, ict_remove_rate=c.ict_remove_rate,
+                ict_unit=c.ict_unit)
 
   def views(self, rng, batch):
     """(query rows, document rows): dicts of ids, segment ids, positions."""
@@ -357,9 +322,6 @@ class Contrastive(base.EncoderObjective):
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     return jax.tree.map(lambda b, v: b.replace_boxed(jnp.asarray(v)) if is_box(b)
                         else jnp.asarray(v), boxed, g.params, is_leaf=is_box)
-
-  def encoder(self, params):
-    return params["encoder"]
 
   def export_extras(self, out_dir, params):
     """pooler.json + pooler_params.msgpack, so an export embeds as it was trained."""

@@ -24,8 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs import common
-from objectives import base, mlm, rtd
+from objectives import base, checks, detection, mlm
 from pretrain.models import encoder as enc
 
 CONFIG = dict(
@@ -66,16 +65,16 @@ def scatter_slots(input_ids_BL, positions_BM, values_BM, weights_BM):
 
 def validate_config(config):
   m, o = config.model, config.objective
-  common.require(0 < o.generator_size_fraction <= 1 and o.generator_size_fraction * m.hidden_size >= 1,
+  checks.require(0 < o.generator_size_fraction <= 1 and o.generator_size_fraction * m.hidden_size >= 1,
                  "objective.generator_size_fraction", o.generator_size_fraction,
                  f"0 < f <= 1 with f * model.hidden_size={m.hidden_size} >= 1")
-  common.require(o.generator_weight >= 0 and o.discriminator_weight >= 0
+  checks.require(o.generator_weight >= 0 and o.discriminator_weight >= 0
                  and o.generator_weight + o.discriminator_weight > 0, "objective.generator_weight",
                  (o.generator_weight, o.discriminator_weight),
                  "generator and discriminator weights >= 0, not both 0")
 
 
-class Electra(rtd.Detector):
+class Electra(detection.Detector):
   """Generator + discriminator over shared embeddings.
 
   Params: encoder (the discriminator, exported for fine-tuning), discriminator_head,
@@ -83,9 +82,10 @@ class Electra(rtd.Detector):
   """
 
   shape_fields = ("objective.generator_size_fraction",)
+  checks = (*detection.Detector.checks, validate_config)
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
-    super().__init__(config, model_config, tokenizer)
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
+    super().__init__(config, model_config, tokenizer, resources)
     self.generator_config = generator_config(model_config, config.generator_size_fraction)
     self.generator_module = enc.Encoder(self.generator_config)
     self.generator_head = enc.MlmHead(self.generator_config)
@@ -123,7 +123,7 @@ class Electra(rtd.Detector):
     sampled_BM = gumbel_max_sample(sample_rng, jax.lax.stop_gradient(logits_BMV))
     corrupted_BL = scatter_slots(ids, masked.positions, sampled_BM, masked.weights)
     disc_logits_BL = self.detect(params, corrupted_BL, batch, disc_rng, train)
-    disc_loss, disc_metrics = rtd.detection_loss_and_metrics(
+    disc_loss, disc_metrics = detection.detection_loss_and_metrics(
         disc_logits_BL, corrupted_BL != ids, batch["segment_ids"] > 0)
     loss = self.config.generator_weight * gen_loss + self.config.discriminator_weight * disc_loss
     metrics.update(disc_metrics, total_loss=base.mean_metric(loss, jnp.ones(())))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from objectives import checks
 from pretrain.data import tokenizer as tok
 
 STRATEGIES = ("token", "whole_word", "span", "geometric")
@@ -200,14 +201,13 @@ def uses_word_starts(config) -> bool:
 
 
 def validate_config(config):
-  from configs import common  # pylint: disable=import-outside-toplevel  # configs imports us
   o = config.objective
-  common.require(o.masking_strategy in STRATEGIES, "objective.masking_strategy",
+  checks.require(o.masking_strategy in STRATEGIES, "objective.masking_strategy",
                  o.masking_strategy, ", ".join(STRATEGIES))
-  common.require(isinstance(o.max_span, int) and 1 <= o.max_span <= config.data.seq_len,
+  checks.require(isinstance(o.max_span, int) and 1 <= o.max_span <= config.data.seq_len,
                  "objective.max_span", o.max_span, "an int in [1, data.seq_len]")
-  common.require(0 < o.geometric_p <= 1, "objective.geometric_p", o.geometric_p, "0 < p <= 1")
-  common.require(isinstance(o.geometric_max_span, int)
+  checks.require(0 < o.geometric_p <= 1, "objective.geometric_p", o.geometric_p, "0 < p <= 1")
+  checks.require(isinstance(o.geometric_max_span, int)
                  and 1 <= o.geometric_max_span <= config.data.seq_len,
                  "objective.geometric_max_span", o.geometric_max_span,
                  "an int in [1, data.seq_len]")

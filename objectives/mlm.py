@@ -24,8 +24,8 @@ def mlm_loss_and_metrics(logits_BMV, targets_BM, weights_BM, prefix="mlm"):
 class MaskedLM(base.EncoderObjective):
   """BERT masked LM over the shared encoder."""
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
-    super().__init__(config, model_config, tokenizer)
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
+    super().__init__(config, model_config, tokenizer, resources)
     self.head_module = enc.MlmHead(model_config)
 
   def init(self, rng, batch):

@@ -10,34 +10,14 @@ Nothing is pickled: safetensors, msgpack and JSON only.
 """
 import dataclasses
 import json
-import os
 
 import flax.serialization
-import jax
-import ml_collections
 from absl import app, flags
 from etils import epath
 
-from pretrain import checkpointing, hf_bert, hf_electra, optimizer as optimizer_lib, sharding, train
-from pretrain import sentence_transformers_export as st_export
 from pretrain.data import tokenizer as tokenizer_lib
-
-def load_workdir(workdir, step=None):
-  """(config, tokenizer, objective, params, step) of a workdir's checkpoint, on one device."""
-  mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; run pretrain.main first.")
-  config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
-  tokenizer = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))  # spm.model or tokenizer.json
-  objective = train.make_objective(config, tokenizer)
-  tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  target, _ = train.abstract_state(objective, tx, config.data.seq_len, mesh,
-                                   sharding.rules(config.axis_rules))
-  with jax.set_mesh(mesh):
-    state = checkpointing.restore_state_only(mngr, target, step)
-  return config, tokenizer, objective, jax.device_get(state.params), step
+from pretrain.interop import files, hf_bert, hf_electra, load, sentence_transformers as st_export
+from pretrain.training import metrics as metrics_lib
 
 
 def model_card(config, step, workdir_metrics):
@@ -68,9 +48,8 @@ def export(workdir, out, step=None, overwrite=False, *, pooling=None, normalize=
   if out_path.exists() and any(out_path.iterdir()) and not overwrite:
     raise FileExistsError(f"Export directory {out} is not empty; choose another --out or pass "
                           f"--overwrite.")
-  config, tokenizer, objective, params, step = load_workdir(workdir, step)
+  config, tokenizer, objective, params, step = load.load_workdir(workdir, step)
   try:
-    from pretrain import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
     rows = metrics_lib.read_jsonl(workdir)
   except FileNotFoundError:
     rows = []
@@ -83,31 +62,29 @@ def write_export(out, config, tokenizer, objective, params, step, rows, *, pooli
   """Writes the export of in-memory `params` of `objective` (any registered one) into `out`."""
   out_path = epath.Path(out)
   out_path.mkdir(parents=True, exist_ok=True)
-  if "discriminator_head" in params:  # Replaced-token detection: an ELECTRA directory.
+  if objective.export_format == "electra":  # Replaced-token detection: an ELECTRA directory.
     hf_electra.write_for_objective(out, objective, params)
   else:
     # ERNIE-Gram's head predicts tokens and n-grams: only its token rows (`token_head`) export.
-    head = (objective.token_head(params) if hasattr(objective, "token_head")
-            else params.get("mlm_head"))
-    hf_bert.write_hf_model(out, objective.encoder(params), head, objective.model_config)
+    hf_bert.write_hf_model(out, objective.encoder(params), objective.token_head(params),
+                           objective.model_config)
   tokenizer_lib.save_hf(tokenizer, out)
   st_pooling = st_export.pooling_for(objective, pooling, normalize)
   if st_pooling is not None:  # None: a trained pooler sentence-transformers cannot express.
     st_export.write_module_files(out, objective.model_config.hidden_size, pooling=st_pooling[0],
                                  normalize=st_pooling[1],
                                  max_seq_length=max_seq_length or config.data.seq_len)
-  (out_path / "flax_params.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
-  if hasattr(objective, "export_extras"):  # e.g. RetroMAE's decoder, to continue pretraining
-    objective.export_extras(out, params)
-  (out_path / "encoder_config.json").write_text(
+  (out_path / files.MSGPACK_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
+  objective.export_extras(out, params)  # e.g. RetroMAE's decoder, to continue pretraining
+  (out_path / files.ENCODER_CONFIG_FILE).write_text(
       json.dumps(dataclasses.asdict(objective.model_config), indent=2))
-  (out_path / "README.md").write_text(model_card(config, step, rows))
+  (out_path / files.README_FILE).write_text(model_card(config, step, rows))
   return out
 
 
 def define_flags():
   """The command line's flags; defined on demand, not at import, so that importing this module
-  (pretrain.finetune and pretrain.hf_import do) never collides with the importer's own flags."""
+  (pretrain.finetune does) never collides with the importer's own flags."""
   flags.DEFINE_string("workdir", None, "A pretraining workdir (with checkpoints/).")
   flags.DEFINE_string("out", None, "Directory to write; must be empty or not exist.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -6,7 +6,7 @@ import os
 
 from absl import app, flags
 
-from pretrain import metrics as metrics_lib
+from pretrain.training import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir.")
 _EXPORT = flags.DEFINE_string("export", None, "An export directory to point at.")

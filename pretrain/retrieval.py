@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain import hf_bert
+from pretrain.interop import hf_bert, load
 from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 
@@ -46,8 +46,7 @@ def load_encoder(path: str, step: int | None = None) -> EncoderBundle:
   """The encoder of an export directory (flax_params.msgpack + encoder_config.json, or a Hugging
   Face BERT directory) or of a pretraining workdir (its latest checkpoint, or `step`)."""
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    from pretrain import export  # pylint: disable=import-outside-toplevel  # jax-heavy imports
-    _, tokenizer, objective, params, _ = export.load_workdir(path, step)
+    _, tokenizer, objective, params, _ = load.load_workdir(path, step)
     return EncoderBundle(objective.encoder(params), objective.model_config, tokenizer)
   has_flax = os.path.isfile(os.path.join(path, PARAMS_FILE))
   if not has_flax and not os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):

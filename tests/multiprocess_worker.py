@@ -12,7 +12,8 @@ def main(coordinator, process_id, config_json, workdir, out):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from pretrain import sharding, train  # pylint: disable=import-outside-toplevel
+  from pretrain.training import sharding
+  from pretrain import train  # pylint: disable=import-outside-toplevel
   from pretrain.data import pipeline, sources, tokenizer  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(json.loads(config_json))
   d = config.data

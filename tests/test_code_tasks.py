@@ -3,7 +3,8 @@ import ast
 
 import pytest
 
-from pretrain.data import code_tasks
+from pretrain.data import python_code
+from pretrain.finetune import code_tasks
 from pretrain.data.corpora import python_stdlib
 
 SOURCE = '''\ufeffimport os
@@ -41,8 +42,8 @@ def handlers():
 
 
 def test_heldout_and_train_partition_the_stdlib_by_the_pretraining_hash():
-  heldout = code_tasks.heldout_files("heldout", max_files=200)
-  train = code_tasks.heldout_files("train", max_files=200)
+  heldout = python_code.heldout_files("heldout", max_files=200)
+  train = python_code.heldout_files("train", max_files=200)
   assert heldout and train
   assert all(python_stdlib.split_for_key(p, 0.05) == "validation" for p, _ in heldout)
   assert all(python_stdlib.split_for_key(p, 0.05) == "train" for p, _ in train)
@@ -50,11 +51,11 @@ def test_heldout_and_train_partition_the_stdlib_by_the_pretraining_hash():
   assert {p for p, _ in heldout} | {p for p, _ in train} <= set(listed)
   assert not {p for p, _ in heldout} & {p for p, _ in train}
   with pytest.raises(ValueError, match="split must be one of"):
-    code_tasks.heldout_files("validation")
+    python_code.heldout_files("validation")
 
 
 def test_function_pairs_names_docstrings_and_code_without_docstring():
-  pairs = {p["qualname"]: p for p in code_tasks.function_pairs([("m.py", SOURCE),
+  pairs = {p["qualname"]: p for p in python_code.function_pairs([("m.py", SOURCE),
                                                                 ("bad.py", "def (:\n")])}
   assert list(pairs) == ["Box.size", "Box.fetch", "outer", "outer.inner", "handlers"]
   assert pairs["Box.fetch"]["docstring"] == (
@@ -73,12 +74,12 @@ def test_function_pairs_names_docstrings_and_code_without_docstring():
 
 def test_docstring_retrieval_queries_point_at_their_own_function():
   queries, candidates, relevant = code_tasks.docstring_retrieval(max_files=300)
-  files = code_tasks.heldout_files("heldout", max_files=300)
-  pairs = code_tasks.function_pairs(files)
+  files = python_code.heldout_files("heldout", max_files=300)
+  pairs = python_code.function_pairs(files)
   assert candidates == [p["code"] for p in pairs]
   assert len(queries) == len(relevant) > 5 and len(candidates) > len(queries)
   for q, r in zip(queries, relevant):
-    assert len(q.split()) >= code_tasks.MIN_QUERY_WORDS and "\n" not in q
+    assert len(q.split()) >= python_code.MIN_QUERY_WORDS and "\n" not in q
     assert q == " ".join(pairs[r]["docstring"].split("\n\n")[0].split())
 
 
@@ -112,7 +113,7 @@ def test_exception_labels_are_the_most_frequent_types():
 
 
 def test_finetune_splits_keep_train_dev_and_test_files_apart():
-  files = code_tasks.heldout_files("train", max_files=150)
+  files = python_code.heldout_files("train", max_files=150)
   train, dev = code_tasks.split_train_dev(files, 0.2)
   assert train and dev and len(train) + len(dev) == len(files)
   assert not {p for p, _ in train} & {p for p, _ in dev}

@@ -5,20 +5,20 @@ import numpy as np
 import pytest
 
 from configs import common
-from pretrain import train
 from tests.conftest import fake_tokenizer, packed_batch
+import objectives
 
 
 def _objective(config, components):
   config.objective.name = "combined"
   config.objective.components = components
   common.validate(config)
-  return train.make_objective(config, fake_tokenizer(500))
+  return objectives.build(config, fake_tokenizer(500))
 
 
 def _component_loss(config, name, params, batch, rng):
   config.objective.name = name
-  single = train.make_objective(config, fake_tokenizer(500))
+  single = objectives.build(config, fake_tokenizer(500))
   return single.loss(params, single.init_state(), batch, rng, train=False)[0]
 
 

@@ -9,8 +9,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from pretrain import optimizer as optimizer_lib, train, sharding
+from pretrain.training import optimizer as optimizer_lib, sharding
 from tests.conftest import ROOT, fake_tokenizer
+import objectives
+from pretrain.training import state as state_lib
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 CONFIG_FILES = [f for f in CONFIG_FILES if os.path.basename(f) not in ("__init__.py", "common.py")]
@@ -27,10 +29,10 @@ def _load(path):
 def test_config_loads_validates_and_builds(path):
   config = _load(path).get_config(None)
   common.validate(config)
-  objective = train.make_objective(config, fake_tokenizer(config.data.tokenizer.vocab_size))
+  objective = objectives.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
-  target, _ = train.abstract_state(objective, tx, config.data.seq_len, mesh,
+  target, _ = state_lib.abstract_state(objective, tx, config.data.seq_len, mesh,
                                    sharding.rules(config.axis_rules))
   n_params = sum(x.size for x in jax.tree.leaves(target.params))
   assert n_params > 1e6, f"{path} built a suspiciously small model ({n_params} parameters)"

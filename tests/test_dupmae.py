@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from objectives import dupmae
-from pretrain import optimizer as optimizer_lib, sharding, train
+from objectives import retromae
+from pretrain.training import optimizer as optimizer_lib, sharding
+from pretrain import train
 from pretrain.models import decoder as dec, encoder as enc
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
+from pretrain.interop import load
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 # The DupMAE losses of the first two steps of the tiny config (objective as configs/dupmae.py) on
 # `packed_batch(seed 0)`; they cover everything RetroMAE computes too. If a change to
@@ -36,7 +41,7 @@ def _structure(batch):
 
 
 def _mask(batch, rate, table=None, seed=0):
-  return np.asarray(dupmae.decoder_attention_mask(
+  return np.asarray(retromae.decoder_attention_mask(
       jax.random.key(seed), jnp.asarray(batch["input_ids"]), jnp.asarray(batch["segment_ids"]),
       jnp.asarray(batch["positions"]), rate, table))
 
@@ -106,10 +111,10 @@ def test_decoder_labels_are_all_tokens_but_first_and_last():
   batch = packed_batch(np.random.default_rng(2), 4, 32, 500)
   _, first, last = _structure(batch)
   expected = (batch["segment_ids"] > 0) & ~first & ~last
-  np.testing.assert_array_equal(np.asarray(dupmae.decoder_labels(batch["input_ids"])) > 0,
+  np.testing.assert_array_equal(np.asarray(retromae.decoder_labels(batch["input_ids"])) > 0,
                                 expected)
   np.testing.assert_array_equal(
-      np.asarray(dupmae.sentence_starts(jnp.asarray(batch["positions"])))[batch["segment_ids"] > 0],
+      np.asarray(retromae.sentence_starts(jnp.asarray(batch["positions"])))[batch["segment_ids"] > 0],
       _structure(batch)[0][batch["segment_ids"] > 0])
 
 
@@ -117,7 +122,7 @@ def test_bow_targets_are_uniform_over_distinct_ordinary_ids():
   batch = packed_batch(np.random.default_rng(3), 3, 32, 40)  # Small vocabulary: repeated ids.
   ids, seg = batch["input_ids"], batch["segment_ids"]
   S = 32 // 3
-  targets, weights = map(np.asarray, dupmae.bow_targets(jnp.asarray(ids), jnp.asarray(seg), 40, S))
+  targets, weights = map(np.asarray, retromae.bow_targets(jnp.asarray(ids), jnp.asarray(seg), 40, S))
   _, first, last = _structure(batch)
   repeated = 0
   for b in range(3):
@@ -137,7 +142,7 @@ def test_bag_of_words_loss_matches_a_direct_computation():
   V = 30
   batch = packed_batch(np.random.default_rng(4), 2, 24, V)
   logits = np.random.default_rng(5).normal(size=(2, 24, V)).astype(np.float32) * 3
-  loss, metrics = dupmae.bag_of_words_loss(jnp.asarray(logits), jnp.asarray(batch["input_ids"]),
+  loss, metrics = retromae.bag_of_words_loss(jnp.asarray(logits), jnp.asarray(batch["input_ids"]),
                                            jnp.asarray(batch["segment_ids"]))
   _, first, last = _structure(batch)
   ce = []
@@ -149,7 +154,7 @@ def test_bag_of_words_loss_matches_a_direct_computation():
       ce.append(-log_p[np.unique(batch["input_ids"][b][at])].mean())
   np.testing.assert_allclose(loss, np.mean(ce), rtol=1e-5)
   assert float(metrics["bow_loss"][1]) == 4
-  constant, _ = dupmae.bag_of_words_loss(jnp.zeros((2, 24, V)), jnp.asarray(batch["input_ids"]),
+  constant, _ = retromae.bag_of_words_loss(jnp.zeros((2, 24, V)), jnp.asarray(batch["input_ids"]),
                                          jnp.asarray(batch["segment_ids"]))
   np.testing.assert_allclose(constant, np.log(V), rtol=1e-6)  # Uniform prediction: log V.
 
@@ -163,7 +168,7 @@ def _config(tiny_config, name):
 def test_loss_is_encoder_plus_decoder_mlm_plus_weighted_bow(tiny_config, name):
   config = _config(tiny_config, name)
   config.objective.bow_weight = 0.25
-  objective = train.make_objective(config, fake_tokenizer(500))
+  objective = objectives.build(config, fake_tokenizer(500))
   batch = packed_batch(np.random.default_rng(6), 4, 32, 500)
   params = nn.unbox(objective.init(jax.random.key(0), batch))
   assert set(params) == {"encoder", "mlm_head", "decoder"}
@@ -176,16 +181,16 @@ def test_loss_is_encoder_plus_decoder_mlm_plus_weighted_bow(tiny_config, name):
     assert "bow_loss" not in metrics
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   n_labels = float(metrics["decoder_mlm_loss"][1])
-  assert n_labels == float(np.sum(dupmae.decoder_labels(batch["input_ids"])))
+  assert n_labels == float(np.sum(retromae.decoder_labels(batch["input_ids"])))
 
 
 def _first_losses(config):
-  objective = train.make_objective(config, fake_tokenizer(500))
+  objective = objectives.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
-  state, _ = train.sharded_init(jax.random.key(0), objective, tx, 32, mesh, rules)
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+  state, _ = state_lib.sharded_init(jax.random.key(0), objective, tx, 32, mesh, rules)
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=1))
   batch = packed_batch(np.random.default_rng(0), 8, 32, 500)
   losses = []
@@ -211,7 +216,8 @@ def test_golden_first_steps(tiny_config):
 def test_trains_and_exports_through_the_command_line(corpus, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from pretrain import export, metrics, retrieval  # pylint: disable=import-outside-toplevel
+  from pretrain import retrieval
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   workdir, out = tmp_path / "dupmae", tmp_path / "dupmae-export"
   e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
   e2e.run("pretrain.main", f"--config={ROOT}/configs/dupmae.py:size=tiny,vocab_size=400,steps=6,"
@@ -237,17 +243,17 @@ def test_trains_and_exports_through_the_command_line(corpus, tmp_path):
       theirs = model(torch.tensor(ids[:, :n[0]])).last_hidden_state[0, 0].numpy()
     np.testing.assert_allclose(embedding, theirs, atol=1e-4)
   # The decoder, beside it: init_from=<export> restores encoder, MLM head and decoder.
-  config, _, objective, params, _ = export.load_workdir(str(workdir))
-  example = train._example_batch(objective, 64)  # pylint: disable=protected-access
+  config, _, objective, params, _ = load.load_workdir(str(workdir))
+  example = objective.example_batch(64)  # pylint: disable=protected-access
   fresh = nn.unbox(objective.init(jax.random.key(9), example))
-  tx, _ = train.optimizer_lib.make_optimizer(config.optimizer, 10)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, 10)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = sharding.rules(config.axis_rules)
-  _, shardings = train.abstract_state(objective, tx, 64, mesh, rules)
+  _, shardings = state_lib.abstract_state(objective, tx, 64, mesh, rules)
   restored = train._params_from(  # pylint: disable=protected-access
       str(out), fresh, objective, tx, 64, mesh, rules, shardings.params)
   for name in ("encoder", "mlm_head", "decoder"):
     for a, b in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(params[name])):
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
   with pytest.raises(FileNotFoundError, match="no decoder"):
-    dupmae.with_decoder(fresh, str(tmp_path))
+    retromae.with_decoder(fresh, str(tmp_path))

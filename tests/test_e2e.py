@@ -8,13 +8,14 @@ import pytest
 
 from tests import e2e
 from tests.conftest import ROOT
+from pretrain.interop import load
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(runs):
-  from pretrain import export, metrics  # pylint: disable=import-outside-toplevel
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   straight, killed = runs
-  _, _, _, params_a, step_a = export.load_workdir(str(straight))
-  _, _, _, params_b, step_b = export.load_workdir(str(killed))
+  _, _, _, params_a, step_a = load.load_workdir(str(straight))
+  _, _, _, params_b, step_b = load.load_workdir(str(killed))
   assert step_a == step_b == e2e.STEPS
   import jax  # pylint: disable=import-outside-toplevel
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
@@ -44,7 +45,7 @@ def test_export_loads_in_transformers_with_same_logits(runs, tmp_path):
   e2e.run("pretrain.export", f"--workdir={killed}", f"--out={out}")
   with pytest.raises(FileExistsError, match="not empty"):
     export.export(str(killed), str(out))
-  _, tokenizer, objective, params, _ = export.load_workdir(str(killed))
+  _, tokenizer, objective, params, _ = load.load_workdir(str(killed))
   text = 'def greet(name):\n    """Say hello."""\n    return f"Hello, {name}!"\n'
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   ids = hf_tokenizer(text)["input_ids"]
@@ -63,7 +64,7 @@ def test_export_loads_in_transformers_with_same_logits(runs, tmp_path):
 def test_electra_trains_and_exports_through_the_command_line(corpus, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from pretrain import metrics  # pylint: disable=import-outside-toplevel
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   workdir, out = tmp_path / "electra", tmp_path / "electra-export"
   data = [f for f in e2e.flags(corpus)[1:6]]
   e2e.run("pretrain.data.prepare", *e2e.flags(corpus)[:6])
@@ -81,7 +82,7 @@ def test_electra_trains_and_exports_through_the_command_line(corpus, tmp_path):
 
 
 def test_init_from_an_export_starts_where_the_source_run_ended(corpus, runs, tmp_path):
-  from pretrain import metrics  # pylint: disable=import-outside-toplevel
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   _, killed = runs
   out, workdir = tmp_path / "export", tmp_path / "continued"
   e2e.run("pretrain.export", f"--workdir={killed}", f"--out={out}")

@@ -16,10 +16,13 @@ import pytest
 
 import objectives
 from configs import common, electra as electra_configs
-from objectives import electra, masking, rtd
-from pretrain import hf_electra, optimizer as optimizer_lib, sharding, train
+from objectives import detection, electra, masking
+from pretrain.interop import hf_electra
+from pretrain.training import optimizer as optimizer_lib, sharding
 from pretrain.models import encoder as enc
 from tests.conftest import fake_tokenizer, packed_batch
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 V, L = 500, 32
 # XLA's CPU backend spends most of this file's time optimising programs that then run for
@@ -58,7 +61,7 @@ def _tiny_config(objective="electra"):
 
 def _objective(config):
   """Like train.make_objective, with model.embedding_size passed on whatever train.py does."""
-  model_config = dataclasses.replace(train.encoder_config(config, V),
+  model_config = dataclasses.replace(objectives.encoder_config(config.model, V),
                                      embedding_size=config.model.embedding_size or None)
   return objectives.get(config.objective.name)(config.objective, model_config, fake_tokenizer(V))
 
@@ -70,7 +73,7 @@ class Setup(NamedTuple):
   schedule: Any
   mesh: Any
   rules: Any
-  state: Any       # train.TrainState at step 0
+  state: Any       # state_lib.TrainState at step 0
   params: Any
   batch: dict
   loss_and_grads: Any  # (params, batch, rng, coeffs) -> (value, (loss, metrics)), grads
@@ -90,7 +93,7 @@ def setup():
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = sharding.rules(config.axis_rules)
-  state, _ = train.sharded_init(jax.random.key(0), objective, tx, L, mesh, rules)
+  state, _ = state_lib.sharded_init(jax.random.key(0), objective, tx, L, mesh, rules)
   batch = {k: jnp.asarray(v) for k, v in packed_batch(np.random.default_rng(1), 4, L, V).items()}
   loss_and_grads = _fast_jit(jax.value_and_grad(functools.partial(_combined, objective),
                                                 has_aux=True))
@@ -285,14 +288,14 @@ def test_slm_is_mlm_with_every_selected_token_randomised():
 
 
 def test_crts_clusters_cover_the_ordinary_ids():
-  cluster, starts = rtd.id_clusters(V, 100)
+  cluster, starts = detection.id_clusters(V, 100)
   assert starts[0] == masking.FIRST_ORDINARY_ID and starts[-1] == V
   sizes = np.diff(starts)
   assert sizes.min() >= 4 and sizes.max() <= 5
   for b in (0, 37, 99):
     assert np.all(cluster[starts[b]:starts[b + 1]] == b)
   with pytest.raises(ValueError, match="num_clusters"):
-    rtd.id_clusters(V, V)
+    detection.id_clusters(V, V)
 
 
 def test_crts_counts_move_toward_the_detectors_confusions():
@@ -328,7 +331,7 @@ def test_crts_counts_move_toward_the_detectors_confusions():
 
 
 def test_golden_first_steps_and_loss_decreases(setup):
-  step = _fast_jit(functools.partial(train.train_step, objective=setup.objective, tx=setup.tx,
+  step = _fast_jit(functools.partial(step_lib.train_step, objective=setup.objective, tx=setup.tx,
                                      schedule=setup.schedule, accum_steps=1))
   batch = packed_batch(np.random.default_rng(0), 8, L, V)
   state, losses = setup.state, []
@@ -366,7 +369,7 @@ def test_recipes_follow_the_paper():
 def test_train_passes_embedding_size_to_the_encoder():
   config = electra_configs.get_config("size=small")
   assert config.model.embedding_size == 128
-  assert train.encoder_config(config, V).embedding_size == 128, (
+  assert objectives.encoder_config(config.model, V).embedding_size == 128, (
       "pretrain/train.py encoder_config() drops config.model.embedding_size: add "
       "`embedding_size=m.get('embedding_size', 0) or None,` to its EncoderConfig(...) call.")
 

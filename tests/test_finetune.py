@@ -19,29 +19,37 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from configs import demo
 from configs.finetune import common as ft_common, jsonl
-from pretrain import finetune, hf_bert, optimizer as optimizer_lib, train
-from pretrain.data import code_tasks, downstream, tokenizer as tokenizer_lib
+from pretrain.interop import hf_bert
+from pretrain.training import optimizer as optimizer_lib
+from pretrain.finetune import code_tasks, tasks
+from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.data.corpora import python_stdlib
-from pretrain.models import encoder as enc, heads
+from pretrain.models import encoder as enc
+from pretrain.finetune import heads
 from tests.conftest import ROOT
+from pretrain.finetune import evaluation
+from pretrain.finetune import train as finetune_train
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 # --- Closed forms --------------------------------------------------------------------------------
 
 
 def test_classification_metrics_match_hand_counts():
   pred, labels = np.array([1, 1, 0, 0, 1, 2]), np.array([1, 0, 0, 1, 1, 2])
-  m = finetune.classification_metrics(pred, labels, 3)
+  m = evaluation.classification_metrics(pred, labels, 3)
   # class 0: tp 1, pred 2, true 2 -> 0.5; class 1: tp 2, pred 3, true 3 -> 2/3; class 2: 1.
   assert m["accuracy"] == pytest.approx(4 / 6)
   assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1) / 3) == m["f1"]
-  binary = finetune.classification_metrics(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1]), 2)
+  binary = evaluation.classification_metrics(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1]), 2)
   assert binary["f1"] == pytest.approx(0.5) and binary["accuracy"] == 0.5  # F1 of class 1.
 
 
 def test_retrieval_metrics_rank_each_query_among_all_candidates():
   cands = np.eye(4, dtype=np.float32)
   queries = np.array([[1, 0, 0, 0], [0.9, 0.5, 0, 0], [0, 0.2, 0.3, 0.1]], np.float32)
-  m = finetune.retrieval_metrics(queries, cands, np.array([0, 1, 3]))
+  m = evaluation.retrieval_metrics(queries, cands, np.array([0, 1, 3]))
   # Ranks: 1; 2 (candidate 0 scores higher); 3 (candidates 2 and 1 score higher).
   assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
   assert m["recall_at_1"] == pytest.approx(1 / 3) and m["num_candidates"] == 4
@@ -50,7 +58,7 @@ def test_retrieval_metrics_rank_each_query_among_all_candidates():
 def test_layer_decay_scales_each_layer_by_a_power_of_the_decay():
   params = {"encoder": {"embeddings": {"w": np.ones(2)}, "layer_0": {"w": np.ones(2)},
                         "layer_1": {"w": np.ones(2)}}, "head": {"w": np.ones(2)}}
-  tx = finetune.scale_by_layer(0.5, num_layers=2)
+  tx = finetune_train.scale_by_layer(0.5, num_layers=2)
   out, _ = tx.update(params, tx.init(params))
   assert [float(out["encoder"][k]["w"][0]) for k in ("embeddings", "layer_0", "layer_1")] == [
       0.125, 0.25, 0.5]
@@ -130,13 +138,13 @@ class _WordTokenizer:
 
 
 def _task_tokenizer():
-  return downstream.TaskTokenizer(_WordTokenizer(), cls_id=2, sep_id=3, pad_id=0, mask_id=4,
+  return tasks.TaskTokenizer(_WordTokenizer(), cls_id=2, sep_id=3, pad_id=0, mask_id=4,
                                   vocab_size=13)
 
 
 def test_rows_hold_cls_a_sep_b_sep_with_token_types_and_longest_first_truncation():
   tok = _task_tokenizer()
-  rows = downstream.encode_rows(tok, ["x y", "x x x x x x", f"x {code_tasks.MASK} y"],
+  rows = tasks.encode_rows(tok, ["x y", "x x x x x x", f"x {code_tasks.MASK} y"],
                                 ["z", "y y", ""], seq_len=8)
   np.testing.assert_array_equal(rows["input_ids"], [[2, 10, 11, 3, 12, 3, 0, 0],
                                                     [2, 10, 10, 10, 3, 11, 11, 3],
@@ -151,18 +159,18 @@ def test_token_rows_label_the_first_piece_of_each_word():
   class Pieces:  # "z" is two pieces.
     def encode_batch(self, words):
       return [[10] if w == "x" else [11, 12] for w in words]
-  tok = downstream.TaskTokenizer(Pieces(), 2, 3, 0, 4, 13)
-  rows = downstream.encode_tokens(tok, [{"tokens": ["x", "z", "x"], "tags": [1, 2, 0]}], 8)
+  tok = tasks.TaskTokenizer(Pieces(), 2, 3, 0, 4, 13)
+  rows = tasks.encode_tokens(tok, [{"tokens": ["x", "z", "x"], "tags": [1, 2, 0]}], 8)
   np.testing.assert_array_equal(rows["input_ids"][0], [2, 10, 11, 12, 10, 3, 0, 0])
   np.testing.assert_array_equal(rows["labels"][0], [-1, 1, 2, -1, 0, -1, -1, -1])
 
 
 def test_eval_batches_cover_every_row_once_and_weight_padding_zero():
   arrays = {"a": np.arange(10)[:, None]}
-  batches = list(downstream.eval_batches(arrays, 4))
+  batches = list(tasks.eval_batches(arrays, 4))
   assert [b["a"][:, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
   assert batches[-1]["weights"].tolist() == [1, 1, 0, 0]
-  halves = [list(downstream.eval_batches(arrays, 4, p, 2))[0]["a"][:, 0].tolist() for p in (0, 1)]
+  halves = [list(tasks.eval_batches(arrays, 4, p, 2))[0]["a"][:, 0].tolist() for p in (0, 1)]
   assert halves == [[0, 1], [2, 3]]
 
 
@@ -179,7 +187,7 @@ def test_jsonl_and_csv_tasks_map_string_labels_and_split_off_dev(tmp_path):
   (tmp_path / "test.csv").write_text("s,y\nhello,pos\nbye,neg\n")
   c = _data_config(source="files", train=str(tmp_path / "*.jsonl"), test=str(tmp_path / "test.csv"),
                    text_field="s", label_field="y", dev_fraction=0.25)
-  data = downstream.load_task(c, "sequence")
+  data = tasks.load_task(c, "sequence")
   assert data.label_names == ["neg", "pos"]
   assert len(data.train) + len(data.dev) == 40 and 4 <= len(data.dev) <= 16
   assert data.test == [{"text": "hello", "text_b": "", "label": 1},
@@ -187,10 +195,10 @@ def test_jsonl_and_csv_tasks_map_string_labels_and_split_off_dev(tmp_path):
   (tmp_path / "bad.csv").write_text("s,y\nhi,maybe\n")
   c.test = str(tmp_path / "bad.csv")
   with pytest.raises(ValueError, match="label 'maybe' does not occur in the training split"):
-    downstream.load_task(c, "sequence")
+    tasks.load_task(c, "sequence")
   c.text_field = "text"
   with pytest.raises(KeyError, match="no field 'text'"):
-    downstream.load_task(c, "sequence")
+    tasks.load_task(c, "sequence")
 
 
 def test_token_and_retrieval_tasks_from_jsonl(tmp_path):
@@ -198,16 +206,16 @@ def test_token_and_retrieval_tasks_from_jsonl(tmp_path):
            "query": f"q{i % 3}", "doc": f"d{i % 3}"} for i in range(6)]
   (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   c = _data_config(source="files", train=str(tmp_path / "t.jsonl"), dev=str(tmp_path / "t.jsonl"))
-  tokens = downstream.load_task(c, "token")
+  tokens = tasks.load_task(c, "token")
   assert tokens.label_names == ["KW", "NAME", "O"] and tokens.dev[0]["tags"] == [0, 1, 2, 2]
-  retrieval = downstream.load_task(c, "biencoder")
+  retrieval = tasks.load_task(c, "biencoder")
   assert retrieval.train[1] == {"query": "q1", "doc": "d1"}
   assert (retrieval.test.candidates, retrieval.test.relevant) == (["d0", "d1", "d2"],
                                                                   [0, 1, 2, 0, 1, 2])
   (tmp_path / "t.csv").write_text("tokens,tags\nab,xy\n")
   c.train = c.dev = str(tmp_path / "t.csv")
   with pytest.raises(ValueError, match="token tasks need lists of equal length"):
-    downstream.load_task(c, "token")
+    tasks.load_task(c, "token")
 
 
 def test_tfds_catalog_dataset_is_read_by_name(tmp_path):
@@ -233,7 +241,7 @@ def test_tfds_catalog_dataset_is_read_by_name(tmp_path):
   ToySentiment(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
   c = _data_config(source="tfds", name="toy_sentiment", data_dir=str(tmp_path), train="train",
                    dev="validation", text_field="sentence")
-  data = downstream.load_task(c, "sequence")
+  data = tasks.load_task(c, "sequence")
   assert data.label_names == ["negative", "positive"] and len(data.train) == 20
   assert sorted((e["text"], e["label"]) for e in data.dev)[:2] == [("sentence 20", 0),
                                                                   ("sentence 21", 1)]
@@ -293,10 +301,10 @@ def pretrained(tmp_path_factory):
       f"size=tiny,vocab_size={len(VOCAB)},steps=80,batch_size=32,seq_len={SEQ}")
   config.model.max_len = SEQ
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 10
-  objective = train.make_objective(config, None)
+  objective = objectives.build(config, None)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-  state = jax.jit(lambda r: nn.unbox(train.init_state(r, objective, tx, SEQ)))(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+  state = jax.jit(lambda r: nn.unbox(state_lib.init_state(r, objective, tx, SEQ)))(jax.random.key(0))
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx,
                                    schedule=schedule, accum_steps=1))
   rng = np.random.default_rng(0)
   for _ in range(config.train.steps):
@@ -377,20 +385,20 @@ def compile_cache(tmp_path_factory):
 def straight(pretrained, toy_task, tmp_path_factory,
              compile_cache):  # pylint: disable=unused-argument
   workdir = str(tmp_path_factory.mktemp("straight"))
-  return workdir, finetune.train_and_evaluate(_toy_config(pretrained, toy_task), workdir)
+  return workdir, finetune_train.train_and_evaluate(_toy_config(pretrained, toy_task), workdir)
 
 
 def test_pretrained_encoder_beats_chance_and_random_init(straight, pretrained, toy_task, tmp_path):
   _, results = straight
   assert results["source"] == "hf:bert" and results["labels"] == ["alpha", "beta"]
-  scratch = finetune.train_and_evaluate(_toy_config(pretrained, toy_task, from_scratch=True),
+  scratch = finetune_train.train_and_evaluate(_toy_config(pretrained, toy_task, from_scratch=True),
                                         str(tmp_path))
   print(f"test accuracy: pretrained {results['test_accuracy']:.3f}, "
         f"random init {scratch['test_accuracy']:.3f}")
   assert results["test_accuracy"] >= 0.8, results  # 192 test rows: chance is 0.5 +- 0.04.
   assert 0.4 < results["test_majority_accuracy"] < 0.6
   assert results["test_accuracy"] >= scratch["test_accuracy"] + 0.15, (results, scratch)
-  with open(os.path.join(straight[0], finetune.RESULTS_FILE)) as f:
+  with open(os.path.join(straight[0], finetune_train.RESULTS_FILE)) as f:
     assert json.load(f)["test_accuracy"] == results["test_accuracy"]
 
 
@@ -429,7 +437,7 @@ def test_finetuning_resumes_after_a_kill(straight, pretrained, toy_task, tmp_pat
   done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert done and done[-1] < STEPS, done
   # Rerunning the command resumes; in this process, whose devices and XLA flags the killed run had.
-  resumed = finetune.train_and_evaluate(_toy_config(pretrained, toy_task), str(workdir))
+  resumed = finetune_train.train_and_evaluate(_toy_config(pretrained, toy_task), str(workdir))
   assert resumed["step"] == STEPS and resumed["test_accuracy"] == straight[1]["test_accuracy"]
   ours = {r["step"]: r for r in _metric_rows(workdir) if "loss" in r}
   theirs = {r["step"]: r for r in _metric_rows(straight[0]) if "loss" in r}

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from pretrain import hf_bert
+from pretrain.interop import hf_bert
 from pretrain.models.encoder import (Encoder, EncoderConfig, MlmHead, gather_positions,
                                      word_embedding_table)
 

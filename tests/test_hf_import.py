@@ -17,10 +17,13 @@ import pytest
 
 import objectives
 from configs import demo
-from objectives import rtd
-from pretrain import export, hf_bert, hf_import, train
+from objectives import detection
+from pretrain import export
+from pretrain.interop import hf_bert, hf_read
 from pretrain.data import tokenizer as tokenizer_lib
-from pretrain.models import encoder as enc, heads
+from pretrain.models import encoder as enc
+from pretrain.finetune import heads
+from pretrain.interop import load
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -71,8 +74,8 @@ def test_export_of_every_objective_imports_back_and_matches_transformers(name, t
   config = demo.get_config(f"size=tiny,vocab_size={tokenizer.vocab_size},seq_len=32")
   config.model.max_len = 32
   config.objective.name = name
-  objective = train.make_objective(config, tokenizer)
-  batch = train._example_batch(objective, 32)  # pylint: disable=protected-access
+  objective = objectives.build(config, tokenizer)
+  batch = objective.example_batch(32)  # pylint: disable=protected-access
   params = _random_params(objective, batch, seed=1)
   rows = [{"step": 7, "eval_loss": 1.5}]
   export.write_export(str(tmp_path), config, tokenizer, objective, params, 7, rows)
@@ -83,10 +86,10 @@ def test_export_of_every_objective_imports_back_and_matches_transformers(name, t
   card = (tmp_path / "README.md").read_text()
   assert f"`{name}`" in card and "steps: 7" in card and "eval_loss 1.5000" in card
 
-  imported = hf_import.read_hf_encoder(str(tmp_path))  # import(export(params)) == params
+  imported = hf_read.read_hf_encoder(str(tmp_path))  # import(export(params)) == params
   assert imported.config == objective.model_config
   _assert_same_tree(imported.encoder, objective.encoder(params))
-  own_config, own_params = hf_import.read_export(str(tmp_path))
+  own_config, own_params = load.read_export(str(tmp_path))
   assert own_config == objective.model_config
   _assert_same_tree(own_params["encoder"], objective.encoder(params))
   if "discriminator_head" in params:
@@ -130,7 +133,7 @@ def _torch(x):
 def test_bert_import_matches_bert_for_masked_lm_with_token_types(tmp_path):
   cfg = transformers.BertConfig(**SMALL, max_position_embeddings=40, type_vocab_size=2)
   model = _randomised(transformers.BertForMaskedLM(cfg), 0)
-  imported = hf_import.read_hf_encoder(_save(model, tmp_path))
+  imported = hf_read.read_hf_encoder(_save(model, tmp_path))
   assert imported.model_type == "bert" and imported.position_offset == 0
   assert (imported.config.max_len, imported.config.type_vocab_size) == (40, 2)
 
@@ -153,11 +156,11 @@ def test_bert_import_matches_bert_for_masked_lm_with_token_types(tmp_path):
 def test_electra_import_with_narrow_embeddings_matches_electra_for_pretraining(tmp_path):
   cfg = transformers.ElectraConfig(**SMALL, embedding_size=16, max_position_embeddings=40)
   model = _randomised(transformers.ElectraForPreTraining(cfg), 1)
-  imported = hf_import.read_hf_encoder(_save(model, tmp_path))
+  imported = hf_read.read_hf_encoder(_save(model, tmp_path))
   assert imported.config.embedding_size == 16 and "embeddings_project" in imported.encoder
   ids, seg, pos = _batch(99)
   hidden = enc.Encoder(imported.config).apply({"params": imported.encoder}, ids, seg, pos)
-  logits = rtd.DiscriminatorHead(imported.config).apply(
+  logits = detection.DiscriminatorHead(imported.config).apply(
       {"params": imported.heads["discriminator_head"]}, hidden)
   with torch.no_grad():
     out = model(input_ids=_torch(ids), attention_mask=_torch(seg), output_hidden_states=True)
@@ -170,7 +173,7 @@ def test_roberta_import_shifts_positions_and_matches_roberta_for_masked_lm(tmp_p
   cfg = transformers.RobertaConfig(**SMALL, max_position_embeddings=42, type_vocab_size=1,
                                    pad_token_id=1, layer_norm_eps=1e-5)
   model = _randomised(transformers.RobertaForMaskedLM(cfg), 2)
-  imported = hf_import.read_hf_encoder(_save(model, tmp_path))
+  imported = hf_read.read_hf_encoder(_save(model, tmp_path))
   assert imported.position_offset == 2 and imported.config.max_len == 40
   hf_table = model.roberta.embeddings.position_embeddings.weight.detach().numpy()
   np.testing.assert_array_equal(
@@ -212,12 +215,12 @@ def test_corrupt_weights_fail_naming_the_file(bert_dir, tmp_path):
   with open(weights, "r+b") as f:
     f.truncate(os.path.getsize(weights) // 2)
   with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors file .*corrupt"):
-    hf_import.read_hf_encoder(path)
+    hf_read.read_hf_encoder(path)
   os.remove(weights)
   with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
     f.write(b"\0")
   with pytest.raises(FileNotFoundError, match="only safetensors is read"):
-    hf_import.read_hf_encoder(path)
+    hf_read.read_hf_encoder(path)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -232,16 +235,16 @@ def test_wrong_architecture_fails_with_a_clear_message(bert_dir, tmp_path, chang
   path = _copy(bert_dir, tmp_path / "m")
   _edit_config(path, **changes)
   with pytest.raises(ValueError, match=message):
-    hf_import.read_hf_encoder(path)
+    hf_read.read_hf_encoder(path)
 
 
 def test_load_encoder_reads_every_kind_of_init_and_rejects_others(bert_dir, tmp_path):
-  pretrained = hf_import.load_encoder(bert_dir)
+  pretrained = load.load_encoder(bert_dir)
   assert pretrained.source == "hf:bert" and pretrained.tokenizer_dir == bert_dir
   config, encoder, _ = hf_bert.read_hf_model(bert_dir)  # Agrees with the BERT-only reader.
   assert pretrained.config == config
   _assert_same_tree(pretrained.encoder, encoder)
   with pytest.raises(FileNotFoundError, match="none of: a pretraining workdir"):
-    hf_import.load_encoder(str(tmp_path))
+    load.load_encoder(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="is not a directory"):
-    hf_import.load_encoder(str(tmp_path / "missing"))
+    load.load_encoder(str(tmp_path / "missing"))

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 from tests import e2e
 from tests.e2e import STEPS
+from pretrain.interop import load
 
 
 def _sh(script, *args):
@@ -136,7 +137,7 @@ def test_scripts_refuse_missing_values(script, args, flag):
 # --- SIGTERM: save at the step reached, exit 0, resume equal to an uninterrupted run ----------
 
 def test_sigterm_saves_exits_zero_and_resume_equals_straight_run(corpus, runs, tmp_path):
-  from pretrain import export, metrics  # pylint: disable=import-outside-toplevel
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   straight, termed = runs[0], tmp_path / "termed"  # The uninterrupted run is shared with test_e2e.
   proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *e2e.flags(corpus), f"--workdir={termed}"],
@@ -157,8 +158,8 @@ def test_sigterm_saves_exits_zero_and_resume_equals_straight_run(corpus, runs, t
   assert max(r["step"] for r in metrics.read_jsonl(str(termed))) <= stopped
 
   e2e.run("pretrain.main", *e2e.flags(corpus), f"--workdir={termed}")
-  _, _, _, params_a, step_a = export.load_workdir(str(straight))
-  _, _, _, params_b, step_b = export.load_workdir(str(termed))
+  _, _, _, params_a, step_a = load.load_workdir(str(straight))
+  _, _, _, params_b, step_b = load.load_workdir(str(termed))
   assert step_a == step_b == STEPS
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from pretrain import checkpointing, export, hf_bert, sentence_transformers_export as st_export, train
+from pretrain.training import checkpointing
+from pretrain import export, train
+from pretrain.interop import hf_bert, sentence_transformers as st_export
 from pretrain.data import tokenizer as tok_lib
 from pretrain.models.encoder import Encoder
+from pretrain.interop import load
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -184,7 +187,7 @@ def test_continued_mlm_from_minilm_exports_to_sentence_transformers(imported, tm
   model = sentence_transformers.SentenceTransformer(out, device="cpu", local_files_only=True)
   assert model.max_seq_length == 64 and len(model) == 3  # data.seq_len; mean + normalize.
   theirs = model.encode(TEXTS, convert_to_numpy=True)
-  _, tokenizer, objective, params, _ = export.load_workdir(workdir)
+  _, tokenizer, objective, params, _ = load.load_workdir(workdir)
   assert objective.special_ids.mask == 103  # The warm start masked with MiniLM's own [MASK].
   ours = st_export.embed(objective.encoder(params), objective.model_config, tokenizer, TEXTS,
                          max_seq_length=64)

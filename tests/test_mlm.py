@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pretrain import optimizer as optimizer_lib, sharding, train
+from pretrain.training import optimizer as optimizer_lib, sharding
 from pretrain.models import encoder as enc
 from tests.conftest import fake_tokenizer, packed_batch
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 # The loss and accuracy after the first step of `tiny_config` on `packed_batch(seed 0)`. If a change
 # to initialisation, masking, the model or the optimizer moves these on purpose, update them and
@@ -19,7 +22,7 @@ GOLDEN_STEP1_LOSS = 6.1877995
 
 
 def _setup(config):
-  objective = train.make_objective(config, fake_tokenizer(config.data.tokenizer.vocab_size))
+  objective = objectives.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
   params = nn.unbox(objective.init(jax.random.key(0), packed_batch(np.random.default_rng(0), 1, 32, 500)))
   return objective, params
 
@@ -52,13 +55,13 @@ def test_whole_word_objective_trains(tiny_config):
 
 
 def _one_step_losses(config, rng_impl="threefry2x32"):
-  objective = train.make_objective(config, fake_tokenizer(500))
+  objective = objectives.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
-  state, shardings = train.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, 32, mesh,
+  state, shardings = state_lib.sharded_init(jax.random.key(0, impl=rng_impl), objective, tx, 32, mesh,
                                         rules)
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=config.optimizer.grad_accum_steps))
   batch = packed_batch(np.random.default_rng(0), 8, 32, 500)
   losses = []
@@ -92,12 +95,12 @@ def test_faster_rng_impl_trains(tiny_config, rng_impl="unsafe_rbg"):  # rbg: oth
 
 def test_gradient_accumulation_averages_micro_batch_gradients(tiny_config):
   tiny_config.optimizer.grad_accum_steps = 2
-  objective = train.make_objective(tiny_config, fake_tokenizer(500))
+  objective = objectives.build(tiny_config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
-  state = nn.unbox(train.init_state(jax.random.key(0), objective, tx, 32))
+  state = nn.unbox(state_lib.init_state(jax.random.key(0), objective, tx, 32))
   batch = packed_batch(np.random.default_rng(0), 8, 32, 500)
   rng = jax.random.key(1)
-  new_state, _ = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+  new_state, _ = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx,
                                            schedule=schedule, accum_steps=2))(state, batch, rng)
   # By hand: rows i::2 form micro-batch i, with the step's rng folded with i; gradients averaged.
   step_rng = jax.random.fold_in(rng, 0)

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from configs import common, ernie_gram
-from objectives import ngram
-from pretrain import export, optimizer as optimizer_lib, sharding, train
-from pretrain.data import ngrams, tokenizer as tok
+from configs import common, ernie_gram as ernie_gram_config
+from objectives import ernie_gram
+from pretrain import export
+from pretrain.training import optimizer as optimizer_lib, sharding
+from pretrain.data import ngrams
 from pretrain.models import encoder as enc
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 V, L, G = 500, 32, 16
 PLANTED = ((10, 11, 12), (20, 21), (30, 31), (40, 41, 42))
@@ -57,7 +61,7 @@ def _batch(lex, rows=4):
 
 
 def _config(**objective):
-  config = ernie_gram.get_config(f"size=tiny,vocab_size={V},steps=10,batch_size=8,seq_len={L},"
+  config = ernie_gram_config.get_config(f"size=tiny,vocab_size={V},steps=10,batch_size=8,seq_len={L},"
                                  f"ngram_vocab_size={G}")
   config.model.update(dropout_rate=0.0, num_layers=1)  # Compile time grows with depth.
   config.optimizer.update(warmup_steps=0, learning_rate=1e-3)
@@ -66,7 +70,7 @@ def _config(**objective):
 
 
 def _objective(config, lex):
-  return ngram.ErnieGram(config.objective, train.encoder_config(config, V), fake_tokenizer(V),
+  return ernie_gram.ErnieGram(config.objective, objectives.encoder_config(config.model, V), fake_tokenizer(V),
                          lexicon=lex)
 
 
@@ -131,14 +135,14 @@ def test_forward_maximum_matching():
 
 def test_collapse_then_expand_restores_the_rows(lexicon):
   batch = {k: jnp.asarray(v) for k, v in _batch(lexicon, rows=16).items()}
-  units = jax.jit(ngram.select_units, static_argnums=(2, 3))(jax.random.key(0), batch, 0.5, L)
+  units = jax.jit(ernie_gram.select_units, static_argnums=(2, 3))(jax.random.key(0), batch, 0.5, L)
   assert int(jnp.sum(units.ngram)) > 16, "too few n-grams selected to test anything"
   # Collapsed slots hold the n-gram's joint id (what relation modelling feeds the main model).
   unit_ids = jnp.where(units.start & units.ngram, batch["ngram_ids"], batch["input_ids"])
-  row = ngram.collapse(unit_ids, batch["segment_ids"], batch["positions"],
+  row = ernie_gram.collapse(unit_ids, batch["segment_ids"], batch["positions"],
                        units.selected & ~units.start)
   tokens, lengths = lexicon.token_table(G)
-  ids, seg, pos = ngram.expand(row.input_ids, row.segment_ids, row.positions, jnp.asarray(tokens),
+  ids, seg, pos = ernie_gram.expand(row.input_ids, row.segment_ids, row.positions, jnp.asarray(tokens),
                                jnp.asarray(lengths), V)
   for name, got in (("input_ids", ids), ("segment_ids", seg), ("positions", pos)):
     np.testing.assert_array_equal(got, batch[name], err_msg=name)
@@ -151,7 +155,7 @@ def test_collapse_then_expand_restores_the_rows(lexicon):
 
 
 def test_comprehensive_mask_structure():
-  mask = np.asarray(ngram.comprehensive_mask(jnp.asarray([[1, 1, 2, 0]]), jnp.asarray([[1, 1, 0]])))
+  mask = np.asarray(ernie_gram.comprehensive_mask(jnp.asarray([[1, 1, 2, 0]]), jnp.asarray([[1, 1, 0]])))
   row_part = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
   expected = np.zeros((7, 7), bool)
   expected[:4, :4] = row_part                      # row slots: their own segment, no fine slot
@@ -170,7 +174,7 @@ def test_fine_slots_of_one_ngram_do_not_see_each_other():
   row_pos = jnp.asarray([[0, 1, 2, 5, 6, 0]])
   fine_seg, fine_pos = jnp.asarray([[1, 1, 1]]), jnp.asarray([[2, 3, 4]])
   ids = jnp.concatenate([row_ids, jnp.full((1, 3), 4)], 1)
-  seg, mask = jnp.concatenate([row_seg, fine_seg], 1), ngram.comprehensive_mask(row_seg, fine_seg)
+  seg, mask = jnp.concatenate([row_seg, fine_seg], 1), ernie_gram.comprehensive_mask(row_seg, fine_seg)
   params = jax.jit(model.init)(jax.random.key(0), row_ids, row_seg, row_pos)["params"]
   apply = jax.jit(lambda i, s, p, m: model.apply({"params": params}, i, s, p,
                                                  attention_mask_B1LL=m))
@@ -197,8 +201,8 @@ def _two_steps(config, lex):
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = sharding.rules(config.axis_rules)
-  state, _ = train.sharded_init(jax.random.key(0), objective, tx, L, mesh, rules)
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx,
+  state, _ = state_lib.sharded_init(jax.random.key(0), objective, tx, L, mesh, rules)
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx,
                                    schedule=schedule, accum_steps=1))
   batch = {k: jnp.asarray(v) for k, v in _batch(lex, rows=8).items()}
   losses, metrics = [], None

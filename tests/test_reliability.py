@@ -20,11 +20,16 @@ import pytest
 
 from bench import soak_kills
 from configs import common, demo
-from pretrain import (checkpointing, hf_bert, hf_import, metrics, nonfinite,
-                      optimizer as optimizer_lib, sharding, train)
+from pretrain.training import checkpointing, metrics, nonfinite, optimizer as optimizer_lib, sharding
+from pretrain.interop import hf_bert, hf_read
+from pretrain import train
 from pretrain.data import tokenizer as tokenizer_lib
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
+import objectives
+from pretrain.training import run as run_lib
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 VOCAB = 500
 
@@ -63,9 +68,9 @@ class _Iterator:
 def _states():
   """Two different train states of the tiny model (one device) and their restore target."""
   config = demo.get_config(f"size=tiny,vocab_size={VOCAB},steps=10,batch_size=8,seq_len=32")
-  objective = train.make_objective(config, fake_tokenizer(VOCAB))
+  objective = objectives.build(config, fake_tokenizer(VOCAB))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, 10)
-  first = nn.unbox(jax.jit(lambda r: train.init_state(r, objective, tx, 32))(jax.random.key(0)))
+  first = nn.unbox(jax.jit(lambda r: state_lib.init_state(r, objective, tx, 32))(jax.random.key(0)))
   second = first.replace(step=first.step + 1,
                          params=jax.tree.map(lambda x: x + 1, first.params))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first)
@@ -170,10 +175,10 @@ def _poison(batch, row=0):
 
 def _step_fn(config, mode, accum_steps=1):
   config.model.num_layers = 1  # Cheaper to compile; the guard does not care.
-  objective = _NanWhenPoisoned(train.make_objective(config, fake_tokenizer(VOCAB)))
+  objective = _NanWhenPoisoned(objectives.build(config, fake_tokenizer(VOCAB)))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, 10)
-  state = nn.unbox(jax.jit(lambda r: train.init_state(r, objective, tx, 32))(jax.random.key(0)))
-  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1), objective=objective, tx=tx,
+  state = nn.unbox(jax.jit(lambda r: state_lib.init_state(r, objective, tx, 32))(jax.random.key(0)))
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, jax.random.key(1), objective=objective, tx=tx,
                                                schedule=schedule, accum_steps=accum_steps,
                                                nonfinite=mode))
   return state, step
@@ -224,8 +229,8 @@ def test_skip_drops_exactly_the_nonfinite_update(tiny_config, caplog):
 def _poisoned_run(runs, monkeypatch):
   """In-process training on the e2e corpus whose `poison_at`-th batch makes the loss NaN."""
   corpus = runs[0].parent
-  real_make_objective, real_global_batch = train.make_objective, sharding.global_batch
-  monkeypatch.setattr(train, "make_objective", lambda c, t: _NanWhenPoisoned(real_make_objective(c, t)))
+  real_build, real_global_batch = objectives.build, sharding.global_batch
+  monkeypatch.setattr(objectives, "build", lambda *args: _NanWhenPoisoned(real_build(*args)))
 
   def run(workdir, poison_at, batch_size=8, **train_config):
     calls = []
@@ -279,7 +284,7 @@ def test_batch_not_divisible_by_the_data_parallel_size_is_explained(poisoned_run
   mesh = sharding.make_mesh(config.mesh)
   with pytest.raises(ValueError, match=r"data.batch_size=12 is not divisible by the 8 data-parallel "
                                        r"shards.*multiple of 8"):
-    train._check_batch_divides(12, sharding.batch_sharding(mesh, sharding.rules(config.axis_rules)))
+    run_lib.check_batch_divides(12, sharding.batch_sharding(mesh, sharding.rules(config.axis_rules)))
   with pytest.raises(ValueError, match="data.batch_size=4 is not divisible by the 8"):
     poisoned_run(tmp_path, poison_at=0, batch_size=4, steps=1)
 
@@ -313,9 +318,9 @@ def test_restoring_another_model_shape_names_the_array(tiny_config, states, tmp_
   """`init_from` and export read a checkpoint without its config check: the shapes are checked."""
   mngr = _save_two(tmp_path, tiny_config, states)
   tiny_config.model.update(hidden_size=32, num_heads=2)
-  objective = train.make_objective(tiny_config, fake_tokenizer(VOCAB))
+  objective = objectives.build(tiny_config, fake_tokenizer(VOCAB))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
-  other = nn.unbox(jax.eval_shape(lambda r: train.init_state(r, objective, tx, 32), jax.random.key(0)))
+  other = nn.unbox(jax.eval_shape(lambda r: state_lib.init_state(r, objective, tx, 32), jax.random.key(0)))
   with pytest.raises(ValueError, match=r"holds params.encoder.embeddings.LayerNorm.bias with shape "
                                        r"\(64,\) but this model's is \(32,\): config.model"):
     checkpointing.restore_state_only(mngr, other)
@@ -346,19 +351,19 @@ def _payload(tmp_path):
 def test_pickle_weights_are_refused_on_import(payload, tmp_path, tiny_config):
   model = tmp_path / "model"
   model.mkdir()
-  config = train.encoder_config(tiny_config, VOCAB)
+  config = objectives.encoder_config(tiny_config.model, VOCAB)
   (model / "config.json").write_text(json.dumps(hf_bert.hf_config(config)))
   (model / "pytorch_model.bin").write_bytes(payload)
   with pytest.raises(FileNotFoundError, match="only safetensors is supported; pytorch_model.bin "
                                               "uses pickle"):
     hf_bert.read_hf_model(str(model))
   with pytest.raises(FileNotFoundError, match="pytorch_model.bin would need pickle"):
-    hf_import.load_state_dict(str(model))
+    hf_read.load_state_dict(str(model))
   (model / "model.safetensors").write_bytes(payload)
   with pytest.raises(ValueError, match=r"model.safetensors: cannot read safetensors"):
     hf_bert.read_hf_model(str(model))
   with pytest.raises(ValueError, match=r"model.safetensors: cannot read safetensors"):
-    hf_import.load_state_dict(str(model))
+    hf_read.load_state_dict(str(model))
 
 
 def test_pickle_in_a_checkpoint_or_tokenizer_is_never_loaded(payload, states, tiny_config, tmp_path):
@@ -406,7 +411,7 @@ def test_no_load_path_can_unpickle():
 
 def test_resume_checks_only_the_shape_keys_of_the_objective_in_use(tiny_config):
   """A key only another objective reads (ERNIE-Gram's lexicon size on an MLM run) may change."""
-  mlm = train.make_objective(tiny_config, fake_tokenizer(VOCAB))
+  mlm = objectives.build(tiny_config, fake_tokenizer(VOCAB))
   saved = json.loads(tiny_config.to_json_best_effort())
   tiny_config.objective.ngram_vocab_size += 1
   tiny_config.objective.queue_size *= 2
@@ -415,7 +420,7 @@ def test_resume_checks_only_the_shape_keys_of_the_objective_in_use(tiny_config):
   tiny_config.objective.name = "electra"
   saved = json.loads(tiny_config.to_json_best_effort())
   tiny_config.objective.generator_size_fraction = 0.5
-  electra = train.make_objective(tiny_config, fake_tokenizer(VOCAB))
+  electra = objectives.build(tiny_config, fake_tokenizer(VOCAB))
   with pytest.raises(ValueError, match=r"objective.generator_size_fraction=0.25 but the config "
                                        r"says 0.5"):
     checkpointing.check_compatible(saved, tiny_config, "w",

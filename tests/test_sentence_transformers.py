@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from pretrain import sentence_transformers_export as st_export
+from pretrain.interop import sentence_transformers as st_export
 from pretrain.data import tokenizer as tok_lib
 from pretrain.models.encoder import Encoder, EncoderConfig
 

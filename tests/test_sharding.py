@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from configs import common
-from pretrain import checkpointing, optimizer as optimizer_lib, sharding, train
+from pretrain.training import checkpointing, optimizer as optimizer_lib, sharding
 from tests.conftest import fake_tokenizer, make_tiny_config, packed_batch
+import objectives
+from pretrain.training import state as state_lib
+from pretrain.training import step as step_lib
 
 MESHES = {
     "data": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -25,16 +28,16 @@ def _config(tiny_config):
 
 
 def _losses(config, mesh_config, devices, steps=3, state=None):
-  objective = train.make_objective(config, fake_tokenizer(500))
+  objective = objectives.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = sharding.rules(config.axis_rules)
   if state is None:
-    state, shardings = train.sharded_init(jax.random.key(0), objective, tx, 32, mesh, rules)
+    state, shardings = state_lib.sharded_init(jax.random.key(0), objective, tx, 32, mesh, rules)
   else:
-    _, shardings = train.abstract_state(objective, tx, 32, mesh, rules)
+    _, shardings = state_lib.abstract_state(objective, tx, 32, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(functools.partial(train.train_step, objective=objective, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=1),
                  in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None))
   losses, rng = [], np.random.default_rng(0)
@@ -59,10 +62,10 @@ def test_sharded_losses_match_one_device(tiny_config, one_device_losses, name):
 
 
 def test_parameter_partition_specs_are_golden(tiny_config):
-  objective = train.make_objective(tiny_config, fake_tokenizer(500))
+  objective = objectives.build(tiny_config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   mesh = sharding.make_mesh(MESHES["mixed"])
-  _, shardings = train.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
+  _, shardings = state_lib.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
   specs = jax.tree.map(lambda s: tuple(s.spec), shardings.params)
   layer = specs["encoder"]["layer_0"]
   assert specs["encoder"]["embeddings"]["word_embeddings"]["embedding"] == ("tensor", "fsdp")
@@ -77,10 +80,10 @@ def test_parameter_partition_specs_are_golden(tiny_config):
 
 
 def test_fsdp_leaves_no_large_parameter_replicated(tiny_config):
-  objective = train.make_objective(tiny_config, fake_tokenizer(500))
+  objective = objectives.build(tiny_config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   mesh = sharding.make_mesh(MESHES["fsdp"])
-  target, _ = train.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
+  target, _ = state_lib.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
   sharding.assert_sufficiently_sharded(target.params, mesh, min_size=1024)
 
 
@@ -92,11 +95,11 @@ def test_restore_on_another_mesh_continues_with_same_losses(tiny_config, tmp_pat
   mngr.wait_until_finished()
   expected, _ = _losses(config, MESHES["fsdp"], jax.devices(), steps=1, state=state)
 
-  objective = train.make_objective(config, fake_tokenizer(500))
+  objective = objectives.build(config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   four = {"data": 2, "fsdp": 1, "tensor": 2}
   mesh = sharding.make_mesh(four, jax.devices()[:4])
-  target, _ = train.abstract_state(objective, tx, 32, mesh, sharding.rules(config.axis_rules))
+  target, _ = state_lib.abstract_state(objective, tx, 32, mesh, sharding.rules(config.axis_rules))
   with jax.set_mesh(mesh):
     restored = checkpointing.restore_state_only(mngr, target)
   assert restored.params["encoder"]["layer_0"]["intermediate"]["kernel"].sharding.mesh.size == 4

@@ -12,7 +12,7 @@ Views (`view=`):
              "[CLS] chunk [SEP]" + padding; the two crops are made on device
              (`objectives.views`). A document is cut into consecutive chunks, as Contriever does.
   docstring  Python functions with a docstring: query = its first paragraph (at least 4 words),
-             document = the function without its docstring, both as `code_tasks` extracts them
+             document = the function without its docstring, both as `python_code` extracts them
              for the docstring -> code retrieval benchmark (the analogue of BFS's first section
              <-> a passage of the same page).
   same_file  a function <-> another function of the same file, drawn at random (a file with
@@ -40,7 +40,8 @@ import threading
 import grain
 import numpy as np
 
-from pretrain.data import code_tasks, pipeline, tokenizer as tokenizer_lib
+from pretrain.data import python_code
+from pretrain.data import pipeline, tokenizer as tokenizer_lib
 
 VIEWS = ("crop", "docstring", "same_file", "ict")
 ICT_UNITS = ("line", "sentence")
@@ -126,11 +127,11 @@ class Examples:
         if self.view == "ict":
             return self._ict(text, rng)
         with _AST_LOCK:
-            funcs = code_tasks.function_pairs([("", text)])
+            funcs = python_code.function_pairs([("", text)])
         funcs = [f for f in funcs if _has_body(f["code"])]
         if self.view == "docstring":
             chosen = [(q, f["code"]) for f in funcs
-                      if (q := code_tasks.docstring_query(f["docstring"]))]
+                      if (q := python_code.docstring_query(f["docstring"]))]
         else:  # same_file
             n = len(funcs) if len(funcs) > 1 else 0
             chosen = [(funcs[i]["code"], funcs[(i + rng.integers(1, n)) % n]["code"])

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain import hf_bert
+from pretrain.interop import hf_bert
 from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 

@@ -15,7 +15,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pretrain import metrics as metrics_lib, nonfinite as nonfinite_lib
+from pretrain.training import metrics as metrics_lib, nonfinite as nonfinite_lib
 
 
 def watch_for_preemption():

@@ -48,9 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs import common
-from objectives import base, electra, masking, mlm, rtd
-from pretrain.data import ngrams, pipeline, tokenizer as tok
+from objectives import base, checks, detection, electra, masking, mlm
+from pretrain.data import ngrams, tokenizer as tok
 from pretrain.models import encoder as enc
 
 CONFIG = dict(
@@ -66,14 +65,14 @@ CONFIG = dict(
 
 def validate_config(config):
   o = config.objective
-  common.require(o.ngram_vocab_size >= 1, "objective.ngram_vocab_size", o.ngram_vocab_size, ">= 1")
+  checks.require(o.ngram_vocab_size >= 1, "objective.ngram_vocab_size", o.ngram_vocab_size, ">= 1")
   vocab = config.data.tokenizer.vocab_size
-  common.require(2 <= o.ngram_max_n and vocab ** o.ngram_max_n < 2 ** 63, "objective.ngram_max_n",
+  checks.require(2 <= o.ngram_max_n and vocab ** o.ngram_max_n < 2 ** 63, "objective.ngram_max_n",
                  o.ngram_max_n, ">= 2 with data.tokenizer.vocab_size ** n < 2 ** 63 (int64 keys)")
-  common.require(o.ngram_min_count >= 1, "objective.ngram_min_count", o.ngram_min_count, ">= 1")
-  common.require(o.ngram_score in ngrams.SCORES, "objective.ngram_score", o.ngram_score,
+  checks.require(o.ngram_min_count >= 1, "objective.ngram_min_count", o.ngram_min_count, ">= 1")
+  checks.require(o.ngram_score in ngrams.SCORES, "objective.ngram_score", o.ngram_score,
                  ", ".join(ngrams.SCORES))
-  common.require(o.ngram_max_train_bytes >= 0, "objective.ngram_max_train_bytes",
+  checks.require(o.ngram_max_train_bytes >= 0, "objective.ngram_max_train_bytes",
                  o.ngram_max_train_bytes, ">= 0 (0: data.tokenizer.max_train_bytes)")
 
 
@@ -160,53 +159,41 @@ class ErnieGram(base.EncoderObjective):
   """
 
   features = ("input_ids", "segment_ids", "positions", "ngram_ids", "ngram_len")
+  checks = (masking.validate_config, detection.validate_config, electra.validate_config,
+            validate_config)
+  input_format = "packed_ngrams"
 
   @classmethod
-  def from_run_config(cls, config, model_config, tokenizer):
-    """What `train.make_objective` calls: the data config locates (or builds) the lexicon."""
-    return cls(config.objective, model_config, tokenizer, data_config=config.data)
+  def needs(cls, objective_config):
+    del objective_config
+    return frozenset({"lexicon"})
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, *, data_config=None,
-               lexicon=None):
-    super().__init__(config, model_config, tokenizer)
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer,
+               resources=base.Resources()):
+    """`resources.lexicon` is checked against the config when given (training builds it; an
+    export, which only reads parameters, does not)."""
+    super().__init__(config, model_config, tokenizer, resources)
     self.num_ngrams = config.ngram_vocab_size
     self.shape_fields = ("objective.ngram_vocab_size", "objective.ngram_relation") + (
         ("objective.generator_size_fraction",) if config.ngram_relation else ())
     joint = dataclasses.replace(model_config, vocab_size=model_config.vocab_size + self.num_ngrams)
     self.head_module = enc.MlmHead(joint)
     self.token_head_module = enc.MlmHead(model_config)
-    self._data_config, self._lexicon = data_config, lexicon
+    if resources.lexicon is not None:
+      self.check_lexicon(resources.lexicon)
     if config.ngram_relation:
       gen = electra.generator_config(model_config, config.generator_size_fraction)
       self.generator_module = enc.Encoder(gen)
       self.generator_head = enc.MlmHead(dataclasses.replace(gen, vocab_size=joint.vocab_size))
-      self.rtd_head = rtd.DiscriminatorHead(model_config)
+      self.rtd_head = detection.DiscriminatorHead(model_config)
 
   # --- Data ------------------------------------------------------------------------------------
 
-  def lexicon(self, tokenizer):
-    """The run's n-gram lexicon (extracted from the train split on first use)."""
-    if self._lexicon is None:
-      if self._data_config is None:
-        raise ValueError("ErnieGram needs its n-gram lexicon: build the objective with "
-                         "train.make_objective(config, tokenizer), or pass lexicon=.")
-      c = self.config
-      self._lexicon = ngrams.load_or_build(
-          self._data_config, tokenizer, size=c.ngram_vocab_size, max_n=c.ngram_max_n,
-          min_count=c.ngram_min_count, score=c.ngram_score,
-          max_train_bytes=c.ngram_max_train_bytes or self._data_config.tokenizer.max_train_bytes)
-    if len(self._lexicon) > self.num_ngrams or (
-        self._lexicon.vocab_size != self.model_config.vocab_size):
-      raise ValueError(f"The lexicon ({len(self._lexicon)} n-grams of a "
-                       f"{self._lexicon.vocab_size}-id vocabulary) does not fit "
-                       f"objective.ngram_vocab_size={self.num_ngrams} and vocabulary "
-                       f"{self.model_config.vocab_size}.")
-    return self._lexicon
-
-  def make_dataset(self, source, tokenizer, **kwargs):
-    """Packed rows (`pipeline.make_dataset`) plus their maximum-matching n-gram features."""
-    features = ngrams.NgramFeatures(self.lexicon(tokenizer))
-    return pipeline.make_dataset(source, tokenizer, **kwargs).map(features)
+  def check_lexicon(self, lexicon):
+    if len(lexicon) > self.num_ngrams or lexicon.vocab_size != self.model_config.vocab_size:
+      raise ValueError(f"The lexicon ({len(lexicon)} n-grams of a {lexicon.vocab_size}-id "
+                       f"vocabulary) does not fit objective.ngram_vocab_size={self.num_ngrams} "
+                       f"and vocabulary {self.model_config.vocab_size}.")
 
   # --- Parameters ------------------------------------------------------------------------------
 
@@ -317,7 +304,7 @@ class ErnieGram(base.EncoderObjective):
       loss = loss + fine_loss
     if c.ngram_relation:
       disc_logits = self.rtd_head.apply({"params": params["rtd_head"]}, row_hidden_BLH)
-      disc_loss, disc_metrics = rtd.detection_loss_and_metrics(disc_logits, replaced_BL,
+      disc_loss, disc_metrics = detection.detection_loss_and_metrics(disc_logits, replaced_BL,
                                                                row.segment_ids > 0)
       metrics.update(disc_metrics)
       loss = loss + c.discriminator_weight * disc_loss

@@ -14,8 +14,7 @@ Heads that our objectives have are imported too (for `--config.init_from`): BERT
 `cls.predictions`, ELECTRA's generator head and RoBERTa's `lm_head` as "mlm_head", ELECTRA's
 `discriminator_predictions` as "discriminator_head". Poolers and task heads are ignored.
 
-`load_encoder(path)` is what fine-tuning's `--config.init` reads: a pretraining workdir, one of
-our export directories (flax_params.msgpack + encoder_config.json), or any such HF directory.
+`pretrain.interop.load.load_encoder(path)` reads any model path through this reader.
 Only safetensors is read (no pickle); a corrupt file, a missing tensor, a wrong shape or an
 architecture our encoder cannot represent is an error that names it.
 """
@@ -25,18 +24,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from pretrain import hf_bert
+from pretrain.interop import files, hf_bert
 from pretrain.models.encoder import EncoderConfig
 
 # model_type -> the key prefix of the encoder inside task checkpoints (BertForMaskedLM: "bert.").
 PREFIXES = {"bert": "bert", "electra": "electra", "roberta": "roberta"}
-INDEX_FILE = "model.safetensors.index.json"
-MSGPACK_FILE = "flax_params.msgpack"
-ENCODER_CONFIG_FILE = "encoder_config.json"
 # Keys no head of ours uses: poolers, task heads, NSP, position-id buffers.
 _IGNORED = ("pooler.", "cls.seq_relationship.", "classifier.", "qa_outputs.",
             "embeddings.position_ids", "embeddings.token_type_ids", "lm_head.decoder.",
@@ -55,7 +51,7 @@ class Imported:
 
 def read_config(model_dir: str) -> dict:
   """config.json of `model_dir` as a dict, with errors that say what is wrong."""
-  path = os.path.join(model_dir, hf_bert.CONFIG_FILE)
+  path = os.path.join(model_dir, files.CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file; expected a Hugging Face model directory "
                             "(config.json + model.safetensors).")
@@ -110,13 +106,13 @@ def encoder_config_from_hf(hf: dict) -> EncoderConfig:
 
 def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
   """Tensors of model.safetensors, or of every shard an index file lists."""
-  single = os.path.join(model_dir, hf_bert.WEIGHTS_FILE)
-  index = os.path.join(model_dir, INDEX_FILE)
+  single = os.path.join(model_dir, files.WEIGHTS_FILE)
+  index = os.path.join(model_dir, files.INDEX_FILE)
   if os.path.isfile(single):
-    files = [single]
+    shards = [single]
   elif os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
-      files = [os.path.join(model_dir, name)
+      shards = [os.path.join(model_dir, name)
                for name in sorted(set(json.load(f)["weight_map"].values()))]
   else:
     extra = (" (only safetensors is read; pytorch_model.bin would need pickle: re-save it with "
@@ -124,7 +120,7 @@ def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
              if os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")) else "")
     raise FileNotFoundError(f"{single}: no such file{extra}.")
   sd = {}
-  for path in files:
+  for path in shards:
     try:
       sd.update(hf_bert._load_safetensors(path))  # pylint: disable=protected-access
     except Exception as e:  # SafetensorError on a corrupt or truncated file, OSError, ...
@@ -257,65 +253,9 @@ def _heads(r: _Reader, config: EncoderConfig) -> dict:
 def read_hf_encoder(model_dir: str) -> Imported:
   """Reads a local BERT / ELECTRA / RoBERTa directory written by us or by transformers."""
   hf = read_config(model_dir)
-  where = os.path.join(model_dir, hf_bert.CONFIG_FILE)
+  where = os.path.join(model_dir, files.CONFIG_FILE)
   try:
     encoder_config_from_hf(hf)  # Architecture errors before reading any weights.
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
   return from_state_dict(load_state_dict(model_dir), hf, model_dir)
-
-
-@dataclasses.dataclass
-class Pretrained:
-  """What fine-tuning starts from: encoder config and params, the tokenizer dir, the source."""
-  config: EncoderConfig
-  encoder: Any
-  tokenizer_dir: str  # Holds spm.model or tokenizer.json.
-  source: str  # "workdir", "export" or "hf:<model_type>".
-  description: dict  # Objective, steps, ... for the fine-tuned model card.
-
-
-def is_our_export(path: str) -> bool:
-  return all(os.path.isfile(os.path.join(path, f)) for f in (MSGPACK_FILE, ENCODER_CONFIG_FILE))
-
-
-def read_export(path: str) -> tuple[EncoderConfig, dict]:
-  """(config, the full params tree) of an export dir's flax_params.msgpack + encoder_config.json."""
-  import flax.serialization  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(path, ENCODER_CONFIG_FILE), encoding="utf-8") as f:
-    fields = json.load(f)
-  known = {f.name for f in dataclasses.fields(EncoderConfig)}
-  config = EncoderConfig(**{k: v for k, v in fields.items() if k in known})
-  with open(os.path.join(path, MSGPACK_FILE), "rb") as f:
-    try:
-      params = flax.serialization.msgpack_restore(f.read())
-    except Exception as e:  # msgpack raises several unrelated types on bad bytes.
-      raise ValueError(f"{path}/{MSGPACK_FILE}: cannot decode ({type(e).__name__}: {e}); export "
-                       "the workdir again.") from None
-  if "encoder" not in params:
-    raise ValueError(f"{path}/{MSGPACK_FILE} has no 'encoder' entry (top-level keys: "
-                     f"{sorted(params)}); it is not a pretrain.export file.")
-  return config, params
-
-
-def load_encoder(path: str) -> Pretrained:
-  """The encoder at `path`: a pretraining workdir, our export dir, or a Hugging Face dir."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"init {path!r} is not a directory; give a pretraining workdir, a "
-                            "pretrain.export directory or a Hugging Face model directory.")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    from pretrain import export  # pylint: disable=import-outside-toplevel
-    config, _, objective, params, step = export.load_workdir(path)
-    return Pretrained(objective.model_config, objective.encoder(params),
-                      os.path.join(path, "tokenizer"), "workdir",
-                      {"objective": config.objective.name, "steps": step, "data": config.data.name})
-  if is_our_export(path):
-    config, params = read_export(path)
-    return Pretrained(config, params["encoder"], path, "export", {})
-  if os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
-    imported = read_hf_encoder(path)
-    return Pretrained(imported.config, imported.encoder, path, f"hf:{imported.model_type}", {})
-  raise FileNotFoundError(
-      f"{path} is none of: a pretraining workdir (checkpoints/), a pretrain.export directory "
-      f"({MSGPACK_FILE} + {ENCODER_CONFIG_FILE}), a Hugging Face model directory (config.json + "
-      "model.safetensors).")

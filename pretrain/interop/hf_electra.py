@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import safetensors.numpy
 
-from pretrain import hf_bert
+from pretrain.interop import hf_bert
 from pretrain.models.encoder import EncoderConfig
 
 GENERATOR_DIR = "generator"

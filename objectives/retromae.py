@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from configs import common
-from objectives import base, masking, mlm
+from objectives import base, checks, masking, mlm
 from pretrain.models import decoder as dec, encoder as enc
 
 CONFIG = dict(
@@ -52,10 +51,10 @@ DECODER_FILE = "decoder.msgpack"  # Beside an export's BertForMaskedLM files.
 
 def validate_config(config):
   o, m = config.objective, config.model
-  common.require(0 <= o.decoder_mask_rate < 1, "objective.decoder_mask_rate", o.decoder_mask_rate,
+  checks.require(0 <= o.decoder_mask_rate < 1, "objective.decoder_mask_rate", o.decoder_mask_rate,
                  "0 <= rate < 1")
-  common.require(o.bow_weight >= 0, "objective.bow_weight", o.bow_weight, ">= 0")
-  common.require(o.name not in NAMES or m.embedding_size in (0, m.hidden_size),
+  checks.require(o.bow_weight >= 0, "objective.bow_weight", o.bow_weight, ">= 0")
+  checks.require(o.name not in NAMES or m.embedding_size in (0, m.hidden_size),
                  "model.embedding_size", m.embedding_size,
                  f"0 or model.hidden_size={m.hidden_size} for {o.name}: the decoder feeds the "
                  f"sentence embedding through the embedding module")
@@ -137,11 +136,13 @@ def bag_of_words_loss(logits_BLV, input_ids_BL, segment_ids_BL, ids=masking.SENT
 class RetroMAE(mlm.MaskedLM):
   """Encoder MLM + enhanced-decoding MLM. Params: encoder, mlm_head (shared), decoder."""
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
+  checks = (masking.validate_config, validate_config)
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
     if model_config.projects_embeddings:
       raise ValueError(f"{config.name} needs model.embedding_size 0 (= hidden_size): the decoder "
                        f"feeds h through the embedding module.")
-    super().__init__(config, model_config, tokenizer)
+    super().__init__(config, model_config, tokenizer, resources)
     self.decoder_module = dec.DecoderLayer(model_config)
     self.embeddings_module = enc.Embeddings(model_config)
 

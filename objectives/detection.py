@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import common
-from objectives import base, masking, mlm
+from objectives import base, checks, masking, mlm
 from pretrain.models import encoder as enc
 
 CONFIG = dict(
@@ -36,12 +35,12 @@ CONFIG = dict(
 
 def validate_config(config):
   o = config.objective
-  common.require(o.discriminator_weight >= 0, "objective.discriminator_weight",
+  checks.require(o.discriminator_weight >= 0, "objective.discriminator_weight",
                  o.discriminator_weight, ">= 0")
   ordinary_ids = config.data.tokenizer.vocab_size - 5
-  common.require(o.name != "crts" or 1 <= o.num_clusters <= ordinary_ids, "objective.num_clusters",
+  checks.require(o.name != "crts" or 1 <= o.num_clusters <= ordinary_ids, "objective.num_clusters",
                  o.num_clusters, f"1 <= n <= data.tokenizer.vocab_size - 5 = {ordinary_ids}")
-  common.require(o.cluster_logit_scale >= 0, "objective.cluster_logit_scale",
+  checks.require(o.cluster_logit_scale >= 0, "objective.cluster_logit_scale",
                  o.cluster_logit_scale, ">= 0")
 
 
@@ -80,8 +79,11 @@ def detection_loss_and_metrics(logits_BL, replaced_BL, weights_BL):
 class Detector(base.EncoderObjective):
   """The shared encoder + `DiscriminatorHead`; params {"encoder", "discriminator_head"}."""
 
-  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer):
-    super().__init__(config, model_config, tokenizer)
+  checks = (masking.validate_config, validate_config)
+  export_format = "electra"
+
+  def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
+    super().__init__(config, model_config, tokenizer, resources)
     self.head_module = DiscriminatorHead(model_config)
 
   def init(self, rng, batch):
@@ -162,8 +164,8 @@ class ClusterRandomTokenSubstitution(RandomTokenSubstitution):
   only these misses, from training steps only, with no decay, and normalise each row separately.
   """
 
-  def __init__(self, config, model_config, tokenizer):
-    super().__init__(config, model_config, tokenizer)
+  def __init__(self, config, model_config, tokenizer, resources=base.Resources()):
+    super().__init__(config, model_config, tokenizer, resources)
     self.cluster_V, self.starts_K1 = id_clusters(model_config.vocab_size, config.num_clusters,
                                                  self.special_ids.first_ordinary)
     self.num_clusters = config.num_clusters

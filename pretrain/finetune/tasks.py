@@ -6,7 +6,7 @@ them into fixed-length int32 rows ([CLS] a [SEP] (b [SEP]), padding, see
 
 Sources (`data_config.source`):
   exception_type       the masked exception name of an `except Name:` clause, among the
-                       `num_exception_types` most frequent (`pretrain.data.code_tasks`);
+                       `num_exception_types` most frequent (`pretrain.finetune.code_tasks`);
   docstring_match      (docstring, code) pairs: label 1 for the function's own code, 0 for
                        another function's (one of each per documented function);
   docstring_retrieval  (docstring, code) pairs for a bi-encoder; dev/test are retrieval sets
@@ -17,7 +17,7 @@ Sources (`data_config.source`):
 Built-in tasks never leave the machine: train and dev examples come from the pretraining "train"
 files of the interpreter's standard library (split again by a hash of the file path, so no
 function or try statement is in both), test examples from the held-out files pretraining never
-saw (`code_tasks.heldout_files("heldout")`). They are cached as JSON under `cache_dir`.
+saw (`python_code.heldout_files("heldout")`). They are cached as JSON under `cache_dir`.
 Where dev is not given, it is `dev_fraction` of the training rows (by a hash of the row number).
 """
 
@@ -34,7 +34,8 @@ import sys
 import grain
 import numpy as np
 
-from pretrain.data import code_tasks, pipeline, tokenizer as tokenizer_lib
+from pretrain.finetune import code_tasks
+from pretrain.data import pipeline, tokenizer as tokenizer_lib
 from pretrain.data.corpora import python_stdlib
 
 BUILTIN = ("exception_type", "docstring_match", "docstring_retrieval")

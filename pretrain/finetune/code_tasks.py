@@ -2,17 +2,16 @@
 
 Why: a pretraining run on the embedded `python_stdlib` corpus can be checked
 on real downstream tasks without leaving the machine (no download). The files
-are split exactly like the pretraining corpus (`split_for_key` on the relative
-path), so:
+are split exactly like the pretraining corpus (`pretrain.data.python_code`), so:
   * "heldout" = the files pretraining puts in "validation": never trained on,
     used for every test/benchmark set here;
   * "train"   = the pretraining train files: fine-tuning examples come from
     these (split again by hash into fine-tuning train/dev, see
-    `pretrain.data.downstream`), so a fine-tuned model is scored only on code
+    `pretrain.finetune.tasks`), so a fine-tuned model is scored only on code
     that neither pretraining nor fine-tuning saw.
 
 Tasks:
-  * `function_pairs` / `docstring_retrieval`: docstring -> own function code
+  * `docstring_retrieval` (over `python_code.function_pairs`): docstring -> own function code
     (retrieval among all held-out functions; also the docstring-match pairs);
   * `exception_examples`: the exception name of an `except Name:` clause,
     masked, predicted among the most frequent types.
@@ -23,169 +22,13 @@ from __future__ import annotations
 import ast
 import collections
 import hashlib
-import os
 import random
-import re
 import textwrap
 
-from pretrain.data.corpora import python_stdlib
+from pretrain.data import python_code
 
-MASK = "[MASK]"  # Literal placeholder; `downstream` maps it to the tokenizer's mask id.
-SPLITS = ("heldout", "train")
-MIN_QUERY_WORDS = 4
+MASK = "[MASK]"  # Literal placeholder; `tasks` maps it to the tokenizer's mask id.
 DEFAULT_NUM_EXCEPTION_CLASSES = 20
-
-
-def heldout_files(split: str, validation_fraction: float = 0.05,
-                  root: str | None = None,
-                  max_files: int | None = None) -> list[tuple[str, str]]:
-    """(relative_path, source) of the stdlib `.py` files of `split`, sorted by path.
-
-    split="heldout": the files `split_for_key(rel, validation_fraction)` puts in
-    "validation" (never seen in pretraining with that fraction); split="train":
-    the pretraining train files. Whitespace-only files are skipped, as in the
-    corpus builder.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    root = root or python_stdlib.stdlib_root()
-    want = "validation" if split == "heldout" else "train"
-    out = []
-    for rel in python_stdlib.list_stdlib_files(root, max_files):
-        if python_stdlib.split_for_key(rel, validation_fraction) != want:
-            continue
-        with open(os.path.join(root, rel), "rb") as f:
-            text, _ = python_stdlib.decode_text(f.read())
-        if text.strip():
-            out.append((rel, text))
-    return out
-
-
-def _without_bom(text: str) -> str:
-    """The parser rejects a str that starts with U+FEFF; positions count from after it."""
-    return text[1:] if text.startswith("\ufeff") else text
-
-
-def _parse(text: str):
-    """The module AST, or None for files this interpreter cannot parse (test data, py2 files)."""
-    try:
-        return ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-
-
-def _parsed(files):
-    """(path, text, tree, lines, line starts) of each (path, text) that parses (BOM dropped)."""
-    for path, text in files:
-        text = _without_bom(text)
-        tree = _parse(text)
-        if tree is not None:
-            lines = _split_lines(text)
-            yield path, text, tree, lines, _line_starts(lines)
-
-
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
-
-
-def _split_lines(text: str) -> list[str]:
-    """Lines with their endings, split only where the parser splits (not at form feeds)."""
-    return _LINE.findall(text)
-
-
-def _line_starts(lines: list[str]) -> list[int]:
-    starts, pos = [0], 0
-    for line in lines:
-        pos += len(line)
-        starts.append(pos)
-    return starts
-
-
-def _offset(text_lines: list[str], starts: list[int], lineno: int, col_bytes: int) -> int:
-    """Character offset of (1-based line, UTF-8 byte column), as ast reports positions."""
-    line = text_lines[lineno - 1]
-    return starts[lineno - 1] + len(line.encode("utf-8")[:col_bytes].decode("utf-8", "replace"))
-
-
-_BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
-
-
-def _children(node):
-    """Statement-level children only: defs and try statements never hide in expressions.
-
-    (Skipping expression subtrees makes a stdlib pass several times faster than ast.walk.)
-    """
-    for field in _BLOCK_FIELDS:
-        for child in getattr(node, field, None) or ():
-            yield child
-
-
-def _function_nodes(tree):
-    """(qualname, node) of every (async) def in source order, nested ones included."""
-    def visit(node, prefix):
-        for child in _children(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                name = prefix + child.name
-                yield name, child
-                yield from visit(child, name + ".")
-            elif isinstance(child, ast.ClassDef):
-                yield from visit(child, prefix + child.name + ".")
-            else:
-                yield from visit(child, prefix)
-    yield from visit(tree, "")
-
-
-def _code_without_docstring(text, lines, starts, node) -> str:
-    """The def's source (from `def`, no decorators), docstring statement cut, dedented."""
-    begin = _offset(lines, starts, node.lineno, node.col_offset)
-    end = _offset(lines, starts, node.end_lineno, node.end_col_offset)
-    first = node.body[0]
-    if ast.get_docstring(node, clean=False) is None:
-        pieces = [text[begin:end]]
-    else:
-        d0 = _offset(lines, starts, first.lineno, first.col_offset)
-        d1 = _offset(lines, starts, first.end_lineno, first.end_col_offset)
-        # A docstring on its own lines takes those whole lines with it.
-        line0, line1 = starts[first.lineno - 1], starts[first.end_lineno]
-        if (not text[line0:d0].strip() and not text[d1:line1].strip()
-                and first.lineno > node.lineno):
-            d0, d1 = line0, line1
-        else:  # `def f(): "doc"; return 1` -> `def f(): return 1`
-            rest = text[d1:end]
-            stripped = rest.lstrip(" \t")
-            if stripped.startswith(";"):
-                d1 += len(rest) - len(stripped) + 1
-        pieces = [text[begin:d0], text[d1:end]]
-    # Pad the first line to its column so dedent sees the real indentation.
-    indent = " " * (begin - starts[node.lineno - 1])
-    code = indent + "".join(pieces)
-    return textwrap.dedent(code).rstrip() + "\n"
-
-
-def function_pairs(files) -> list[dict]:
-    """Every (async) function/method of `files` ((path, text) pairs), in file and source order.
-
-    Each is {"path", "name" (the def's name), "qualname" (Class.method,
-    outer.inner), "lineno", "docstring" (ast.get_docstring or ""), "code" (the
-    def's source without its docstring statement, dedented)}. Files that do
-    not parse are skipped.
-    """
-    out = []
-    for path, text, tree, lines, starts in _parsed(files):
-        for qualname, node in _function_nodes(tree):
-            out.append({
-                "path": path, "name": node.name, "qualname": qualname,
-                "lineno": node.lineno,
-                "docstring": ast.get_docstring(node) or "",
-                "code": _code_without_docstring(text, lines, starts, node),
-            })
-    return out
-
-
-def docstring_query(docstring: str, min_words: int = MIN_QUERY_WORDS) -> str:
-    """The docstring's first paragraph on one line, or "" when shorter than `min_words`."""
-    paragraph = docstring.strip().split("\n\n")[0]
-    words = paragraph.split()
-    return " ".join(words) if len(words) >= min_words else ""
 
 
 def docstring_retrieval(validation_fraction: float = 0.05, root: str | None = None,
@@ -197,10 +40,10 @@ def docstring_retrieval(validation_fraction: float = 0.05, root: str | None = No
     held-out functions; relevant[i]: the index in `candidates` of query i's own
     function. Everything comes from files pretraining never saw.
     """
-    pairs = function_pairs(heldout_files("heldout", validation_fraction, root, max_files))
+    pairs = python_code.function_pairs(python_code.heldout_files("heldout", validation_fraction, root, max_files))
     queries, relevant = [], []
     for i, p in enumerate(pairs):
-        q = docstring_query(p["docstring"])
+        q = python_code.docstring_query(p["docstring"])
         if q:
             queries.append(q)
             relevant.append(i)
@@ -211,7 +54,7 @@ def _handlers(tree):
     """(try_node, handler) for every except clause, in source order."""
     kinds = tuple(k for k in (getattr(ast, "Try", None), getattr(ast, "TryStar", None)) if k)
     def visit(node):
-        for child in _children(node):
+        for child in python_code.children(node):
             if isinstance(child, kinds):
                 for h in child.handlers:
                     yield child, h
@@ -235,8 +78,8 @@ def _exception_text(text, lines, starts, try_node, handler, body_lines, handler_
     that truncation to a few hundred tokens keeps the masked name.
     """
     t = handler.type
-    name_start = _offset(lines, starts, t.lineno, t.col_offset)
-    name_end = _offset(lines, starts, t.end_lineno, t.end_col_offset)
+    name_start = python_code.offset(lines, starts, t.lineno, t.col_offset)
+    name_end = python_code.offset(lines, starts, t.end_lineno, t.end_col_offset)
 
     def src(lo, hi):  # 1-based inclusive line range as a list of lines.
         return lines[lo - 1:hi]
@@ -259,7 +102,7 @@ def _exception_text(text, lines, starts, try_node, handler, body_lines, handler_
 
 def _single_name_handlers(files):
     """(path, text, lines, starts, try_node, handler) for every `except Name[ as e]:` clause."""
-    for path, text, tree, lines, starts in _parsed(files):
+    for path, text, tree, lines, starts in python_code.parsed(files):
         for try_node, h in _handlers(tree):
             if isinstance(h.type, ast.Name) and h.type.lineno == h.lineno:
                 yield path, text, lines, starts, try_node, h
@@ -340,7 +183,7 @@ def split_train_dev(files, dev_fraction: float):
 def _documented(pairs):
     out = []
     for p in pairs:
-        q = docstring_query(p["docstring"])
+        q = python_code.docstring_query(p["docstring"])
         if q:
             out.append((q, p["code"]))
     return out
@@ -365,7 +208,7 @@ def retrieval_triple(pairs):
     """(queries, candidates, relevant): every documented function's query against all functions."""
     queries, relevant = [], []
     for i, p in enumerate(pairs):
-        q = docstring_query(p["docstring"])
+        q = python_code.docstring_query(p["docstring"])
         if q:
             queries.append(q)
             relevant.append(i)
@@ -385,8 +228,8 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
     if task not in FINETUNE_TASKS:
         raise ValueError(f"Unknown task {task!r}; built-in tasks: {', '.join(FINETUNE_TASKS)}.")
     train_files, dev_files = split_train_dev(
-        heldout_files("train", validation_fraction, max_files=max_files), dev_fraction)
-    test_files = heldout_files("heldout", validation_fraction, max_files=max_files)
+        python_code.heldout_files("train", validation_fraction, max_files=max_files), dev_fraction)
+    test_files = python_code.heldout_files("heldout", validation_fraction, max_files=max_files)
     if task == "exception_type":
         train = exception_examples(train_files, num_classes)
         labels = labels_of(train)
@@ -395,7 +238,7 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
         return {"train": keep(train), "dev": keep(exception_examples(dev_files, labels=labels)),
                 "test": keep(exception_examples(test_files, labels=labels)),
                 "label_names": labels}
-    train_p, dev_p, test_p = (function_pairs(f) for f in (train_files, dev_files, test_files))
+    train_p, dev_p, test_p = (python_code.function_pairs(f) for f in (train_files, dev_files, test_files))
     if task == "docstring_retrieval":
         return {"train": [{"query": q, "doc": code} for q, code in _documented(train_p)],
                 "dev": retrieval_triple(dev_p), "test": retrieval_triple(test_p),

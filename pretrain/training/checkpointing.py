@@ -23,6 +23,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"  # the workdir's copy of the run's tokenizer
 UNREADABLE_DIR = "checkpoints_unreadable"
 
 # The config keys that decide array shapes under every objective; a checkpoint is only resumed when
@@ -45,7 +47,7 @@ class _IteratorSnapshot:
 
 def checkpoint_dir(workdir):
   """`<workdir>/checkpoints` as an absolute path (Orbax requires one; bucket URLs pass through)."""
-  path = epath.Path(workdir) / "checkpoints"
+  path = epath.Path(workdir) / CHECKPOINTS_DIR
   return path if "://" in os.fspath(workdir) else path.absolute()
 
 
@@ -232,7 +234,7 @@ def copy_tokenizer(tokenizer_path, workdir):
   would feed its embeddings other token ids, so that is an error.
   """
   name = "tokenizer.json" if os.fspath(tokenizer_path).endswith(".json") else "spm.model"
-  target = epath.Path(workdir) / "tokenizer" / name
+  target = epath.Path(workdir) / TOKENIZER_DIR / name
   source = epath.Path(tokenizer_path)
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)

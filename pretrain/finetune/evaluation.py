@@ -1,0 +1,75 @@
+"""Fine-tuning evaluation: whole splits scored on the host.
+
+Accuracy and F1 (binary F1 of class 1 for two classes, macro F1 otherwise) for classifiers, MRR
+and recall@1 for retrieval; predictions are jitted and replicated to every process.
+"""
+import flax.linen as nn
+import jax
+import numpy as np
+
+from pretrain.finetune import tasks
+from pretrain.training import sharding
+
+
+def classification_metrics(pred, labels, num_classes):
+  """accuracy, macro_f1, and f1 (class 1's F1 when there are two classes, else macro F1)."""
+  pred, labels = np.asarray(pred).ravel(), np.asarray(labels).ravel()
+  f1s = []
+  for k in range(num_classes):
+    tp = np.sum((pred == k) & (labels == k))
+    denom = np.sum(pred == k) + np.sum(labels == k)
+    f1s.append(2.0 * tp / denom if denom else 0.0)
+  present = [f for k, f in enumerate(f1s) if np.any(labels == k) or np.any(pred == k)]
+  macro = float(np.mean(present)) if present else 0.0
+  return {"accuracy": float(np.mean(pred == labels)) if len(labels) else 0.0,
+          "macro_f1": macro, "f1": float(f1s[1]) if num_classes == 2 else macro}
+
+
+def retrieval_metrics(query_QH, cand_CH, relevant_Q):
+  """MRR and recall@1 of each query's relevant candidate under dot-product scores.
+
+  The rank counts candidates scoring strictly higher, so ties are resolved in the query's favour.
+  """
+  scores_QC = np.asarray(query_QH, np.float32) @ np.asarray(cand_CH, np.float32).T
+  own_Q = scores_QC[np.arange(len(relevant_Q)), relevant_Q]
+  rank_Q = 1 + np.sum(scores_QC > own_Q[:, None], axis=1)
+  return {"mrr": float(np.mean(1.0 / rank_Q)), "recall_at_1": float(np.mean(rank_Q == 1)),
+          "num_candidates": float(cand_CH.shape[0])}
+
+
+class Evaluator:
+  """Scores whole splits: jitted predictions (replicated to every process), metrics on the host."""
+
+  def __init__(self, model, head, num_classes, mesh, rules, eval_batch_size):
+    self.model, self.head, self.num_classes = model, head, num_classes
+    self.mesh, self.rules, self.batch_size = mesh, rules, eval_batch_size
+    self.batch_sharding = sharding.batch_sharding(mesh, rules)
+    out = sharding.replicated(mesh)
+    if head == "biencoder":
+      self._fn = jax.jit(lambda p, b: model.embed(p, b, ""), out_shardings=out)
+    elif head == "token":
+      self._fn = jax.jit(lambda p, b: model.predict(p, b).argmax(-1), out_shardings=out)
+    else:
+      self._fn = jax.jit(lambda p, b: model.predict(p, b), out_shardings=out)
+
+  def _outputs(self, params, arrays):
+    n = len(next(iter(arrays.values())))
+    outs = []
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for batch in tasks.eval_batches(arrays, self.batch_size, jax.process_index(),
+                                           jax.process_count()):
+        batch = {k: v for k, v in batch.items() if k != "weights"}
+        outs.append(np.asarray(self._fn(params, sharding.global_batch(batch, self.batch_sharding))))
+    return np.concatenate(outs)[:n]
+
+  def __call__(self, params, split):
+    if self.head == "biencoder":
+      queries, candidates, relevant = split
+      return retrieval_metrics(self._outputs(params, queries), self._outputs(params, candidates),
+                               relevant)
+    rows = {k: v for k, v in split.items() if k != "labels"}
+    out = self._outputs(params, rows)
+    if self.head == "token":
+      real = split["labels"] >= 0
+      return classification_metrics(out[real], split["labels"][real], self.num_classes)
+    return classification_metrics(out.argmax(-1), split["labels"], self.num_classes)

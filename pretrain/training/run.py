@@ -1,0 +1,117 @@
+"""The run set-up that pretraining and fine-tuning share, in the order they use it.
+
+  run = start(config, workdir, batch_sizes)          # preemption watch, mesh, rules
+  ... tokenizer, data, model: the caller's ...
+  open_workdir(run)                                  # metrics writer, Orbax manager
+  state, shardings = restore_or_init(run, ...)       # resume > init_params(fresh) > fresh
+  step_fn = compile_step(run, model, tx, ...)        # jit with shardings and donation
+  state, logged = train(run, state, step_fn, ...)    # pretrain/training/loop.py
+  finish(run)                                        # wait for the last save, close files
+
+Only `config.mesh`, `config.axis_rules`, `config.train` and `config.optimizer.grad_accum_steps`
+are read here; everything model- or data-specific is an argument.
+"""
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+from absl import logging
+
+from pretrain.training import (checkpointing, loop, metrics as metrics_lib, sharding,
+                               state as state_lib, step as step_lib)
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: Any
+  batch_sharding: jax.sharding.NamedSharding
+  preempted: Any  # threading.Event set by SIGTERM
+  writer: Optional[metrics_lib.MetricWriter] = None  # open_workdir
+  mngr: Any = None  # orbax CheckpointManager; open_workdir
+
+
+def check_batch_divides(batch_size, batch_sharding, key="data.batch_size"):
+  """The global batch must split evenly over the mesh axes that the `batch` rule names."""
+  axes = batch_sharding.spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  shards = math.prod(batch_sharding.mesh.shape[a] for a in axes)
+  if batch_size % shards:
+    raise ValueError(
+        f"{key}={batch_size} is not divisible by the {shards} data-parallel shards "
+        f"(mesh axes {'*'.join(axes)} = {shards}); make {key} a multiple of {shards} or "
+        f"change config.mesh.")
+
+
+def start(config, workdir, batch_sizes: dict[str, int]) -> Run:
+  """Watches for SIGTERM first (a SIGTERM during set-up still ends cleanly), then builds the mesh
+  and checks that every batch size in `batch_sizes` ({config key: size}) divides over it."""
+  preempted = loop.watch_for_preemption()
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.axis_rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  for key, size in batch_sizes.items():
+    check_batch_divides(size, batch_sharding, key)
+  return Run(config, workdir, mesh, rules, batch_sharding, preempted)
+
+
+def open_workdir(run: Run) -> None:
+  """Opens the metric files and the checkpoint manager: the first writes into the workdir, so
+  they come after every check of the config and the data."""
+  run.writer = metrics_lib.MetricWriter(run.workdir, enabled=jax.process_index() == 0)
+  run.mngr = checkpointing.manager(run.workdir, run.config.train)
+
+
+def restore_or_init(run: Run, model, tx, seq_len, rng, data_iterator, shape_fields,
+                    init_params: Optional[Callable] = None):
+  """(state, shardings): the workdir's latest checkpoint (with the data iterator's position), else
+  a fresh sharded init whose params `init_params(params, param_shardings)` may replace."""
+  target, shardings = state_lib.abstract_state(model, tx, seq_len, run.mesh, run.rules)
+  with jax.set_mesh(run.mesh):
+    state = checkpointing.restore(run.mngr, target, data_iterator, run.config, run.workdir,
+                                  shape_fields)
+  if state is not None:
+    logging.info("Resumed from %s at step %d.", run.workdir, int(state.step))
+  else:
+    state, _ = state_lib.sharded_init(rng, model, tx, seq_len, run.mesh, run.rules)
+    if init_params is not None:
+      state = state.replace(params=init_params(state.params, shardings.params))
+  sharding.assert_sufficiently_sharded(state.params, run.mesh)
+  return state, shardings
+
+
+def compile_step(run: Run, model, tx, schedule, shardings):
+  """The jitted `step.train_step` of `model` with the run's shardings; the state is donated."""
+  return jax.jit(
+      functools.partial(step_lib.train_step, objective=model, tx=tx, schedule=schedule,
+                        accum_steps=run.config.optimizer.grad_accum_steps,
+                        nonfinite=run.config.train.nonfinite),
+      in_shardings=(shardings, run.batch_sharding, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+
+
+def to_device(run: Run, batch):
+  """This process's rows of a batch -> the global, sharded batch."""
+  return sharding.global_batch(batch, run.batch_sharding)
+
+
+def train(run: Run, state, step_fn, data_iterator, rng, *, start_step, tokens_per_step,
+          evaluate=None):
+  """The shared loop (loop.run) with this run's checkpointing; returns (state, logged metrics)."""
+  def save(step, state):
+    checkpointing.save(run.mngr, step, state, data_iterator, run.config)
+  return loop.run(
+      state, step_fn, lambda: to_device(run, next(data_iterator)), rng, start=start_step,
+      train_config=run.config.train, tokens_per_step=tokens_per_step, writer=run.writer,
+      mesh=run.mesh, rules=run.rules, preempted=run.preempted, save=save, evaluate=evaluate)
+
+
+def finish(run: Run):
+  """Waits for the last (async) save and closes the checkpoint manager and the metric files."""
+  checkpointing.wait(run.mngr)
+  run.mngr.close()
+  run.writer.close()
