@@ -55,209 +55,209 @@ _AST_LOCK = threading.Lock()
 
 
 def features(view: str) -> tuple[str, ...]:
-    return CHUNK_KEYS if view == "crop" else PAIR_KEYS
+  return CHUNK_KEYS if view == "crop" else PAIR_KEYS
 
 
 def _has_body(code: str) -> bool:
-    """Whether a function's code (docstring removed) has more than its `def` line."""
-    return sum(1 for line in code.splitlines() if line.strip()) > 1
+  """Whether a function's code (docstring removed) has more than its `def` line."""
+  return sum(1 for line in code.splitlines() if line.strip()) > 1
 
 
 def _units(text: str, unit: str) -> list[str]:
-    """Lines (blank lines join the line before) or sentences, concatenating back to `text`."""
-    if unit == "sentence":
-        parts = re.split(r"(?<=[.!?])(\s+)", text)
-        units = ["".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]
-    else:
-        units = []
-        for line in text.splitlines(keepends=True):
-            if units and not line.strip():
-                units[-1] += line
-            else:
-                units.append(line)
-    return [u for u in units if u]
+  """Lines (blank lines join the line before) or sentences, concatenating back to `text`."""
+  if unit == "sentence":
+    parts = re.split(r"(?<=[.!?])(\s+)", text)
+    units = ["".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+  else:
+    units = []
+    for line in text.splitlines(keepends=True):
+      if units and not line.strip():
+        units[-1] += line
+      else:
+        units.append(line)
+  return [u for u in units if u]
 
 
 def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    if hasattr(tokenizer, "encode_batch"):
-        return [list(ids) for ids in tokenizer.encode_batch(texts)]
-    return [list(tokenizer.encode(t)) for t in texts]
+  if not texts:
+    return []
+  if hasattr(tokenizer, "encode_batch"):
+    return [list(ids) for ids in tokenizer.encode_batch(texts)]
+  return [list(tokenizer.encode(t)) for t in texts]
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
-    """([CLS], [SEP]) ids: the tokenizer's own when it has them, else sentencepiece's reserved."""
-    return (int(getattr(tokenizer, "cls_id", tokenizer_lib.CLS_ID)),
-            int(getattr(tokenizer, "sep_id", tokenizer_lib.SEP_ID)))
+  """([CLS], [SEP]) ids: the tokenizer's own when it has them, else sentencepiece's reserved."""
+  return (int(getattr(tokenizer, "cls_id", tokenizer_lib.CLS_ID)),
+          int(getattr(tokenizer, "sep_id", tokenizer_lib.SEP_ID)))
 
 
 def rows(token_lists, length: int, cls_id: int, sep_id: int) -> np.ndarray:
-    """int32 [3, n, length]: ids, segment ids, positions of "[CLS] ids [SEP]" + padding rows."""
-    out = np.zeros((3, len(token_lists), length), np.int32)
-    for r, ids in enumerate(token_lists):
-        row = [cls_id, *ids[:length - 2], sep_id]
-        out[0, r, :len(row)] = row
-        out[1, r, :len(row)] = 1
-        out[2, r, :len(row)] = np.arange(len(row))
-    return out
+  """int32 [3, n, length]: ids, segment ids, positions of "[CLS] ids [SEP]" + padding rows."""
+  out = np.zeros((3, len(token_lists), length), np.int32)
+  for r, ids in enumerate(token_lists):
+    row = [cls_id, *ids[:length - 2], sep_id]
+    out[0, r, :len(row)] = row
+    out[1, r, :len(row)] = 1
+    out[2, r, :len(row)] = np.arange(len(row))
+  return out
 
 
 class Examples:
-    """Document text -> dict of [n, ...] int32 arrays (a grain random-map callable)."""
+  """Document text -> dict of [n, ...] int32 arrays (a grain random-map callable)."""
 
-    def __init__(self, tokenizer, view: str, seq_len: int, query_len: int,
-                 ict_remove_rate: float, ict_unit: str):
-        self.tokenizer, self.view = tokenizer, view
-        self.seq_len, self.query_len = seq_len, query_len
-        self.ict_remove_rate, self.ict_unit = ict_remove_rate, ict_unit
-        self.cls_id, self.sep_id = special_ids(tokenizer)
+  def __init__(self, tokenizer, view: str, seq_len: int, query_len: int,
+               ict_remove_rate: float, ict_unit: str):
+    self.tokenizer, self.view = tokenizer, view
+    self.seq_len, self.query_len = seq_len, query_len
+    self.ict_remove_rate, self.ict_unit = ict_remove_rate, ict_unit
+    self.cls_id, self.sep_id = special_ids(tokenizer)
 
-    def _pairs(self, queries, docs) -> dict:
-        q = rows(queries, self.query_len, self.cls_id, self.sep_id)
-        d = rows(docs, self.seq_len, self.cls_id, self.sep_id)
-        return dict(zip(PAIR_KEYS, [*q, *d]))
+  def _pairs(self, queries, docs) -> dict:
+    q = rows(queries, self.query_len, self.cls_id, self.sep_id)
+    d = rows(docs, self.seq_len, self.cls_id, self.sep_id)
+    return dict(zip(PAIR_KEYS, [*q, *d]))
 
-    def __call__(self, text: str, rng: np.random.Generator) -> dict:
-        body = self.seq_len - 2
-        if self.view == "crop":
-            ids = _encode_all(self.tokenizer, [text])[0]
-            chunks = [ids[i:i + body] for i in range(0, len(ids), body)]
-            return dict(zip(CHUNK_KEYS, rows(chunks, self.seq_len, self.cls_id, self.sep_id)))
-        if self.view == "ict":
-            return self._ict(text, rng)
-        with _AST_LOCK:
-            funcs = python_code.function_pairs([("", text)])
-        funcs = [f for f in funcs if _has_body(f["code"])]
-        if self.view == "docstring":
-            chosen = [(q, f["code"]) for f in funcs
-                      if (q := python_code.docstring_query(f["docstring"]))]
-        else:  # same_file
-            n = len(funcs) if len(funcs) > 1 else 0
-            chosen = [(funcs[i]["code"], funcs[(i + rng.integers(1, n)) % n]["code"])
-                      for i in range(n)]
-        texts = [q for q, _ in chosen] + [d for _, d in chosen]
-        ids = _encode_all(self.tokenizer, texts)
-        return self._pairs(ids[:len(chosen)], ids[len(chosen):])
+  def __call__(self, text: str, rng: np.random.Generator) -> dict:
+    body = self.seq_len - 2
+    if self.view == "crop":
+      ids = _encode_all(self.tokenizer, [text])[0]
+      chunks = [ids[i:i + body] for i in range(0, len(ids), body)]
+      return dict(zip(CHUNK_KEYS, rows(chunks, self.seq_len, self.cls_id, self.sep_id)))
+    if self.view == "ict":
+      return self._ict(text, rng)
+    with _AST_LOCK:
+      funcs = python_code.function_pairs([("", text)])
+    funcs = [f for f in funcs if _has_body(f["code"])]
+    if self.view == "docstring":
+      chosen = [(q, f["code"]) for f in funcs
+                if (q := python_code.docstring_query(f["docstring"]))]
+    else:  # same_file
+      n = len(funcs) if len(funcs) > 1 else 0
+      chosen = [(funcs[i]["code"], funcs[(i + rng.integers(1, n)) % n]["code"])
+                for i in range(n)]
+    texts = [q for q, _ in chosen] + [d for _, d in chosen]
+    ids = _encode_all(self.tokenizer, texts)
+    return self._pairs(ids[:len(chosen)], ids[len(chosen):])
 
-    def _ict(self, text: str, rng: np.random.Generator) -> dict:
-        body = self.seq_len - 2
-        units = _encode_all(self.tokenizer, _units(text, self.ict_unit))
-        blocks, current, size = [], [], 0
-        for ids in units:
-            if current and size + len(ids) > body:
-                blocks.append(current)
-                current, size = [], 0
-            current.append(ids[:body])
-            size += min(len(ids), body)
-        if current:
-            blocks.append(current)
-        queries, docs = [], []
-        for block in blocks:
-            eligible = [i for i, ids in enumerate(block) if len(ids) >= MIN_QUERY_TOKENS]
-            if len(block) < 2 or not eligible:
-                continue
-            q = eligible[rng.integers(len(eligible))]
-            remove = rng.random() < self.ict_remove_rate
-            queries.append(block[q])
-            docs.append([t for i, ids in enumerate(block) if not (remove and i == q) for t in ids])
-        return self._pairs(queries, docs)
+  def _ict(self, text: str, rng: np.random.Generator) -> dict:
+    body = self.seq_len - 2
+    units = _encode_all(self.tokenizer, _units(text, self.ict_unit))
+    blocks, current, size = [], [], 0
+    for ids in units:
+      if current and size + len(ids) > body:
+        blocks.append(current)
+        current, size = [], 0
+      current.append(ids[:body])
+      size += min(len(ids), body)
+    if current:
+      blocks.append(current)
+    queries, docs = [], []
+    for block in blocks:
+      eligible = [i for i, ids in enumerate(block) if len(ids) >= MIN_QUERY_TOKENS]
+      if len(block) < 2 or not eligible:
+        continue
+      q = eligible[rng.integers(len(eligible))]
+      remove = rng.random() < self.ict_remove_rate
+      queries.append(block[q])
+      docs.append([t for i, ids in enumerate(block) if not (remove and i == q) for t in ids])
+    return self._pairs(queries, docs)
 
 
 def _empty(keys, lengths) -> dict:
-    return {k: np.zeros((0, lengths[k]), np.int32) for k in keys}
+  return {k: np.zeros((0, lengths[k]), np.int32) for k in keys}
 
 
 class _ExampleIterator(grain.DatasetIterator):
-    """Segments of examples from consecutive documents -> shuffled batches; see module docstring."""
+  """Segments of examples from consecutive documents -> shuffled batches; see module docstring."""
 
-    def __init__(self, parent, cfg: dict):
-        super().__init__(parent)
-        self._cfg = cfg
-        self._mark = parent.get_state()
-        self._segment = 0
-        self._rows = _empty(cfg["keys"], cfg["lengths"])
-        self._taken = 0
-        self._built = False
-        self._exhausted = False
+  def __init__(self, parent, cfg: dict):
+    super().__init__(parent)
+    self._cfg = cfg
+    self._mark = parent.get_state()
+    self._segment = 0
+    self._rows = _empty(cfg["keys"], cfg["lengths"])
+    self._taken = 0
+    self._built = False
+    self._exhausted = False
 
-    def _build_segment(self) -> None:
-        cfg = self._cfg
-        self._mark = self._parent.get_state()
-        parts, n, docs = [], 0, 0
-        while n < cfg["segment_rows"]:
-            try:
-                doc = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                break
-            docs += 1
-            count = len(doc[cfg["keys"][0]])
-            if count:
-                parts.append(doc)
-                n += count
-            elif n == 0 and docs >= cfg["max_empty_documents"]:
-                raise ValueError(
-                    f"{docs} documents in a row gave no {cfg['view']!r} examples (e.g. no "
-                    "Python functions with docstrings); choose a view that fits the corpus "
-                    "(objective.view) or another corpus.")
-        rows_ = ({k: np.concatenate([p[k] for p in parts]) for k in cfg["keys"]} if parts
-                 else _empty(cfg["keys"], cfg["lengths"]))
-        if cfg["shuffle"] and n:
-            perm = np.random.default_rng([cfg["seed"], self._segment]).permutation(n)
-            rows_ = {k: v[perm] for k, v in rows_.items()}
-        self._rows, self._taken, self._built = rows_, 0, True
+  def _build_segment(self) -> None:
+    cfg = self._cfg
+    self._mark = self._parent.get_state()
+    parts, n, docs = [], 0, 0
+    while n < cfg["segment_rows"]:
+      try:
+        doc = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        break
+      docs += 1
+      count = len(doc[cfg["keys"][0]])
+      if count:
+        parts.append(doc)
+        n += count
+      elif n == 0 and docs >= cfg["max_empty_documents"]:
+        raise ValueError(
+            f"{docs} documents in a row gave no {cfg['view']!r} examples (e.g. no "
+            "Python functions with docstrings); choose a view that fits the corpus "
+            "(objective.view) or another corpus.")
+    rows_ = ({k: np.concatenate([p[k] for p in parts]) for k in cfg["keys"]} if parts
+             else _empty(cfg["keys"], cfg["lengths"]))
+    if cfg["shuffle"] and n:
+      perm = np.random.default_rng([cfg["seed"], self._segment]).permutation(n)
+      rows_ = {k: v[perm] for k, v in rows_.items()}
+    self._rows, self._taken, self._built = rows_, 0, True
 
-    def _take(self, n: int) -> dict:
-        parts, need = [], n
-        while need:
-            if not self._built:
-                self._build_segment()
-            available = len(self._rows[self._cfg["keys"][0]])
-            if self._taken == available:
-                if self._exhausted:
-                    break
-                self._segment, self._built = self._segment + 1, False
-                continue
-            part = {k: v[self._taken:self._taken + need] for k, v in self._rows.items()}
-            got = len(part[self._cfg["keys"][0]])
-            self._taken += got
-            need -= got
-            parts.append(part)
-        if not parts:
-            return _empty(self._cfg["keys"], self._cfg["lengths"])
-        return {k: np.concatenate([p[k] for p in parts]) for k in self._cfg["keys"]}
+  def _take(self, n: int) -> dict:
+    parts, need = [], n
+    while need:
+      if not self._built:
+        self._build_segment()
+      available = len(self._rows[self._cfg["keys"][0]])
+      if self._taken == available:
+        if self._exhausted:
+          break
+        self._segment, self._built = self._segment + 1, False
+        continue
+      part = {k: v[self._taken:self._taken + need] for k, v in self._rows.items()}
+      got = len(part[self._cfg["keys"][0]])
+      self._taken += got
+      need -= got
+      parts.append(part)
+    if not parts:
+      return _empty(self._cfg["keys"], self._cfg["lengths"])
+    return {k: np.concatenate([p[k] for p in parts]) for k in self._cfg["keys"]}
 
-    def __next__(self) -> dict:
-        cfg = self._cfg
-        batch = cfg["local_batch"]
-        rows_ = self._take(batch)
-        got = len(rows_[cfg["keys"][0]])
-        if got == 0 or (got < batch and not cfg["pad_last"]):
-            raise StopIteration
-        if got < batch:
-            rows_ = {k: np.concatenate([v, np.zeros((batch - got, v.shape[1]), np.int32)])
-                     for k, v in rows_.items()}
-        return {k: np.ascontiguousarray(v) for k, v in rows_.items()}
+  def __next__(self) -> dict:
+    cfg = self._cfg
+    batch = cfg["local_batch"]
+    rows_ = self._take(batch)
+    got = len(rows_[cfg["keys"][0]])
+    if got == 0 or (got < batch and not cfg["pad_last"]):
+      raise StopIteration
+    if got < batch:
+      rows_ = {k: np.concatenate([v, np.zeros((batch - got, v.shape[1]), np.int32)])
+               for k, v in rows_.items()}
+    return {k: np.ascontiguousarray(v) for k, v in rows_.items()}
 
-    def get_state(self) -> dict:
-        return {"mark": self._mark, "segment": self._segment, "taken": self._taken}
+  def get_state(self) -> dict:
+    return {"mark": self._mark, "segment": self._segment, "taken": self._taken}
 
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["mark"])
-        self._exhausted = False
-        self._segment = state["segment"]
-        self._build_segment()  # Replays one segment of documents.
-        self._taken = state["taken"]
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["mark"])
+    self._exhausted = False
+    self._segment = state["segment"]
+    self._build_segment()  # Replays one segment of documents.
+    self._taken = state["taken"]
 
 
 class _ExampleIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, **cfg):
-        super().__init__(parent)
-        self._cfg = cfg
+  def __init__(self, parent: grain.IterDataset, **cfg):
+    super().__init__(parent)
+    self._cfg = cfg
 
-    def __iter__(self) -> _ExampleIterator:
-        return _ExampleIterator(self._parent.__iter__(), self._cfg)
+  def __iter__(self) -> _ExampleIterator:
+    return _ExampleIterator(self._parent.__iter__(), self._cfg)
 
 
 def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
@@ -266,35 +266,35 @@ def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
                  process_count: int = 1, ict_remove_rate: float = 0.9,
                  ict_unit: str = "line", num_threads: int | None = None,
                  segment_rows: int | None = None) -> grain.IterDataset:
-    """Batches of `view` examples from `source` (document texts); `iter(ds)` is checkpointable.
+  """Batches of `view` examples from `source` (document texts); `iter(ds)` is checkpointable.
 
-    `batch_size` is global; each process reads its own documents (process_index::process_count).
-    """
-    if view not in VIEWS:
-        raise ValueError(f"Unknown view {view!r}; allowed: {', '.join(VIEWS)}.")
-    if ict_unit not in ICT_UNITS:
-        raise ValueError(f"Unknown ict_unit {ict_unit!r}; allowed: {', '.join(ICT_UNITS)}.")
-    if seq_len < 3 or query_len < 3:
-        raise ValueError(f"seq_len {seq_len} and query_len {query_len} must be >= 3 "
-                         "([CLS] token [SEP]).")
-    local_batch = pipeline.local_batch_size(batch_size, process_count)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"Process {process_index}/{process_count} got no documents from "
-                         f"{source!r}; use a larger split.")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    ds = ds.random_map(Examples(tokenizer, view, seq_len, query_len, ict_remove_rate, ict_unit),
-                       seed=seed)
-    threads = num_threads if num_threads is not None else min(16, os.cpu_count() or 1)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                              prefetch_buffer_size=max(8, 4 * threads)))
-    keys = features(view)
-    lengths = {k: (query_len if k.startswith("query") else seq_len) for k in keys}
-    return _ExampleIterDataset(
-        it, view=view, keys=keys, lengths=lengths, local_batch=local_batch, seed=seed,
-        shuffle=shuffle, segment_rows=segment_rows or max(16 * local_batch, 256),
-        max_empty_documents=max(len(source) // process_count, 1),
-        pad_last=num_epochs is not None)
+  `batch_size` is global; each process reads its own documents (process_index::process_count).
+  """
+  if view not in VIEWS:
+    raise ValueError(f"Unknown view {view!r}; allowed: {', '.join(VIEWS)}.")
+  if ict_unit not in ICT_UNITS:
+    raise ValueError(f"Unknown ict_unit {ict_unit!r}; allowed: {', '.join(ICT_UNITS)}.")
+  if seq_len < 3 or query_len < 3:
+    raise ValueError(f"seq_len {seq_len} and query_len {query_len} must be >= 3 "
+                     "([CLS] token [SEP]).")
+  local_batch = pipeline.local_batch_size(batch_size, process_count)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"Process {process_index}/{process_count} got no documents from "
+                     f"{source!r}; use a larger split.")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.random_map(Examples(tokenizer, view, seq_len, query_len, ict_remove_rate, ict_unit),
+                     seed=seed)
+  threads = num_threads if num_threads is not None else min(16, os.cpu_count() or 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=max(8, 4 * threads)))
+  keys = features(view)
+  lengths = {k: (query_len if k.startswith("query") else seq_len) for k in keys}
+  return _ExampleIterDataset(
+      it, view=view, keys=keys, lengths=lengths, local_batch=local_batch, seed=seed,
+      shuffle=shuffle, segment_rows=segment_rows or max(16 * local_batch, 256),
+      max_empty_documents=max(len(source) // process_count, 1),
+      pad_last=num_epochs is not None)

@@ -26,178 +26,178 @@ LOCAL_CORPORA = ("python_stdlib", "local_text")
 
 
 def _get(cfg, key: str, default):
-    """Reads an optional config field (ConfigDict or any attribute holder)."""
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
+  """Reads an optional config field (ConfigDict or any attribute holder)."""
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if value is None else value
 
 
 def data_dir(data_config) -> str | None:
-    """The TFDS data dir as an absolute path (None = TFDS's default)."""
-    d = _get(data_config, "data_dir", "")
-    return os.path.abspath(os.path.expanduser(d)) if d else None
+  """The TFDS data dir as an absolute path (None = TFDS's default)."""
+  d = _get(data_config, "data_dir", "")
+  return os.path.abspath(os.path.expanduser(d)) if d else None
 
 
 @contextlib.contextmanager
 def file_lock(path: str):
-    """Holds an exclusive lock on `path` (created if needed).
+  """Holds an exclusive lock on `path` (created if needed).
 
-    Why: several processes of one job may start together on a shared data_dir;
-    the first builds (a corpus, a tokenizer) while the others wait and then
-    reuse its result instead of racing to write the same files.
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+  Why: several processes of one job may start together on a shared data_dir;
+  the first builds (a corpus, a tokenizer) while the others wait and then
+  reuse its result instead of racing to write the same files.
+  """
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _local_builder(data_config) -> tfds.core.DatasetBuilder:
-    fraction = float(_get(data_config, "validation_fraction",
-                          python_stdlib.DEFAULT_VALIDATION_FRACTION))
-    if data_config.name == "python_stdlib":
-        return python_stdlib.PythonStdlib(
-            config=python_stdlib.stdlib_config(fraction),
-            data_dir=data_dir(data_config), file_format="array_record")
-    config = local_text.local_text_config(
-        _get(data_config, "paths", ""),
-        jsonl_field=_get(data_config, "jsonl_field", "text"),
-        validation_fraction=fraction)
-    return local_text.LocalText(config=config, data_dir=data_dir(data_config),
-                                file_format="array_record")
+  fraction = float(_get(data_config, "validation_fraction",
+                        python_stdlib.DEFAULT_VALIDATION_FRACTION))
+  if data_config.name == "python_stdlib":
+    return python_stdlib.PythonStdlib(
+        config=python_stdlib.stdlib_config(fraction),
+        data_dir=data_dir(data_config), file_format="array_record")
+  config = local_text.local_text_config(
+      _get(data_config, "paths", ""),
+      jsonl_field=_get(data_config, "jsonl_field", "text"),
+      validation_fraction=fraction)
+  return local_text.LocalText(config=config, data_dir=data_dir(data_config),
+                              file_format="array_record")
 
 
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for `data_config.name` (building local corpora).
+  """The prepared TFDS builder for `data_config.name` (building local corpora).
 
-    A catalog dataset that is not prepared in data_dir is an error with the
-    command that prepares it, since nothing is downloaded here.
-    """
-    name = data_config.name
-    if name in LOCAL_CORPORA:
-        builder = _local_builder(data_config)
-        if not builder.is_prepared():
-            # data_dir/<name>/<config>/<version>: lock outside TFDS's tree.
-            root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
-            lock = os.path.join(root, ".locks", f"{name}-{builder.builder_config.name}")
-            with file_lock(lock):
-                log.info("Building %s into %s (first use).", name, builder.data_dir)
-                builder.download_and_prepare(file_format="array_record")
-        return builder
-    try:
-        builder = tfds.builder(name, data_dir=data_dir(data_config))
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"Dataset {name!r} is neither a local corpus {LOCAL_CORPORA} nor a "
-            f"TFDS dataset prepared in {data_dir(data_config) or 'the default TFDS dir'!r} "
-            "(without TensorFlow, TFDS can only open catalog datasets such as "
-            "'c4/en' from a prepared copy). Fix data_config.name, or prepare it "
-            f"with `tfds build {name} --file_format=array_record --data_dir "
-            "<data_dir>` on a machine with TensorFlow and copy it into data_dir."
-        ) from e
+  A catalog dataset that is not prepared in data_dir is an error with the
+  command that prepares it, since nothing is downloaded here.
+  """
+  name = data_config.name
+  if name in LOCAL_CORPORA:
+    builder = _local_builder(data_config)
     if not builder.is_prepared():
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. "
-            f"Prepare it as array_record, e.g. `tfds build {name} --data_dir "
-            f"{data_dir(data_config) or '<data_dir>'} --file_format=array_record`, "
-            "or point data_config.data_dir at where it is.")
+      # data_dir/<name>/<config>/<version>: lock outside TFDS's tree.
+      root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+      lock = os.path.join(root, ".locks", f"{name}-{builder.builder_config.name}")
+      with file_lock(lock):
+        log.info("Building %s into %s (first use).", name, builder.data_dir)
+        builder.download_and_prepare(file_format="array_record")
     return builder
+  try:
+    builder = tfds.builder(name, data_dir=data_dir(data_config))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"Dataset {name!r} is neither a local corpus {LOCAL_CORPORA} nor a "
+        f"TFDS dataset prepared in {data_dir(data_config) or 'the default TFDS dir'!r} "
+        "(without TensorFlow, TFDS can only open catalog datasets such as "
+        "'c4/en' from a prepared copy). Fix data_config.name, or prepare it "
+        f"with `tfds build {name} --file_format=array_record --data_dir "
+        "<data_dir>` on a machine with TensorFlow and copy it into data_dir."
+    ) from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. "
+        f"Prepare it as array_record, e.g. `tfds build {name} --data_dir "
+        f"{data_dir(data_config) or '<data_dir>'} --file_format=array_record`, "
+        "or point data_config.data_dir at where it is.")
+  return builder
 
 
 def dataset_id(data_config) -> str:
-    """A stable identifier of the exact data (builder name/config/version).
+  """A stable identifier of the exact data (builder name/config/version).
 
-    Why: it names derived artefacts (the default tokenizer path), and two
-    local_text corpora with different files must not share them.
-    """
-    name = data_config.name
-    if name in LOCAL_CORPORA:
-        config = _local_builder(data_config).builder_config
-        return f"{name}/{config.name}"
-    return name
+  Why: it names derived artefacts (the default tokenizer path), and two
+  local_text corpora with different files must not share them.
+  """
+  name = data_config.name
+  if name in LOCAL_CORPORA:
+    config = _local_builder(data_config).builder_config
+    return f"{name}/{config.name}"
+  return name
 
 
 class TextSource(Sequence):
-    """grain-compatible random-access source of document texts (str).
+  """grain-compatible random-access source of document texts (str).
 
-    Wraps a TFDS data source (records are dicts of bytes) and decodes one feature.
-    """
+  Wraps a TFDS data source (records are dicts of bytes) and decodes one feature.
+  """
 
-    def __init__(self, records, feature: str, description: str):
-        self._records = records
-        self._feature = feature
-        self._description = description
+  def __init__(self, records, feature: str, description: str):
+    self._records = records
+    self._feature = feature
+    self._description = description
 
-    def __len__(self) -> int:
-        return len(self._records)
+  def __len__(self) -> int:
+    return len(self._records)
 
-    def _text(self, record) -> str:
-        value = record[self._feature]
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  def _text(self, record) -> str:
+    value = record[self._feature]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
-    def __getitem__(self, index: int) -> str:
-        return self._text(self._records[index])
+  def __getitem__(self, index: int) -> str:
+    return self._text(self._records[index])
 
-    def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self), 256):  # Batched reads are faster.
-            yield from self.__getitems__(list(range(start, min(start + 256, len(self)))))
+  def __iter__(self) -> Iterator[str]:
+    for start in range(0, len(self), 256):  # Batched reads are faster.
+      yield from self.__getitems__(list(range(start, min(start + 256, len(self)))))
 
-    def __getitems__(self, indices: Sequence[int]) -> list[str]:
-        getitems = getattr(self._records, "__getitems__", None)
-        records = getitems(indices) if getitems else [self._records[i] for i in indices]
-        return [self._text(r) for r in records]
+  def __getitems__(self, indices: Sequence[int]) -> list[str]:
+    getitems = getattr(self._records, "__getitems__", None)
+    records = getitems(indices) if getitems else [self._records[i] for i in indices]
+    return [self._text(r) for r in records]
 
-    def __repr__(self) -> str:
-        return f"TextSource({self._description}, {len(self)} documents)"
+  def __repr__(self) -> str:
+    return f"TextSource({self._description}, {len(self)} documents)"
 
 
 def open_source(data_config, split: str) -> TextSource:
-    """Opens `split` ("train", "validation", TFDS slices like "train[:10%]").
+  """Opens `split` ("train", "validation", TFDS slices like "train[:10%]").
 
-    Raises a ValueError naming the available splits / features when the
-    requested one does not exist.
-    """
-    builder = get_builder(data_config)
-    splits = sorted(builder.info.splits.keys())
-    if split.split("[", 1)[0] not in splits:
-        raise ValueError(
-            f"Split {split!r} does not exist in {data_config.name!r}; available "
-            f"splits: {splits}. Set data_config.train_split / eval_split to one "
-            "of them (a tiny local corpus may hash no document to 'validation'; "
-            "add documents or raise data_config.validation_fraction).")
-    feature = _get(data_config, "text_feature", "text")
-    features = list(builder.info.features.keys())
-    if feature not in features:
-        raise ValueError(
-            f"Feature {feature!r} not in {data_config.name!r} (features: "
-            f"{features}); set data_config.text_feature to one of them.")
-    try:
-        records = builder.as_data_source(split=split)
-    except NotImplementedError as e:
-        raise ValueError(
-            f"{data_config.name!r} in {builder.data_dir!r} is not stored as "
-            "array_record, which random access needs; re-prepare it with "
-            "--file_format=array_record.") from e
-    return TextSource(records, feature,
-                      f"{data_config.name}:{split}:{feature}")
+  Raises a ValueError naming the available splits / features when the
+  requested one does not exist.
+  """
+  builder = get_builder(data_config)
+  splits = sorted(builder.info.splits.keys())
+  if split.split("[", 1)[0] not in splits:
+    raise ValueError(
+        f"Split {split!r} does not exist in {data_config.name!r}; available "
+        f"splits: {splits}. Set data_config.train_split / eval_split to one "
+        "of them (a tiny local corpus may hash no document to 'validation'; "
+        "add documents or raise data_config.validation_fraction).")
+  feature = _get(data_config, "text_feature", "text")
+  features = list(builder.info.features.keys())
+  if feature not in features:
+    raise ValueError(
+        f"Feature {feature!r} not in {data_config.name!r} (features: "
+        f"{features}); set data_config.text_feature to one of them.")
+  try:
+    records = builder.as_data_source(split=split)
+  except NotImplementedError as e:
+    raise ValueError(
+        f"{data_config.name!r} in {builder.data_dir!r} is not stored as "
+        "array_record, which random access needs; re-prepare it with "
+        "--file_format=array_record.") from e
+  return TextSource(records, feature,
+                    f"{data_config.name}:{split}:{feature}")
 
 
 def iter_texts(data_config, split: str,
                max_bytes: int | None = None) -> Iterator[str]:
-    """Yields the documents of `split` in stored order, up to `max_bytes` UTF-8.
+  """Yields the documents of `split` in stored order, up to `max_bytes` UTF-8.
 
-    Stored order is already shuffled by TFDS at write time, so a byte-capped
-    prefix is a fair sample (used for tokenizer training). The document that
-    crosses the cap is cut at the cap.
-    """
-    budget = max_bytes if max_bytes and max_bytes > 0 else None
-    for text in open_source(data_config, split):
-        if budget is not None:
-            data = text.encode("utf-8")
-            if len(data) >= budget:
-                yield data[:budget].decode("utf-8", errors="ignore")
-                return
-            budget -= len(data)
-        yield text
+  Stored order is already shuffled by TFDS at write time, so a byte-capped
+  prefix is a fair sample (used for tokenizer training). The document that
+  crosses the cap is cut at the cap.
+  """
+  budget = max_bytes if max_bytes and max_bytes > 0 else None
+  for text in open_source(data_config, split):
+    if budget is not None:
+      data = text.encode("utf-8")
+      if len(data) >= budget:
+        yield data[:budget].decode("utf-8", errors="ignore")
+        return
+      budget -= len(data)
+    yield text
