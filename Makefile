@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_WORKDIR ?= workdir/demo
 DEMO_EXPORT ?= exports/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ demo: $(VENV)/.base
 	$(BIN)/python -m pretrain.export --workdir=$(DEMO_WORKDIR) --out=$(DEMO_EXPORT) --overwrite
 	$(BIN)/python -m pretrain.report --workdir=$(DEMO_WORKDIR) --export=$(DEMO_EXPORT)
 
-test: $(VENV)/.test
+lint: $(VENV)/.test
+	$(BIN)/ruff check pretrain objectives configs launch tests bench
+
+test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv.

