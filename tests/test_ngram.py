@@ -70,8 +70,8 @@ def _config(**objective):
 
 
 def _objective(config, lex):
-  return ernie_gram.ErnieGram(config.objective, objectives.encoder_config(config.model, V), fake_tokenizer(V),
-                         lexicon=lex)
+  return ernie_gram.ErnieGram(config.objective, objectives.encoder_config(config.model, V),
+                              fake_tokenizer(V), objectives.Resources(lexicon=lex))
 
 
 # --- Lexicon -------------------------------------------------------------------------------------
