@@ -15,7 +15,7 @@ import flax.serialization
 from absl import app, flags
 from etils import epath
 
-from pretrain.data import tokenizer as tokenizer_lib
+from pretrain.data import hf_tokenizer
 from pretrain.interop import files, hf_bert, hf_electra, load, sentence_transformers as st_export
 from pretrain.training import metrics as metrics_lib
 
@@ -68,7 +68,7 @@ def write_export(out, config, tokenizer, objective, params, step, rows, *, pooli
     # ERNIE-Gram's head predicts tokens and n-grams: only its token rows (`token_head`) export.
     hf_bert.write_hf_model(out, objective.encoder(params), objective.token_head(params),
                            objective.model_config)
-  tokenizer_lib.save_hf(tokenizer, out)
+  hf_tokenizer.save_hf(tokenizer, out)
   st_pooling = st_export.pooling_for(objective, pooling, normalize)
   if st_pooling is not None:  # None: a trained pooler sentence-transformers cannot express.
     st_export.write_module_files(out, objective.model_config.hidden_size, pooling=st_pooling[0],

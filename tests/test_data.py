@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pretrain.data import pipeline, sources
+from pretrain.data import hf_tokenizer, pipeline, sources
 from pretrain.data import tokenizer as tok_lib
 from pretrain.data.corpora import local_text, python_stdlib
 
@@ -241,7 +241,7 @@ def test_save_hf_autotokenizer_parity(tok, tmp_path, model_type):
     if model_type == "bpe":
         tok = tok_lib.train((read_stdlib(r) for r in TRAIN_FILES[:6]),
                             str(tmp_path / "bpe.model"), 600, "bpe")
-    tok_lib.save_hf(tok, str(tmp_path / "hf"), model_max_length=128)
+    hf_tokenizer.save_hf(tok, str(tmp_path / "hf"), model_max_length=128)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert (hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id,
             hf.mask_token_id) == (0, 1, 2, 3, 4)

@@ -18,7 +18,7 @@ from configs import demo
 from pretrain.training import checkpointing
 from pretrain import export, train
 from pretrain.interop import hf_bert, sentence_transformers as st_export
-from pretrain.data import tokenizer as tok_lib
+from pretrain.data import hf_tokenizer, tokenizer as tok_lib
 from pretrain.models.encoder import Encoder
 from pretrain.interop import load
 
@@ -78,7 +78,7 @@ def test_mean_pooled_embeddings_match_sentence_transformers(imported, tokenizer)
 
 
 def test_wordpiece_tokenizer_behind_our_interface(tokenizer, tmp_path):
-  assert isinstance(tokenizer, tok_lib.HFTokenizer) and tokenizer.vocab_size == 30522
+  assert isinstance(tokenizer, hf_tokenizer.HFTokenizer) and tokenizer.vocab_size == 30522
   assert tokenizer.special_ids == (0, 100, 101, 102, 103)
   hf_tok = transformers.AutoTokenizer.from_pretrained(MINILM)
   for text in TEXTS + ["literal [MASK] and [CLS] stay text", " ".join(TEXTS * 30)]:
@@ -94,7 +94,7 @@ def test_wordpiece_tokenizer_behind_our_interface(tokenizer, tmp_path):
   assert pickle.loads(pickle.dumps(tokenizer)).encode(TEXTS[1]) == tokenizer.encode(TEXTS[1])
 
   # save_hf writes it back for AutoTokenizer, with the special tokens at their real ids.
-  tok_lib.save_hf(tokenizer, str(tmp_path / "hf"))
+  hf_tokenizer.save_hf(tokenizer, str(tmp_path / "hf"))
   saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   assert (saved.pad_token_id, saved.cls_token_id, saved.sep_token_id, saved.mask_token_id) == (
       0, 101, 102, 103)
@@ -103,7 +103,7 @@ def test_wordpiece_tokenizer_behind_our_interface(tokenizer, tmp_path):
   # A workdir keeps it as tokenizer/tokenizer.json and export finds it there.
   checkpointing.copy_tokenizer(tokenizer.model_path, str(tmp_path / "work"))
   again = tok_lib.load(str(tmp_path / "work" / "tokenizer"))
-  assert isinstance(again, tok_lib.HFTokenizer)
+  assert isinstance(again, hf_tokenizer.HFTokenizer)
   assert again.encode(TEXTS[4]) == tokenizer.encode(TEXTS[4])
 
 

@@ -15,32 +15,31 @@ Reserved ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]; [CLS]/[SEP] are added by
 the input pipeline, never by `encode`.
 
 Training uses sentencepiece; *encoding* runs the same pieces and scores through
-the `tokenizers` library (`_hf_backend`), i.e. the exact tokenizer that
-`save_hf` exports. Why: sentencepiece's Viterbi sums scores in float32, so
-segmentations that tie or nearly tie (e.g. "\\n\\n"+"\\n" vs "\\n"+"\\n\\n", or
-runs of indentation pieces in another order) are decided by rounding noise,
-differently from tokenizers' float64 search: with a 16k vocabulary 37 of 1,790
-stdlib files differed, at 405 of 8.9M token positions. Encoding with the
-exported tokenizer makes pretraining inputs and the HF export agree by
-construction; the price is speed (~1.2 MB/s of text per core instead of
-sentencepiece's ~10 MB/s).
+the `tokenizers` library (`hf_tokenizer.hf_backend`), i.e. the exact tokenizer
+that `hf_tokenizer.save_hf` exports. Why: sentencepiece's Viterbi sums scores in
+float32, so segmentations that tie or nearly tie (e.g. "\\n\\n"+"\\n" vs
+"\\n"+"\\n\\n", or runs of indentation pieces in another order) are decided by
+rounding noise, differently from tokenizers' float64 search: with a 16k
+vocabulary 37 of 1,790 stdlib files differed, at 405 of 8.9M token positions.
+Encoding with the exported tokenizer makes pretraining inputs and the HF export
+agree by construction; the price is speed (~1.2 MB/s of text per core instead
+of sentencepiece's ~10 MB/s).
 Decoding, pieces and the stored model stay sentencepiece.
 
 Known limit: a literal "▁" (U+2581) in the text decodes as a space.
 
 Third-party tokenizers: `tokenizer.path` may also name a Hugging Face
 tokenizer.json (or a directory holding one), e.g. the WordPiece vocabulary of a
-BERT checkpoint to continue pretraining it; `load` then returns an `HFTokenizer`
-with the same interface. Its special ids are wherever its vocabulary puts them
-(BERT: [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103), so code that needs
-them reads `tokenizer.cls_id` etc., not this module's constants, which describe
-our sentencepiece models only.
+BERT checkpoint to continue pretraining it; `load` then returns an
+`hf_tokenizer.HFTokenizer` with the same interface. Its special ids are wherever
+its vocabulary puts them (BERT: [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102
+[MASK]=103), so code that needs them reads `tokenizer.cls_id` etc., not this
+module's constants, which describe our sentencepiece models only.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -49,14 +48,14 @@ import numpy as np
 import sentencepiece as spm
 import tqdm
 
+from pretrain.data.hf_tokenizer import HFTokenizer, hf_backend
+from pretrain.data.tokenizer_common import (
+    CLS, CLS_ID, HF_FILE, MASK, MASK_ID, PAD, PAD_ID, RESERVED, SEP, SEP_ID, SPM_FILE, UNK,
+    UNK_ID, WORD_MARKER)
+
 log = logging.getLogger(__name__)
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
-PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-RESERVED = (PAD, UNK, CLS, SEP, MASK)
-WORD_MARKER = "\u2581"  # "▁": sentencepiece's visible space / word start.
 MAX_SENTENCE_BYTES = 4096  # Chunk size fed to the trainer.
-HF_FILE, SPM_FILE = "tokenizer.json", "spm.model"
 
 _TRAINER_OPTIONS = dict(
     normalization_rule_name="identity",
@@ -91,7 +90,7 @@ class Tokenizer:
           "-- retrain it (delete the file or point tokenizer.path elsewhere).")
     # Via JSON, exactly as AutoTokenizer loads it: an in-memory-built
     # Unigram breaks exact score ties differently from a deserialised one.
-    backend = _hf_backend(self)
+    backend = hf_backend(self)
     self._hf = type(backend).from_str(backend.to_str())
     # Literal "[PAD]" etc. in a document are text, never reserved ids.
     self._hf.encode_special_tokens = True
@@ -156,115 +155,6 @@ class Tokenizer:
                       for i in range(self.vocab_size)], dtype=bool)
     table[:len(RESERVED)] = False
     return table
-
-
-class HFTokenizer:
-  """A Hugging Face tokenizer.json behind the interface of `Tokenizer`.
-
-  For continuing the pretraining of a checkpoint with its own vocabulary, such
-  as BERT's WordPiece. The special tokens are looked up by name ([PAD] [UNK]
-  [CLS] [SEP] [MASK]), never assumed to be ids 0..4. Padding and truncation
-  stored in the file are switched off: the pipeline cuts and packs documents
-  itself. Only WordPiece is accepted because whole-word masking needs word
-  starts, and WordPiece marks them plainly: a piece without the continuing
-  prefix ("##") starts a word. [UNK] starts one too (WordPiece emits it for a
-  whole word); [PAD] [CLS] [SEP] [MASK] never do.
-  """
-
-  model_type = "wordpiece"
-
-  def __init__(self, json_text: str, model_path: str = ""):
-    from tokenizers import Tokenizer as Backend
-    self._json, self.model_path = json_text, model_path
-    where = model_path or HF_FILE
-    try:
-      hf = Backend.from_str(json_text)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
-      raise ValueError(f"{where}: not a Hugging Face tokenizer file ({e}).") from None
-    kind = type(hf.model).__name__
-    if kind != "WordPiece":
-      raise ValueError(
-          f"{where} is a {kind} tokenizer; only WordPiece (BERT-style) "
-          "tokenizer.json files are supported, because whole-word masking "
-          "reads word starts from the '##' continuation prefix.")
-    hf.no_padding()
-    hf.no_truncation()
-    hf.encode_special_tokens = True  # Literal "[MASK]" in text stays text.
-    self._hf = hf
-    ids = [hf.token_to_id(t) for t in RESERVED]
-    missing = [t for t, i in zip(RESERVED, ids) if i is None]
-    if missing:
-      raise ValueError(f"{where} has no {' '.join(missing)} token; the pipeline "
-                       f"and masking need all of {' '.join(RESERVED)}.")
-    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
-    self._pieces = [hf.id_to_token(i) for i in range(self.vocab_size)]
-    if None in self._pieces:
-      raise ValueError(f"{where}: token ids are not contiguous (no token for id "
-                       f"{self._pieces.index(None)}); the embedding rows would "
-                       "not line up with the vocabulary.")
-    self.first_ordinary_id = _first_ordinary_id(self._pieces, ids)
-
-  def __getstate__(self):  # Picklable for grain worker processes.
-    return {"json_text": self._json, "model_path": self.model_path}
-
-  def __setstate__(self, state):
-    self.__init__(state["json_text"], state["model_path"])
-
-  @property
-  def vocab_size(self) -> int:
-    return self._hf.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def special_ids(self) -> tuple[int, ...]:
-    """Ids of [PAD] [UNK] [CLS] [SEP] [MASK], in that order."""
-    return self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id
-
-  def backend(self):
-    """The `tokenizers.Tokenizer` used for encoding (padding, truncation off)."""
-    return self._hf
-
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without [CLS]/[SEP] (GIL released, see Tokenizer)."""
-    return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
-
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in self._hf.encode_batch(list(texts),
-                                                  add_special_tokens=False)]
-
-  def decode(self, ids) -> str:
-    """Text of `ids` without the special tokens (lowercased if the tokenizer is)."""
-    return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)
-
-  def id_to_piece(self, i: int) -> str:
-    return self._pieces[int(i)]
-
-  def piece_to_id(self, piece: str) -> int:
-    i = self._hf.token_to_id(piece)
-    return self.unk_id if i is None else i
-
-  def word_start_table(self) -> np.ndarray:
-    """bool[vocab_size]: True where a piece starts a word (no "##" prefix)."""
-    prefix = self._hf.model.continuing_subword_prefix
-    table = np.array([not p.startswith(prefix) for p in self._pieces], dtype=bool)
-    table[[self.pad_id, self.cls_id, self.sep_id, self.mask_id]] = False
-    return table
-
-
-def _first_ordinary_id(pieces, special_ids) -> int:
-  """The id after the leading block of special and "[unusedN]" placeholder pieces.
-
-  Masking draws random replacement tokens from [this, vocab_size): BERT's vocabulary keeps
-  [PAD] [unused0..98] [UNK] [CLS] [SEP] [MASK] [unused99..993] in ids 0..998, which must never
-  be drawn. A special token outside that block (rare in WordPiece vocabularies) could be drawn;
-  that only weakens one replacement.
-  """
-  reserved = set(int(i) for i in special_ids)
-  i = 0
-  while i < len(pieces) and (i in reserved or re.fullmatch(r"\[unused\d+\]", pieces[i])):
-    i += 1
-  if i >= len(pieces) - 1:
-    raise ValueError("The tokenizer has no ordinary tokens after its special ones.")
-  return i
 
 
 def training_sentences(text: str, max_bytes: int = MAX_SENTENCE_BYTES):
@@ -419,96 +309,3 @@ def _train_from_config(data_config, path: str) -> Tokenizer:
   max_bytes = tcfg.max_train_bytes or None
   texts = sources.iter_texts(data_config, split, max_bytes=max_bytes)
   return train(texts, path, tcfg.vocab_size, tcfg.model_type, total_bytes=max_bytes)
-
-
-_NEVER = -1e9  # HF score for pieces sentencepiece never matches from text.
-
-
-def _hf_backend(tok: Tokenizer):
-  """The `tokenizers.Tokenizer` for `tok`'s pieces (plus [CLS] $A [SEP]).
-
-  Mirrors sentencepiece: no unicode normalisation, one "▁" prepended
-  (add_dummy_prefix), spaces -> "▁", no pre-tokenisation (the model sees the
-  whole text, so whitespace-only pieces and pieces ending in "\\n" work), byte
-  fallback. Byte and control pieces get a score that never wins, because
-  sentencepiece never produces them from literal text such as "<0x41>".
-  """
-  from tokenizers import AddedToken, decoders, models, normalizers, processors
-  from tokenizers import Tokenizer as HFTokenizer
-  proto = tok.proto()
-  spec = proto.normalizer_spec
-  if spec.name != "identity" or spec.remove_extra_whitespaces:
-    raise ValueError(f"{tok.model_path}: only identity sentencepiece "
-                     "normalisation without whitespace removal is supported; "
-                     "retrain with pretrain.data.tokenizer.train.")
-  sp = tok._sp  # pylint: disable=protected-access
-  special = [sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
-             or sp.is_unused(i) for i in range(tok.vocab_size)]
-  if tok.model_type == "unigram":
-    vocab = [(p.piece, _NEVER if s else p.score)
-             for p, s in zip(proto.pieces, special)]
-    model = models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=True)
-  else:  # bpe: merges ranked by the score of the merged piece, like spm.
-    ids = {p.piece: i for i, p in enumerate(proto.pieces)}
-    normal = {p.piece for p, s in zip(proto.pieces, special) if not s}
-    merges = []
-    for p, s in zip(proto.pieces, special):
-      if s or len(p.piece) < 2:
-        continue
-      splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
-      splits = [m for m in splits if m[0] in normal and m[1] in normal]
-      merges += sorted(splits, key=lambda m: (ids[m[0]], ids[m[1]]))
-    model = models.BPE(ids, merges, unk_token=UNK, byte_fallback=True,
-                       fuse_unk=True)
-  hf = HFTokenizer(model)
-  norm = [normalizers.Replace(" ", WORD_MARKER)]
-  if spec.add_dummy_prefix:
-    norm.insert(0, normalizers.Prepend(WORD_MARKER))
-  hf.normalizer = normalizers.Sequence(norm)
-  dec = [decoders.Replace(WORD_MARKER, " "), decoders.ByteFallback(), decoders.Fuse()]
-  if spec.add_dummy_prefix:
-    dec.append(decoders.Strip(content=" ", left=1, right=0))
-  hf.decoder = decoders.Sequence(dec)
-  hf.post_processor = processors.TemplateProcessing(
-      single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
-      special_tokens=[(CLS, CLS_ID), (SEP, SEP_ID)])
-  hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                         for t in RESERVED])
-  return hf
-
-
-def save_hf(tok: Tokenizer | HFTokenizer, out_dir: str,
-            model_max_length: int = 512) -> None:
-  """Writes tokenizer.json (+ configs, spm.model) for AutoTokenizer.
-
-  `AutoTokenizer.from_pretrained(out_dir)(text)["input_ids"]` equals
-  [tok.cls_id] + tok.encode(text) + [tok.sep_id]. One deliberate difference:
-  text that literally contains "[MASK]" etc. gets the special id in HF (so
-  fill-mask prompts work) but is plain text to `tok.encode`. An `HFTokenizer`
-  writes its own tokenizer.json back (padding and truncation off).
-  """
-  import shutil
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, HF_FILE)
-  if isinstance(tok, HFTokenizer):
-    tok.backend().save(json_path)
-  else:
-    _hf_backend(tok).save(json_path)
-  names = dict(pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP,
-               mask_token=MASK)
-  config = dict(tokenizer_class="PreTrainedTokenizerFast",
-                model_max_length=model_max_length, padding_side="right",
-                clean_up_tokenization_spaces=False,
-                model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-                **names)
-  for fname, content in (("tokenizer_config.json", config),
-                         ("special_tokens_map.json", names)):
-    with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
-      json.dump(content, f, indent=2)
-  if isinstance(tok, HFTokenizer):
-    return
-  if tok.model_path and os.path.exists(tok.model_path):
-    shutil.copyfile(tok.model_path, os.path.join(out_dir, SPM_FILE))
-  else:
-    with open(os.path.join(out_dir, SPM_FILE), "wb") as f:
-      f.write(tok._proto)  # pylint: disable=protected-access

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain.interop import hf_bert
-from pretrain.data import tokenizer as tokenizer_lib
+from pretrain.data import hf_tokenizer
 from pretrain.models import encoder as enc
 
 POOLING_MODES = ("cls", "mean")
@@ -145,7 +145,7 @@ def write(out_dir, encoder_params, model_config, tokenizer, *, pooling="mean", n
     raise ValueError(f"max_seq_length {max_seq_length} must be in (2, {model_config.max_len}] "
                      "(the encoder's position embeddings).")
   hf_bert.write_hf_model(out_dir, encoder_params, mlm_head_params, model_config)
-  tokenizer_lib.save_hf(tokenizer, out_dir, model_max_length=max_seq_length)
+  hf_tokenizer.save_hf(tokenizer, out_dir, model_max_length=max_seq_length)
   write_module_files(out_dir, model_config.hidden_size, pooling=pooling, normalize=normalize,
                      max_seq_length=max_seq_length)
   return out_dir
