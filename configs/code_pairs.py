@@ -6,7 +6,7 @@
   python -m pretrain.main --config=configs/code_pairs.py:base=minilm,guide=True --workdir=W
 
 The pairs come from the training split of the corpus (pretrain/data/pairs.py; the docstring
-queries and the docstring-free code are extracted as pretrain/data/code_tasks.py does for the
+queries and the docstring-free code are extracted as pretrain/data/python_code.py does for the
 held-out retrieval benchmark). Defaults: mean pooling, cosine scores (normalize) at temperature
 0.05, in-batch negatives over every device; the rest as configs/contriever.py.
 

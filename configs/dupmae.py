@@ -1,4 +1,4 @@
-"""RetroMAE and DupMAE: masked auto-encoding through the [CLS] embedding (objectives/dupmae.py).
+"""RetroMAE and DupMAE: masked auto-encoding through the [CLS] embedding (objectives/retromae.py).
 
   python -m pretrain.main --config=configs/dupmae.py:variant=retromae --workdir=workdir/retromae
   python -m pretrain.main --config=configs/dupmae.py:variant=dupmae --workdir=workdir/dupmae

@@ -60,7 +60,7 @@ def _tiny_config(objective="electra"):
 
 
 def _objective(config):
-  """Like train.make_objective, with model.embedding_size passed on whatever train.py does."""
+  """Like objectives.build, with model.embedding_size passed on whatever train.py does."""
   model_config = dataclasses.replace(objectives.encoder_config(config.model, V),
                                      embedding_size=config.model.embedding_size or None)
   return objectives.get(config.objective.name)(config.objective, model_config, fake_tokenizer(V))

@@ -6,7 +6,7 @@
 Each `except Name:` clause of the standard library becomes its try statement with the name
 replaced by [MASK] (a window of at most ~13 lines: 64 tokens hold most of it); the label is the
 name among the 20 most frequent types (others dropped). 300 steps of 32 are ~2.8 epochs.
-Train/dev from the pretraining train files, test from the held-out files (pretrain.data.downstream).
+Train/dev from the pretraining train files, test from the held-out files (pretrain.finetune.tasks).
 """
 from configs import common as pre_common
 from configs.finetune import common

@@ -2,7 +2,7 @@
 
 The query stream carries only the sentence embedding (h + the position of the token to predict),
 the key/value stream carries h and the original token embeddings; each query row sees a sampled
-part of its segment through a position-specific mask (`objectives.dupmae.decoder_attention_mask`).
+part of its segment through a position-specific mask (`objectives.retromae.decoder_attention_mask`).
 The residual of the attention sub-block adds the query stream, as in the official code's
 ``BertLayerForDecoder``. Parameter names are `EncoderLayer`'s (attention/{query,key,value,output,
 LayerNorm}, intermediate, output, LayerNorm), so the layer maps onto a Hugging Face ``BertLayer``.

@@ -2,7 +2,7 @@
 
 The math is exactly Hugging Face ``BertModel`` / ``BertForMaskedLM`` (post-LN,
 learned absolute positions, token-type embeddings, exact erf GELU) so that
-``pretrain.hf_bert`` can export weights that reproduce our outputs in PyTorch.
+``pretrain.interop.hf_bert`` can export weights that reproduce our outputs in PyTorch.
 
 Sequences are packed: several documents share a row. ``segment_ids`` is 0 on
 padding and 1, 2, 3, ... per document, and positions restart at 0 for each
@@ -246,7 +246,7 @@ def segment_mask(segment_ids_BL: Array) -> Array:
 class Encoder(nn.Module):
   """BERT encoder over packed rows.
 
-  Parameter tree (maps 1:1 to Hugging Face names, see ``pretrain.hf_bert``)::
+  Parameter tree (maps 1:1 to Hugging Face names, see ``pretrain.interop.hf_bert``)::
 
     embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
     embeddings/LayerNorm/{scale,bias}
