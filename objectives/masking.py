@@ -186,7 +186,7 @@ def span_length_probs(strategy, max_span=3, geometric_p=0.2, geometric_max_span=
 
 
 def strategy_from_config(config) -> Strategy:
-  """The `Strategy` of an objective's config block (older configs without the keys: tokens)."""
+  """The `Strategy` of an objective's config block (a saved config without the keys: tokens)."""
   name = config.get("masking_strategy", "token")
   probs = span_length_probs(name, config.get("max_span", 3), config.get("geometric_p", 0.2),
                             config.get("geometric_max_span", 10))

@@ -112,7 +112,7 @@ def check_compatible(saved, config, where, fields=SHAPE_FIELDS):
   for field in fields:
     old, new = _lookup(saved, field), _lookup(current, field)
     if old is _MISSING:
-      continue  # Saved before the key existed; restoring still checks every array's shape.
+      continue  # A config saved without the key; restoring still checks every array's shape.
     if old != new:
       raise ValueError(
           f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}. "
