@@ -5,18 +5,19 @@ BIN := $(VENV)/bin
 DEMO_WORKDIR ?= workdir/demo
 DEMO_EXPORT ?= exports/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.base: $(BIN)/python setup.py
-	$(BIN)/pip install -q -e .
+# constraints.txt pins every package to the versions last tested; setup.py keeps the ranges.
+$(VENV)/.base: $(BIN)/python setup.py constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.base
@@ -31,7 +32,8 @@ lint: $(VENV)/.test
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv.
+# Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv,
+# resolved from setup.py alone since constraints.txt pins transformers 5.
 BENCH_VENV := .venv-bench
 
 $(BENCH_VENV)/.stamp: setup.py
@@ -44,6 +46,20 @@ bench: $(VENV)/.base $(BENCH_VENV)/.stamp
 	$(BIN)/python bench/compare.py --bench_python=$(BENCH_VENV)/bin/python
 	$(BIN)/python bench/pipeline.py --config=configs/demo.py
 	$(BIN)/python bench/sharding_memory.py
+
+# Rewrites constraints.txt from a fresh virtualenv of setup.py's ranges: `make constraints`.
+# Local version labels (torch's +cpu) are dropped so that either build satisfies the pin, and
+# the CUDA runtime packages are left to torch's own requirements.
+CONSTRAINTS_VENV := .venv-constraints
+
+constraints:
+	rm -rf $(CONSTRAINTS_VENV)
+	$(PYTHON) -m venv $(CONSTRAINTS_VENV)
+	$(CONSTRAINTS_VENV)/bin/pip install -q --upgrade pip
+	$(CONSTRAINTS_VENV)/bin/pip install -q -e '.[test]'
+	$(CONSTRAINTS_VENV)/bin/pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//' \
+	  | grep -vE '^(nvidia-|triton)' > constraints.txt
+	rm -rf $(CONSTRAINTS_VENV)
 
 clean:
 	rm -rf $(DEMO_WORKDIR) $(DEMO_EXPORT)
