@@ -21,7 +21,7 @@ from configs import demo
 from configs.finetune import common as ft_common, jsonl
 from pretrain.interop import hf_bert
 from pretrain.training import optimizer as optimizer_lib
-from pretrain.finetune import code_tasks, tasks
+from pretrain.finetune import code_tasks, task_tokenizer, tasks
 from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.data.corpora import python_stdlib
 from pretrain.models import encoder as enc
@@ -138,7 +138,7 @@ class _WordTokenizer:
 
 
 def _task_tokenizer():
-  return tasks.TaskTokenizer(_WordTokenizer(), cls_id=2, sep_id=3, pad_id=0, mask_id=4,
+  return task_tokenizer.TaskTokenizer(_WordTokenizer(), cls_id=2, sep_id=3, pad_id=0, mask_id=4,
                                   vocab_size=13)
 
 
@@ -159,7 +159,7 @@ def test_token_rows_label_the_first_piece_of_each_word():
   class Pieces:  # "z" is two pieces.
     def encode_batch(self, words):
       return [[10] if w == "x" else [11, 12] for w in words]
-  tok = tasks.TaskTokenizer(Pieces(), 2, 3, 0, 4, 13)
+  tok = task_tokenizer.TaskTokenizer(Pieces(), 2, 3, 0, 4, 13)
   rows = tasks.encode_tokens(tok, [{"tokens": ["x", "z", "x"], "tags": [1, 2, 0]}], 8)
   np.testing.assert_array_equal(rows["input_ids"][0], [2, 10, 11, 12, 10, 3, 0, 0])
   np.testing.assert_array_equal(rows["labels"][0], [-1, 1, 2, -1, 0, -1, -1, -1])

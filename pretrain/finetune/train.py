@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from configs.finetune import common as ft_common
-from pretrain.finetune import evaluation, heads, tasks
+from pretrain.finetune import evaluation, heads, task_tokenizer, tasks
 from pretrain.interop import load
 from pretrain.training import (metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib)
@@ -107,7 +107,7 @@ def train_and_evaluate(config, workdir):
   if d.seq_len > model_config.max_len:
     raise ValueError(f"data.seq_len={d.seq_len} exceeds the {model_config.max_len} positions of "
                      f"{config.init}; lower data.seq_len.")
-  tok = tasks.load_task_tokenizer(pre.tokenizer_dir)
+  tok = task_tokenizer.load_task_tokenizer(pre.tokenizer_dir)
   if tok.vocab_size > model_config.vocab_size:
     raise ValueError(f"The tokenizer in {pre.tokenizer_dir} has {tok.vocab_size} ids but the "
                      f"encoder only {model_config.vocab_size} embeddings; they do not belong "
