@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import code_pairs, common, contriever
-from objectives import contrastive as con, views
+from objectives import contrastive_losses as losses, views
 from pretrain.training import sharding
 from pretrain import train
 from pretrain.data import pairs
@@ -65,14 +65,14 @@ def test_info_nce_equals_closed_form():
   valid = np.array([True, True, False, True])
   masked = np.zeros((4, 4), bool)
   masked[0, 3] = True
-  loss, _, (correct, count) = con.info_nce(q, d, jnp.asarray(valid), 0.1, jnp.asarray(masked))
+  loss, _, (correct, count) = losses.info_nce(q, d, jnp.asarray(valid), 0.1, jnp.asarray(masked))
   s = q @ d.T / 0.1
   expected = [_softmax_ce(s[i, [j for j in (0, 1, 3) if not masked[i, j]]],
                           [j for j in (0, 1, 3) if not masked[i, j]].index(i)) for i in (0, 1, 3)]
   np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
   assert int(count) == 3
   # The transposed call is the document->query direction of the symmetric loss.
-  loss_t, _, _ = con.info_nce(d, q, jnp.asarray(valid), 0.1)
+  loss_t, _, _ = losses.info_nce(d, q, jnp.asarray(valid), 0.1)
   expected_t = [_softmax_ce(s.T[i, [0, 1, 3]], [0, 1, 3].index(i)) for i in (0, 1, 3)]
   np.testing.assert_allclose(loss_t, np.mean(expected_t), rtol=1e-5)
 
@@ -81,7 +81,7 @@ def test_moco_logits_and_queue_update_order():
   rng = np.random.default_rng(1)
   q, k = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
   queue = rng.standard_normal((6, 3))
-  logits = np.asarray(con.moco_logits(q, k, queue, 0.5))
+  logits = np.asarray(losses.moco_logits(q, k, queue, 0.5))
   np.testing.assert_allclose(logits[:, 0], (q * k).sum(-1) / 0.5, rtol=1e-5)
   np.testing.assert_allclose(logits[:, 1:], q @ queue.T / 0.5, rtol=1e-5)
   # Three batches of two keys fill a queue of six in order; the fourth overwrites the oldest.
@@ -90,13 +90,13 @@ def test_moco_logits_and_queue_update_order():
              for i in range(4)]
   pointers = []
   for keys in batches:
-    state = con.enqueue(*state, jnp.asarray(keys))
+    state = losses.enqueue(*state, jnp.asarray(keys))
     pointers.append(int(state[1]))
   assert pointers == [2, 4, 0, 2]
   np.testing.assert_array_equal(np.asarray(state[0]),
                                 np.concatenate([batches[3], batches[1], batches[2]]))
   with pytest.raises(ValueError, match="queue_size=6 is not a multiple of the batch of 4 keys"):
-    con.enqueue(jnp.zeros((6, 3)), 0, jnp.zeros((4, 3)))
+    losses.enqueue(jnp.zeros((6, 3)), 0, jnp.zeros((4, 3)))
 
 
 def test_queue_size_not_divisible_by_global_batch_is_a_config_error():
@@ -109,8 +109,8 @@ def test_queue_size_not_divisible_by_global_batch_is_a_config_error():
 
 def test_ema_copies_then_averages():
   key, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 6.0])}
-  np.testing.assert_allclose(con.ema(key, params, 0.9, jnp.array(False))["w"], [3.0, 6.0])
-  np.testing.assert_allclose(con.ema(key, params, 0.9, jnp.array(True))["w"],
+  np.testing.assert_allclose(losses.ema(key, params, 0.9, jnp.array(False))["w"], [3.0, 6.0])
+  np.testing.assert_allclose(losses.ema(key, params, 0.9, jnp.array(True))["w"],
                              [0.9 + 0.3, 1.8 + 0.6], rtol=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_guide_masks_exactly_the_candidates_scored_above_the_positive():
                   [0.1, 0.3, 0.2, 0.25],
                   [0.6, 0.4, 0.3, 0.6]], np.float32)
   # Embeddings whose dot products are `sim`: unit-free, via an identity doc side.
-  q_to_d, d_to_q = con.guide_masks(jnp.asarray(sim), jnp.eye(4))
+  q_to_d, d_to_q = losses.guide_masks(jnp.asarray(sim), jnp.eye(4))
   expected = sim > np.diag(sim)[:, None]  # strictly above: ties (0.5, 0.5) and (0.6, 0.6) stay
   np.testing.assert_array_equal(q_to_d, expected)
   assert not np.diag(np.asarray(q_to_d)).any()
@@ -130,7 +130,7 @@ def test_guide_masks_exactly_the_candidates_scored_above_the_positive():
   # Masked candidates drop out of the softmax; everything else stays.
   rng = np.random.default_rng(2)
   q, d = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
-  loss, _, _ = con.info_nce(q, d, jnp.ones(4, bool), 1.0, q_to_d)
+  loss, _, _ = losses.info_nce(q, d, jnp.ones(4, bool), 1.0, q_to_d)
   s = q @ d.T
   manual = [_softmax_ce(s[i][~expected[i]], int(np.flatnonzero(~expected[i]).tolist().index(i)))
             for i in range(4)]
@@ -143,18 +143,18 @@ def test_kl_rows_and_matryoshka_truncation_closed_forms():
   p = np.exp(t) / np.exp(t).sum(-1, keepdims=True)
   log_q = s - np.log(np.exp(s).sum(-1, keepdims=True))
   expected = np.mean([np.sum(p[i] * (np.log(p[i]) - log_q[i])) for i in (0, 2)])
-  np.testing.assert_allclose(con.kl_rows(t, s, jnp.array([True, False, True])), expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.kl_rows(t, s, jnp.array([True, False, True])), expected, rtol=1e-5)
   x = rng.standard_normal((4, 16)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(con.nest(x, 4, False))[:, :4], x[:, :4])
-  assert not np.asarray(con.nest(x, 4, False))[:, 4:].any()
+  np.testing.assert_allclose(np.asarray(losses.nest(x, 4, False))[:, :4], x[:, :4])
+  assert not np.asarray(losses.nest(x, 4, False))[:, 4:].any()
   unit = x[:, :4] / np.linalg.norm(x[:, :4], axis=-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(con.nest(x, 4, True))[:, :4], unit, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(losses.nest(x, 4, True))[:, :4], unit, rtol=1e-5)
   y = rng.standard_normal((4, 16)).astype(np.float32)
-  truncated, _, _ = con.info_nce(x[:, :4], y[:, :4], jnp.ones(4, bool), 0.5)
-  nested, _, _ = con.info_nce(con.nest(x, 4, False), con.nest(y, 4, False), jnp.ones(4, bool), 0.5)
+  truncated, _, _ = losses.info_nce(x[:, :4], y[:, :4], jnp.ones(4, bool), 0.5)
+  nested, _, _ = losses.info_nce(losses.nest(x, 4, False), losses.nest(y, 4, False), jnp.ones(4, bool), 0.5)
   np.testing.assert_allclose(nested, truncated, rtol=1e-6)
-  assert con.default_dims(48) == (8, 16, 32, 48)
-  assert con.default_starbucks(4, 256) == ((1, 32), (2, 64), (3, 128), (4, 256))
+  assert losses.default_dims(48) == (8, 16, 32, 48)
+  assert losses.default_starbucks(4, 256) == ((1, 32), (2, 64), (3, 128), (4, 256))
 
 
 # --- Views ---------------------------------------------------------------------------------------
@@ -243,12 +243,12 @@ def test_starbucks_loss_is_the_sum_it_claims():
     d_layers = objective.hidden(params["encoder"], d_rows, jax.random.key(0), False)
 
     def at(layer, dim):
-      q = con.nest(objective.pool({}, q_layers, q_rows, layer), dim, True)
-      d = con.nest(objective.pool({}, d_layers, d_rows, layer), dim, True)
-      return con.info_nce(q, d, valid, 0.05)[:2]
+      q = losses.nest(objective.pool({}, q_layers, q_rows, layer), dim, True)
+      d = losses.nest(objective.pool({}, d_layers, d_rows, layer), dim, True)
+      return losses.info_nce(q, d, valid, 0.05)[:2]
 
     (full, full_logits), (sub, sub_logits) = at(None, 64), at(1, 16)
-    return total, metrics, full, full + sub + 0.5 * con.kl_rows(full_logits, sub_logits, valid)
+    return total, metrics, full, full + sub + 0.5 * losses.kl_rows(full_logits, sub_logits, valid)
 
   total, metrics, full, expected = loss_and_reference(params, batch)
   assert "loss_layer1_dim16" in metrics and "loss_layer2_dim64" not in metrics
@@ -280,15 +280,15 @@ def test_2dmse_is_last_plus_a_sampled_layer_and_dimension_with_kl():
     layers = [objective.hidden(params["encoder"], r, jax.random.key(0), False) for r in rows]
 
     def at(layer, dim):
-      q, d = (con.nest(objective.pool({}, h, r, layer), dim, True) for h, r in zip(layers, rows))
-      return con.info_nce(q, d, valid, 0.05)[:2]
+      q, d = (losses.nest(objective.pool({}, h, r, layer), dim, True) for h, r in zip(layers, rows))
+      return losses.info_nce(q, d, valid, 0.05)[:2]
 
     totals = []
     for layer, dim in draws:
       total = 0.0
       for d in (64, dim):
         (last, last_logits), (sub, sub_logits) = at(None, d), at(layer, d)
-        total += last + sub / layer + con.kl_rows(last_logits, sub_logits, valid)
+        total += last + sub / layer + losses.kl_rows(last_logits, sub_logits, valid)
       totals.append(total)
     return loss, optax.tree.norm(grads), totals
 
@@ -366,7 +366,7 @@ def test_init_from_a_hf_bert_dir_warm_starts_the_contrastive_objective(hf_dir):
   fresh = _random_params(objective)
   params = train._params_from(  # pylint: disable=protected-access
       str(path), fresh, objective, tx, L, mesh, rules, shardings.params)
-  _, imported, _ = train.hf_bert.read_hf_model(str(path))
+  imported = train.hf_read.read_hf_encoder(str(path)).encoder
   jax.tree.map(np.testing.assert_array_equal, params["encoder"], imported)
   jax.tree.map(np.testing.assert_array_equal, params["pooler"], fresh["pooler"])
   assert set(params) == {"encoder", "pooler"} and target.obj_state["queue"].shape == (16, 64)
