@@ -13,15 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pretrain.data.tokenizer_common import (
     CLS, CLS_ID, HF_FILE, MASK, PAD, RESERVED, SEP, SEP_ID, SPM_FILE, UNK, UNK_ID, WORD_MARKER)
-
-if TYPE_CHECKING:
-  from pretrain.data.tokenizer import Tokenizer
 
 
 class HFTokenizer:
@@ -136,8 +132,9 @@ def _first_ordinary_id(pieces, special_ids) -> int:
 _NEVER = -1e9  # HF score for pieces sentencepiece never matches from text.
 
 
-def hf_backend(tok: Tokenizer):
-  """The `tokenizers.Tokenizer` for `tok`'s pieces (plus [CLS] $A [SEP]).
+def hf_backend(tok):
+  """The `tokenizers.Tokenizer` for the pieces of `tok`, a sentencepiece `tokenizer.Tokenizer`
+  (plus [CLS] $A [SEP]).
 
   Mirrors sentencepiece: no unicode normalisation, one "▁" prepended
   (add_dummy_prefix), spaces -> "▁", no pre-tokenisation (the model sees the
@@ -189,9 +186,9 @@ def hf_backend(tok: Tokenizer):
   return hf
 
 
-def save_hf(tok: Tokenizer | HFTokenizer, out_dir: str,
-            model_max_length: int = 512) -> None:
-  """Writes tokenizer.json (+ configs, spm.model) for AutoTokenizer.
+def save_hf(tok, out_dir: str, model_max_length: int = 512) -> None:
+  """Writes tokenizer.json (+ configs, spm.model) for AutoTokenizer; `tok` is a
+  `tokenizer.Tokenizer` or an `HFTokenizer`.
 
   `AutoTokenizer.from_pretrained(out_dir)(text)["input_ids"]` equals
   [tok.cls_id] + tok.encode(text) + [tok.sep_id]. One deliberate difference:
