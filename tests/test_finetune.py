@@ -403,10 +403,11 @@ def test_pretrained_encoder_beats_chance_and_random_init(straight, pretrained, t
 
 
 def test_loading_a_workdir_defines_no_flags_of_its_own():
-  """`--config.init=<workdir>` imports pretrain.export inside pretrain.finetune, whose --workdir
-  flag is already defined; export's flags exist only when it runs as the main program."""
+  """The fine-tuning command defines --workdir and imports pretrain.export's neighbours; export's
+  flags exist only when it runs as the main program."""
   code = ("from absl import flags; flags.DEFINE_string('workdir', None, '');"
-          "from pretrain import export, finetune; assert 'out' not in flags.FLAGS")
+          "from pretrain import export; from pretrain.finetune import train;"
+          "assert 'out' not in flags.FLAGS")
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
   proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120, check=False)
