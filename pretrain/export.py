@@ -15,6 +15,7 @@ import flax.serialization
 from absl import app, flags
 from etils import epath
 
+from pretrain import console
 from pretrain.data import hf_tokenizer
 from pretrain.interop import files, hf_bert, hf_electra, load, sentence_transformers as st_export
 from pretrain.training import metrics as metrics_lib
@@ -103,6 +104,7 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
+  console.quiet(f["verbosity"].present)
   out = export(f.workdir, f.out, f.step, f.overwrite, pooling=f.pooling, normalize=f.normalize,
                max_seq_length=f.max_seq_length)
   print(f"Exported {f.workdir} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")

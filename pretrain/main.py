@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 import jax
 
-from pretrain import train
+from pretrain import console, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:size=tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
@@ -23,8 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Libraries' INFO lines drown the progress lines.
+  console.quiet(flags.FLAGS["verbosity"].present)
   jax.config.update("jax_threefry_partitionable", True)
   if _MULTIHOST.value or _COORDINATOR.value:
     # CPU processes need a collectives backend of their own; TPUs and GPUs ignore this setting.

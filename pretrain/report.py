@@ -6,6 +6,7 @@ import os
 
 from absl import app, flags
 
+from pretrain import console
 from pretrain.training import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir.")
@@ -23,6 +24,7 @@ def summary(workdir):
 
 def main(argv):
   del argv
+  console.quiet(flags.FLAGS["verbosity"].present)
   s = summary(_WORKDIR.value)
   fmt = lambda r: ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step")  # noqa: E731
   if s["first_eval"]:

@@ -8,6 +8,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from pretrain import console
 from pretrain.data import sources, tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
@@ -15,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 
 def main(argv):
   del argv
+  console.quiet(flags.FLAGS["verbosity"].present)
   d = _CONFIG.value.data
   for split in (d.train_split, d.eval_split):
     print(f"Corpus {d.name} [{split}]: {len(sources.open_source(d, split)):,} documents "

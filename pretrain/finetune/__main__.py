@@ -7,17 +7,17 @@ import json
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from pretrain import console
 from pretrain.finetune import train
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  console.quiet(flags.FLAGS["verbosity"].present)
   jax.config.update("jax_threefry_partitionable", True)
   t0 = time.perf_counter()
   workdir = flags.FLAGS.workdir
