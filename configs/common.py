@@ -5,6 +5,7 @@ short because sizes and defaults live here, in small tables, instead of being co
 `validate(config)` checks every value against its allowed choices before anything compiles.
 """
 import ast
+import itertools
 
 import ml_collections
 
@@ -69,6 +70,12 @@ def parse_arg(arg, **defaults):
           f"Config argument {key}={raw!r} should be a {type(default).__name__} like {default!r}.")
     result[key] = value
   return result
+
+
+def product(axes):
+  """A sweep's grid: {"a.b": [1, 2], "c": [x]} -> [{"a.b": 1, "c": x}, {"a.b": 2, "c": x}]."""
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
 def model_config(size):

@@ -9,7 +9,6 @@ after `--` go to every run. Every key is checked against the config before anyth
 --run the commands are only printed; --summary prints the table of existing workdirs alone.
 """
 import importlib.util
-import itertools
 import os
 import re
 import shlex
@@ -17,12 +16,6 @@ import subprocess
 import sys
 
 from absl import app, flags
-
-
-def product(axes):
-  """{"a.b": [1, 2], "c": [x]} -> [{"a.b": 1, "c": x}, {"a.b": 2, "c": x}]: every combination."""
-  keys = list(axes)
-  return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
 def _load_module(path, what):

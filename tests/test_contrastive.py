@@ -324,7 +324,7 @@ def test_guide_is_a_frozen_hf_model_that_masks_candidates(hf_dir):
   torch = pytest.importorskip("torch")
   path, model = hf_dir
   config = _config("", guide=str(path), normalize=True)
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = objectives.build(config, fake_tokenizer(V), load.resources(config, None))
   state = nn.unbox(objective.init_state())
   rows = _chunks(4)
   params = _random_params(objective)

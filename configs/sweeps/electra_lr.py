@@ -3,7 +3,7 @@
   python -m launch.sweep --sweep=configs/sweeps/electra_lr.py \
       --config=configs/electra.py:size=small --workdir_root=workdirs/electra_lr --run
 """
-from launch.sweep import product
+from configs.common import product
 
 
 def get_sweep():

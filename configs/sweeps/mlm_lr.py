@@ -3,7 +3,7 @@
   python -m launch.sweep --sweep=configs/sweeps/mlm_lr.py --config=configs/demo.py:size=tiny \
       --workdir_root=workdirs/mlm_lr --run
 """
-from launch.sweep import product
+from configs.common import product
 
 
 def get_sweep():
