@@ -40,14 +40,8 @@ def docstring_retrieval(validation_fraction: float = 0.05, root: str | None = No
   held-out functions; relevant[i]: the index in `candidates` of query i's own
   function. Everything comes from files pretraining never saw.
   """
-  pairs = python_code.function_pairs(python_code.heldout_files("heldout", validation_fraction, root, max_files))
-  queries, relevant = [], []
-  for i, p in enumerate(pairs):
-    q = python_code.docstring_query(p["docstring"])
-    if q:
-      queries.append(q)
-      relevant.append(i)
-  return queries, [p["code"] for p in pairs], relevant
+  files = python_code.heldout_files("heldout", validation_fraction, root, max_files)
+  return retrieval_triple(python_code.function_pairs(files))
 
 
 def _handlers(tree):
