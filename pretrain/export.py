@@ -18,6 +18,7 @@ from etils import epath
 from pretrain import console
 from pretrain.data import hf_tokenizer
 from pretrain.interop import files, hf_bert, hf_electra, load, sentence_transformers as st_export
+from pretrain.models import pooling as pooling_lib
 from pretrain.training import metrics as metrics_lib
 
 
@@ -91,7 +92,7 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
   flags.DEFINE_enum(
-      "pooling", None, st_export.POOLING_MODES, "sentence-transformers pooling: mean over tokens "
+      "pooling", None, pooling_lib.MODES, "sentence-transformers pooling: mean over tokens "
       "or the [CLS] state (default: the objective's pooler, else mean).")
   flags.DEFINE_bool("normalize", None, "L2-normalise sentence-transformers embeddings "
                     "(default: as the objective's pooler did, else true).")

@@ -11,6 +11,7 @@ import pytest
 
 from pretrain.interop import sentence_transformers as st_export
 from pretrain.data import tokenizer as tok_lib
+from pretrain.models import pooling
 from pretrain.models.encoder import Encoder, EncoderConfig
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
@@ -45,11 +46,11 @@ def params():
 def test_pool_closed_forms():
   hidden = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
   mask = np.array([[1, 1, 0], [1, 0, 0]])
-  np.testing.assert_allclose(st_export.pool(hidden, mask, "cls"), [[0, 1], [6, 7]])
-  np.testing.assert_allclose(st_export.pool(hidden, mask, "mean"), [[1, 2], [6, 7]])
-  np.testing.assert_allclose(st_export.l2_normalize(np.array([[3.0, 4.0]])), [[0.6, 0.8]])
+  np.testing.assert_allclose(pooling.pool(hidden, mask, "cls"), [[0, 1], [6, 7]])
+  np.testing.assert_allclose(pooling.pool(hidden, mask, "mean"), [[1, 2], [6, 7]])
+  np.testing.assert_allclose(pooling.l2_normalize(np.array([[3.0, 4.0]])), [[0.6, 0.8]])
   with pytest.raises(ValueError, match="Unknown pooling 'max'; allowed: cls, mean"):
-    st_export.pool(hidden, mask, "max")
+    pooling.pool(hidden, mask, "max")
 
 
 def _pooled(kind, normalize=False, projection_dim=0):

@@ -29,21 +29,10 @@ import jax.numpy as jnp
 import optax
 
 from objectives import base
-from pretrain.models import encoder as enc
+from pretrain.models import encoder as enc, pooling as pooling_lib
 
-POOLINGS = ("cls", "mean")
 HEADS = ("sequence", "token", "biencoder")
 ROW_FEATURES = ("input_ids", "segment_ids", "positions", "token_types")
-
-
-def pool(hidden_BLH, mask_BL, mode):
-  """[B, H]: the first ([CLS]) state, or the mean over `mask_BL` (nonzero = token)."""
-  if mode == "cls":
-    return hidden_BLH[:, 0]
-  if mode == "mean":
-    mask_BL1 = (mask_BL[..., None] > 0).astype(hidden_BLH.dtype)
-    return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), 1e-9)
-  raise ValueError(f"Unknown pooling {mode!r}; allowed: {', '.join(POOLINGS)}.")
 
 
 def _dense(features, axes, name, dtype):
@@ -100,9 +89,8 @@ class _TaskModel:
 
   def __init__(self, model_config: enc.EncoderConfig, *, num_classes: int = 2,
                pooling: str = "cls", use_token_types: bool = True, temperature: float = 0.05):
-    if pooling not in POOLINGS:
-      raise ValueError(f"Unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}.")
-    self.model_config, self.num_classes, self.pooling = model_config, num_classes, pooling
+    self.model_config, self.num_classes = model_config, num_classes
+    self.pooling = pooling_lib.check(pooling)
     self.use_token_types, self.temperature = use_token_types, temperature
     self.encoder_module = enc.Encoder(model_config)
 
@@ -151,7 +139,7 @@ class SequenceClassifier(_TaskModel):
     rng = jax.random.key(0) if rng is None else rng
     enc_rng, head_rng = jax.random.split(rng)
     hidden_BLH = self.hidden(params, batch, enc_rng, train)
-    pooled_BH = pool(hidden_BLH, batch["segment_ids"], self.pooling)
+    pooled_BH = pooling_lib.pool(hidden_BLH, batch["segment_ids"], self.pooling)
     return self.head_module.apply({"params": params["head"]}, pooled_BH, deterministic=not train,
                                   rngs={"dropout": head_rng})
 
@@ -219,8 +207,8 @@ class BiEncoder(_TaskModel):
     """L2-normalised float32 [B, H] embeddings of the rows under `prefix` ("query_", "doc_")."""
     rng = jax.random.key(0) if rng is None else rng
     hidden_BLH = self.hidden(params, batch, rng, train, prefix)
-    pooled_BH = pool(hidden_BLH, batch[prefix + "segment_ids"], self.pooling).astype(jnp.float32)
-    return pooled_BH / jnp.maximum(jnp.linalg.norm(pooled_BH, axis=-1, keepdims=True), 1e-9)
+    pooled_BH = pooling_lib.pool(hidden_BLH, batch[prefix + "segment_ids"], self.pooling)
+    return pooling_lib.l2_normalize(pooled_BH.astype(jnp.float32), eps=1e-9)
 
   def predict(self, params, batch, rng=None, train=False):
     return self.embed(params, batch, "query_"), self.embed(params, batch, "doc_")

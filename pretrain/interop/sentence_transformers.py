@@ -22,24 +22,7 @@ import numpy as np
 
 from pretrain.interop import hf_bert
 from pretrain.data import hf_tokenizer
-from pretrain.models import encoder as enc
-
-POOLING_MODES = ("cls", "mean")
-
-
-def pool(hidden_BLH, mask_BL, mode):
-  """[B, H] sentence vectors: the first ([CLS]) state, or the mean over `mask_BL` (1 = token)."""
-  if mode == "cls":
-    return hidden_BLH[:, 0]
-  if mode == "mean":
-    mask_BL1 = mask_BL[..., None].astype(hidden_BLH.dtype)
-    return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), 1e-9)
-  raise ValueError(f"Unknown pooling {mode!r}; allowed: {', '.join(POOLING_MODES)}.")
-
-
-def l2_normalize(x_BH):
-  """x / max(|x|, 1e-12), as torch.nn.functional.normalize (sentence-transformers' Normalize)."""
-  return x_BH / jnp.maximum(jnp.linalg.norm(x_BH, axis=-1, keepdims=True), 1e-12)
+from pretrain.models import encoder as enc, pooling as pooling_lib
 
 
 def tokenize(tokenizer, texts, max_seq_length):
@@ -68,8 +51,9 @@ def embed(encoder_params, model_config, tokenizer, texts, *, pooling="mean", nor
   @jax.jit
   def run(params, ids_BL, seg_BL, pos_BL):
     hidden_BLH = module.apply({"params": params}, ids_BL, seg_BL, pos_BL).astype(jnp.float32)
-    x_BH = pool(hidden_BLH, seg_BL, pooling)
-    return l2_normalize(x_BH) if normalize else x_BH
+    # sentence-transformers' Pooling divides by max(count, 1e-9); its Normalize is torch's.
+    x_BH = pooling_lib.pool(hidden_BLH, seg_BL, pooling, eps=1e-9)
+    return pooling_lib.l2_normalize(x_BH, eps=1e-12) if normalize else x_BH
 
   texts = list(texts)
   if not texts:
@@ -90,8 +74,7 @@ def _write_json(path, content):
 def write_module_files(out_dir, hidden_size, *, pooling="mean", normalize=True,
                        max_seq_length=512):
   """The sentence-transformers files around an existing Hugging Face model directory."""
-  if pooling not in POOLING_MODES:
-    raise ValueError(f"Unknown pooling {pooling!r}; allowed: {', '.join(POOLING_MODES)}.")
+  pooling_lib.check(pooling)
   modules = [
       {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
       {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -128,7 +111,7 @@ def pooling_for(objective, pooling=None, normalize=None):
   trained = getattr(objective, "pooler_config", None)
   if trained is None:
     return pooling or "mean", True if normalize is None else normalize
-  if pooling is None and (trained.kind not in POOLING_MODES or trained.projection_dim):
+  if pooling is None and (trained.kind not in pooling_lib.MODES or trained.projection_dim):
     return None
   return pooling or trained.kind, trained.normalize if normalize is None else normalize
 

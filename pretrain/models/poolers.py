@@ -1,8 +1,6 @@
 """Poolers: token states [B, L, H] -> one embedding [B, D] per row, for contrastive objectives.
 
-- ``cls``: the first token's final state (BERT, ORQA/ICT).
-- ``mean``: the mean over the row's non-padding tokens, [CLS] and [SEP] included (Contriever,
-  sentence-transformers' mean pooling).
+- ``cls`` and ``mean``: `pretrain.models.pooling`'s, over the row's non-padding tokens.
 - ``latent``: NV-Embed's latent attention (Lee et al., 2024, official ``LatentAttentionModel``):
   every token state queries ``num_latents`` trainable latents that act as keys and values
   (multi-head cross-attention, pre-LayerNorm on both sides, no biases), residual, then a pre-LN
@@ -18,7 +16,7 @@ Then optionally a dense projection to ``projection_dim`` (ICT/ORQA: 128, followe
 and L2 normalisation (cosine similarity). Every parameter carries logical axis names.
 
 A pooled row needs at least one non-padding token; an all-padding row (the padding batches of an
-evaluation) gets a finite embedding that callers must mask out (see `row_mask`).
+evaluation) gets a finite embedding that callers must mask out.
 """
 from __future__ import annotations
 
@@ -32,7 +30,9 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 
-KINDS = ("cls", "mean", "latent", "multilayer")
+from pretrain.models import pooling
+
+KINDS = pooling.MODES + ("latent", "multilayer")
 CONFIG_FILE = "pooler.json"
 PARAMS_FILE = "pooler_params.msgpack"
 
@@ -66,20 +66,14 @@ class PoolerConfig:
     return self.kind == "multilayer"
 
 
-def row_mask(segment_ids_BL):
-  """[B, L] float: 1 on the tokens pooled (every non-padding token of the row)."""
-  return (segment_ids_BL > 0).astype(jnp.float32)
+def masked_mean(x_BLH, segment_ids_BL):
+  """float32 mean over the row's non-padding tokens; 0 for a row without any."""
+  return pooling.mean(x_BLH.astype(jnp.float32), segment_ids_BL, eps=1.0)
 
 
-def masked_mean(x_BLH, mask_BL):
-  """Mean over the masked tokens; 0 for a row without any."""
-  total = jnp.einsum("blh,bl->bh", x_BLH.astype(jnp.float32), mask_BL)
-  return total / jnp.maximum(mask_BL.sum(-1, keepdims=True), 1.0)
-
-
-def l2_normalize(x_BD, eps=1e-12):
-  x = x_BD.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
+def l2_normalize(x_BD):
+  """float32 rows of unit norm; a norm below 1e-6 counts as 1e-6, so a zero row stays zero."""
+  return pooling.l2_normalize(x_BD.astype(jnp.float32), eps=1e-6)
 
 
 def _dense(cfg, features, axes, name, use_bias=True):
@@ -144,22 +138,19 @@ class Pooler(nn.Module):
   def __call__(self, hidden_BLH, segment_ids_BL, all_layers: Optional[Sequence] = None):
     """`hidden_BLH`: the states to pool; `all_layers`: every layer's states (multilayer only)."""
     cfg = self.config
-    mask_BL = row_mask(segment_ids_BL)
-    if cfg.kind == "cls":
-      x_BH = hidden_BLH[:, 0].astype(jnp.float32)
-    elif cfg.kind == "mean":
-      x_BH = masked_mean(hidden_BLH, mask_BL)
+    if cfg.kind in pooling.MODES:
+      x_BH = pooling.pool(hidden_BLH.astype(jnp.float32), segment_ids_BL, cfg.kind, eps=1.0)
     elif cfg.kind == "latent":
       latents = jnp.broadcast_to(_latents(self, cfg), (hidden_BLH.shape[0], cfg.num_latents,
                                                        cfg.hidden_size))
       x = hidden_BLH + CrossAttention(cfg, name="attention")(hidden_BLH, latents)
       x = x + GegluFeedForward(cfg, name="feed_forward")(x)
-      x_BH = masked_mean(x, mask_BL)
+      x_BH = masked_mean(x, segment_ids_BL)
     else:
       if all_layers is None or len(all_layers) != cfg.num_layers + 1:
         raise ValueError(f"The multilayer pooler needs all {cfg.num_layers + 1} layer outputs "
                          f"(Encoder(..., return_all_layers=True)).")
-      summary_BNH = jnp.stack([masked_mean(h, mask_BL) for h in all_layers], axis=1)
+      summary_BNH = jnp.stack([masked_mean(h, segment_ids_BL) for h in all_layers], axis=1)
       layer_pos = self.param(
           "layer_position", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                          (None, "embed")),

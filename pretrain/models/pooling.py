@@ -1,0 +1,43 @@
+"""Parameter-free pooling of token states [B, L, H] into one vector [B, H] per row, and L2
+normalisation: what fine-tuning heads, retrieval, the sentence-transformers export and the
+contrastive poolers (`pretrain.models.poolers`) share.
+
+- ``cls``: the first token's final state (BERT, RetroMAE, ORQA/ICT).
+- ``mean``: the mean over the row's tokens, [CLS] and [SEP] included (Contriever,
+  sentence-transformers' mean pooling).
+
+The epsilons are parameters because callers reproduce different references: a mean's denominator
+floor only matters for a row without tokens (whose sum is 0, so any positive floor gives 0), and
+`l2_normalize`'s floor is torch.nn.functional.normalize's (1e-12) unless a caller says otherwise.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+MODES = ("cls", "mean")
+
+
+def check(mode: str, what: str = "pooling") -> str:
+  """`mode` if it is one of MODES; otherwise an error naming `what` is being chosen."""
+  if mode not in MODES:
+    raise ValueError(f"Unknown {what} {mode!r}; allowed: {', '.join(MODES)}.")
+  return mode
+
+
+def mean(hidden_BLH, mask_BL, eps=1e-9):
+  """[B, H] mean of the states where `mask_BL` is nonzero (segment ids will do), in their dtype."""
+  mask_BL1 = (mask_BL[..., None] > 0).astype(hidden_BLH.dtype)
+  return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), eps)
+
+
+def pool(hidden_BLH, mask_BL, mode, eps=1e-9):
+  """[B, H]: the first ([CLS]) state, or the `mean` over `mask_BL` (nonzero = token)."""
+  if check(mode) == "cls":
+    return hidden_BLH[:, 0]
+  return mean(hidden_BLH, mask_BL, eps)
+
+
+def l2_normalize(x, eps=1e-12, xp=jnp):
+  """x / max(|x|, eps) over the last axis, as torch.nn.functional.normalize; `xp=np` keeps numpy
+  arrays (and float64) in numpy."""
+  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
