@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from pretrain.interop import hf_bert
+from pretrain.interop import hf_bert, hf_read
 from pretrain.models.encoder import (Encoder, EncoderConfig, MlmHead, gather_positions,
                                      word_embedding_table)
 
@@ -136,9 +136,9 @@ def test_round_trip_exact():
   enc_params, head_params = _perturbed_params(seed=5)
   sd = hf_bert.to_hf_state_dict(enc_params, head_params, CFG)
   assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in sd.values())
-  cfg, enc2, head2 = hf_bert.from_hf_state_dict(sd, hf_bert.hf_config(CFG))
-  assert cfg == CFG
-  for a, b in ((enc_params, enc2), (head_params, head2)):
+  imported = hf_read.from_state_dict(sd, hf_bert.hf_config(CFG))
+  assert imported.config == CFG and set(imported.heads) == {"mlm_head"}
+  for a, b in ((enc_params, imported.encoder), (head_params, imported.heads["mlm_head"])):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       assert x.shape == y.shape and np.array_equal(np.asarray(x), y)
@@ -159,8 +159,9 @@ def test_reads_transformers_checkpoints(tmp_path):
                                       if k not in ("architectures", "model_type")})
   mlm = transformers.BertForMaskedLM(hf_cfg).eval()
   mlm.save_pretrained(tmp_path / "mlm")
-  cfg, enc, head = hf_bert.read_hf_model(str(tmp_path / "mlm"))
-  assert cfg == CFG and head is not None
+  imported = hf_read.read_hf_encoder(str(tmp_path / "mlm"))
+  assert imported.config == CFG and set(imported.heads) == {"mlm_head"}
+  enc, head = imported.encoder, imported.heads["mlm_head"]
   ids = np.random.default_rng(3).integers(1, CFG.vocab_size, size=(1, L))
   with torch.no_grad():
     ref = mlm(input_ids=torch.tensor(ids)).logits.numpy()
@@ -168,9 +169,11 @@ def test_reads_transformers_checkpoints(tmp_path):
   assert np.abs(ours - ref).max() < 1e-4
 
   mlm.bert.save_pretrained(tmp_path / "base")  # Keys without "bert.", with a pooler.
-  cfg, enc_base, head_base = hf_bert.read_hf_model(str(tmp_path / "base"))
-  assert head_base is None
-  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(enc), jax.tree.leaves(enc_base)))
+  base = hf_read.read_hf_encoder(str(tmp_path / "base"))
+  assert base.config == CFG and not base.heads
+  assert jax.tree.structure(enc) == jax.tree.structure(base.encoder)
+  assert all(np.array_equal(x, y)
+             for x, y in zip(jax.tree.leaves(enc), jax.tree.leaves(base.encoder)))
 
 
 def test_corrupt_weights_error(exported, tmp_path):
@@ -179,13 +182,13 @@ def test_corrupt_weights_error(exported, tmp_path):
   data = open(f"{out_dir}/model.safetensors", "rb").read()
   (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
   with pytest.raises(ValueError, match=r"model\.safetensors: cannot read safetensors"):
-    hf_bert.read_hf_model(str(tmp_path))
+    hf_read.read_hf_encoder(str(tmp_path))
   (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file at all")
   with pytest.raises(ValueError, match=r"model\.safetensors"):
-    hf_bert.read_hf_model(str(tmp_path))
+    hf_read.read_hf_encoder(str(tmp_path))
   (tmp_path / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
-    hf_bert.read_hf_model(str(tmp_path))
+    hf_read.read_hf_encoder(str(tmp_path))
 
 
 def test_config_errors(exported, tmp_path):
@@ -193,19 +196,23 @@ def test_config_errors(exported, tmp_path):
   cfg = json.load(open(f"{out_dir}/config.json"))
   (tmp_path / "model.safetensors").write_bytes(open(f"{out_dir}/model.safetensors", "rb").read())
   (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="roberta")))
-  with pytest.raises(ValueError, match=r"config\.json: model_type is 'roberta'"):
-    hf_bert.read_hf_model(str(tmp_path))
+  with pytest.raises(ValueError, match=r"model_type 'roberta', but the tensors are a bert model's "
+                                       r"\('bert\.' keys\); set model_type to 'bert'"):
+    hf_read.read_hf_encoder(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+  with pytest.raises(ValueError, match=r"config\.json: model_type 'gpt2' is not supported"):
+    hf_read.read_hf_encoder(str(tmp_path))
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
-    hf_bert.read_hf_model(str(tmp_path))
+    hf_read.read_hf_encoder(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(dict(cfg, hidden_act="gelu_new")))
   with pytest.raises(ValueError, match="hidden_act"):
-    hf_bert.read_hf_model(str(tmp_path))
+    hf_read.read_hf_encoder(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(dict(cfg, hidden_size=32)))
-  with pytest.raises(ValueError, match="expected shape"):
-    hf_bert.read_hf_model(str(tmp_path))
+  with pytest.raises(ValueError, match=r"has shape \(97, 64\) but config\.json implies \(97, 32\)"):
+    hf_read.read_hf_encoder(str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"config\.json"):
-    hf_bert.read_hf_model(str(tmp_path / "missing"))
+    hf_read.read_hf_encoder(str(tmp_path / "missing"))
 
 
 def test_missing_and_unexpected_keys():
@@ -214,12 +221,15 @@ def test_missing_and_unexpected_keys():
   hf = hf_bert.hf_config(CFG)
   broken = dict(sd)
   del broken["bert.encoder.layer.1.output.dense.bias"]
-  with pytest.raises(ValueError, match="missing 'bert.encoder.layer.1.output.dense.bias'"):
-    hf_bert.from_hf_state_dict(broken, hf)
+  with pytest.raises(ValueError, match="missing tensor 'encoder.layer.1.output.dense.bias'"):
+    hf_read.from_state_dict(broken, hf)
   with pytest.raises(ValueError, match="cannot represent"):
-    hf_bert.from_hf_state_dict(dict(sd, **{"bert.encoder.layer.2.output.dense.bias": sd[
+    hf_read.from_state_dict(dict(sd, **{"bert.encoder.layer.2.output.dense.bias": sd[
         "bert.encoder.layer.1.output.dense.bias"]}), hf)
   untied = dict(sd, **{"cls.predictions.decoder.weight":
                        sd["bert.embeddings.word_embeddings.weight"] + 1})
   with pytest.raises(ValueError, match="tied"):
-    hf_bert.from_hf_state_dict(untied, hf)
+    hf_read.from_state_dict(untied, hf)
+  with pytest.raises(ValueError, match="tie_word_embeddings=false but the checkpoint has no "
+                                       "cls.predictions.decoder.weight"):
+    hf_read.from_state_dict(sd, dict(hf, tie_word_embeddings=False))

@@ -19,7 +19,7 @@ import objectives
 from configs import demo
 from objectives import detection
 from pretrain import export
-from pretrain.interop import hf_bert, hf_read
+from pretrain.interop import hf_read
 from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 from pretrain.finetune import heads
@@ -241,9 +241,9 @@ def test_wrong_architecture_fails_with_a_clear_message(bert_dir, tmp_path, chang
 def test_load_encoder_reads_every_kind_of_init_and_rejects_others(bert_dir, tmp_path):
   pretrained = load.load_encoder(bert_dir)
   assert pretrained.source == "hf:bert" and pretrained.tokenizer_dir == bert_dir
-  config, encoder, _ = hf_bert.read_hf_model(bert_dir)  # Agrees with the BERT-only reader.
-  assert pretrained.config == config
-  _assert_same_tree(pretrained.encoder, encoder)
+  imported = hf_read.read_hf_encoder(bert_dir)  # Passed on as the reader gives it.
+  assert pretrained.config == imported.config
+  _assert_same_tree(pretrained.encoder, imported.encoder)
   with pytest.raises(FileNotFoundError, match="none of: a pretraining workdir"):
     load.load_encoder(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="is not a directory"):

@@ -17,7 +17,7 @@ import pytest
 from configs import demo
 from pretrain.training import checkpointing
 from pretrain import export, train
-from pretrain.interop import hf_bert, sentence_transformers as st_export
+from pretrain.interop import hf_read, sentence_transformers as st_export
 from pretrain.data import hf_tokenizer, tokenizer as tok_lib
 from pretrain.models.encoder import Encoder
 from pretrain.interop import load
@@ -37,7 +37,7 @@ TEXTS = ["A man is eating food.",
 
 @pytest.fixture(scope="module")
 def imported():
-  return hf_bert.read_hf_model(MINILM)
+  return hf_read.read_hf_encoder(MINILM)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def tokenizer():
 
 
 def test_encoder_matches_transformers_bert_model_with_padding(imported, tokenizer):
-  config, params, head = imported
-  assert head is None  # A BertModel checkpoint: the MLM head starts fresh.
+  config, params = imported.config, imported.encoder
+  assert not imported.heads  # A BertModel checkpoint: the MLM head starts fresh.
   assert (config.num_layers, config.hidden_size, config.num_heads, config.vocab_size) == (
       6, 384, 12, 30522)
   ids, seg, pos = st_export.tokenize(tokenizer, TEXTS, 512)
@@ -65,7 +65,7 @@ def test_encoder_matches_transformers_bert_model_with_padding(imported, tokenize
 
 
 def test_mean_pooled_embeddings_match_sentence_transformers(imported, tokenizer):
-  config, params, _ = imported
+  config, params = imported.config, imported.encoder
   model = sentence_transformers.SentenceTransformer(MINILM, device="cpu", local_files_only=True)
   texts = TEXTS + [" ".join(TEXTS * 8)]  # Over 256 tokens: truncated at max_seq_length.
   theirs = model.encode(texts, convert_to_numpy=True, batch_size=4)
@@ -178,9 +178,10 @@ def test_continued_mlm_from_minilm_exports_to_sentence_transformers(imported, tm
   assert os.path.isfile(os.path.join(workdir, "tokenizer", "tokenizer.json"))
 
   export.export(workdir, out)
-  _, start, _ = imported
-  _, trained, head = hf_bert.read_hf_model(out)
-  assert head is not None
+  start = imported.encoder
+  exported = hf_read.read_hf_encoder(out)
+  trained = exported.encoder
+  assert set(exported.heads) == {"mlm_head"}
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), start, trained)
   assert 0 < max(jax.tree.leaves(moved)) < 1e-3, "warm start, then a few small steps"
 

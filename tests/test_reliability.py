@@ -354,14 +354,14 @@ def test_pickle_weights_are_refused_on_import(payload, tmp_path, tiny_config):
   config = objectives.encoder_config(tiny_config.model, VOCAB)
   (model / "config.json").write_text(json.dumps(hf_bert.hf_config(config)))
   (model / "pytorch_model.bin").write_bytes(payload)
-  with pytest.raises(FileNotFoundError, match="only safetensors is supported; pytorch_model.bin "
-                                              "uses pickle"):
-    hf_bert.read_hf_model(str(model))
+  with pytest.raises(FileNotFoundError, match="only safetensors is read; pytorch_model.bin would "
+                                              "need pickle"):
+    hf_read.read_hf_encoder(str(model))
   with pytest.raises(FileNotFoundError, match="pytorch_model.bin would need pickle"):
     hf_read.load_state_dict(str(model))
   (model / "model.safetensors").write_bytes(payload)
   with pytest.raises(ValueError, match=r"model.safetensors: cannot read safetensors"):
-    hf_bert.read_hf_model(str(model))
+    hf_read.read_hf_encoder(str(model))
   with pytest.raises(ValueError, match=r"model.safetensors: cannot read safetensors"):
     hf_read.load_state_dict(str(model))
 

@@ -8,22 +8,21 @@ Each directory holds config.json + model.safetensors (float32, no pickle). The g
 carries its own copy of the shared embeddings, because Hugging Face models are loaded one at a
 time. The tied ``generator_lm_head.weight`` is not written: transformers re-ties it to
 ``electra.embeddings.word_embeddings.weight`` on load, as it does for BERT's decoder.
-Linear-layer conventions are those of `pretrain.hf_bert`, whose converters are reused.
+Linear-layer conventions are those of `pretrain.interop.hf_bert`, whose converters and file
+writer are reused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
 import numpy as np
-import safetensors.numpy
 
-from pretrain.interop import hf_bert
+from pretrain.interop import files, hf_bert
 from pretrain.models.encoder import EncoderConfig
 
-GENERATOR_DIR = "generator"
+GENERATOR_DIR = files.GENERATOR_DIR  # Where write_hf_electra puts the generator.
 # pylint: disable=protected-access
 _linear, _qkv_in, _layer_norm, _f32, _plain = (
     hf_bert._linear, hf_bert._qkv_in, hf_bert._layer_norm, hf_bert._f32, hf_bert._plain)
@@ -77,37 +76,25 @@ def generator_state_dict(params: Any, generator_config: EncoderConfig) -> dict[s
   return sd
 
 
-def _write(out_dir: str, sd: dict, cfg: dict) -> None:
-  """config.json + model.safetensors, each written under a temporary name and renamed."""
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, hf_bert.WEIGHTS_FILE)
-  config_path = os.path.join(out_dir, hf_bert.CONFIG_FILE)
-  safetensors.numpy.save_file(sd, weights + ".tmp", metadata={"format": "pt"})
-  with open(config_path + ".tmp", "w") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(weights + ".tmp", weights)
-  os.replace(config_path + ".tmp", config_path)
-
-
 def write_hf_electra(out_dir: str, params: Any, model_config: EncoderConfig,
                      generator_config: Optional[EncoderConfig] = None) -> None:
   """Writes the discriminator to `out_dir` and, if `params` has one, the generator below it."""
   params = _plain(params)
-  _write(out_dir, discriminator_state_dict(params, model_config),
-         hf_config(model_config, "ElectraForPreTraining"))
+  hf_bert.write_files(out_dir, discriminator_state_dict(params, model_config),
+                      hf_config(model_config, "ElectraForPreTraining"))
   if "generator" in params:
     if generator_config is None:
       raise ValueError("params hold a generator: pass generator_config "
                        "(objective.generator_config)")
-    _write(os.path.join(out_dir, GENERATOR_DIR), generator_state_dict(params, generator_config),
-           hf_config(generator_config, "ElectraForMaskedLM"))
+    hf_bert.write_files(os.path.join(out_dir, files.GENERATOR_DIR),
+                        generator_state_dict(params, generator_config),
+                        hf_config(generator_config, "ElectraForMaskedLM"))
 
 
 def write_for_objective(out_dir: str, objective: Any, params: Any) -> None:
   """`write_hf_electra` for an objective with a discriminator head (electra, rts, crts)."""
   if "discriminator_head" not in _plain(params):
     raise ValueError(f"{type(objective).__name__} has no discriminator head to export as "
-                     "ELECTRA; export masked-LM objectives with pretrain.hf_bert.")
+                     "ELECTRA; export masked-LM objectives with pretrain.interop.hf_bert.")
   write_hf_electra(out_dir, params, objective.model_config,
                    getattr(objective, "generator_config", None))

@@ -1,6 +1,6 @@
 """Import local Hugging Face BERT / ELECTRA / RoBERTa safetensors directories as our Encoder params.
 
-  imported = hf_import.read_hf_encoder("path/to/hf_dir")  # config.json + model.safetensors
+  imported = hf_read.read_hf_encoder("path/to/hf_dir")  # config.json + model.safetensors
   imported.config, imported.encoder, imported.heads        # EncoderConfig, params, MLM/RTD heads
 
 All three are post-LN BERT encoders with learned absolute positions and exact GELU, which is
@@ -14,9 +14,10 @@ Heads that our objectives have are imported too (for `--config.init_from`): BERT
 `cls.predictions`, ELECTRA's generator head and RoBERTa's `lm_head` as "mlm_head", ELECTRA's
 `discriminator_predictions` as "discriminator_head". Poolers and task heads are ignored.
 
-`pretrain.interop.load.load_encoder(path)` reads any model path through this reader.
-Only safetensors is read (no pickle); a corrupt file, a missing tensor, a wrong shape or an
-architecture our encoder cannot represent is an error that names it.
+This is the one Hugging Face reader (`pretrain.interop.hf_bert` and `hf_electra` write);
+`pretrain.interop.load.load_encoder(path)` reads any model path through it.
+Only safetensors is read (no pickle); a corrupt file, a missing tensor, a wrong shape, an untied
+MLM head or an architecture our encoder cannot represent is an error that names it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import os
 from typing import Optional
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-from pretrain.interop import files, hf_bert
+from pretrain.interop import files
 from pretrain.models.encoder import EncoderConfig
 
 # model_type -> the key prefix of the encoder inside task checkpoints (BertForMaskedLM: "bert.").
@@ -104,6 +107,15 @@ def encoder_config_from_hf(hf: dict) -> EncoderConfig:
     raise ValueError(f"{model_type} config is missing required field {e.args[0]!r}.") from None
 
 
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    return safetensors.numpy.load_file(path)
+  except TypeError:
+    # Plain numpy has no bfloat16; the flax loader returns ml_dtypes arrays.
+    with safetensors.safe_open(path, framework="flax") as f:
+      return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+
+
 def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
   """Tensors of model.safetensors, or of every shard an index file lists."""
   single = os.path.join(model_dir, files.WEIGHTS_FILE)
@@ -122,15 +134,16 @@ def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
   sd = {}
   for path in shards:
     try:
-      sd.update(hf_bert._load_safetensors(path))  # pylint: disable=protected-access
+      sd.update(_load_safetensors(path))
     except Exception as e:  # SafetensorError on a corrupt or truncated file, OSError, ...
       raise ValueError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); the "
                        "file is corrupt or truncated, download or export it again.") from None
   return sd
 
 
-def _expected_shapes(config: EncoderConfig) -> dict[str, tuple]:
-  """Shapes of the encoder keys (without prefix) our import reads."""
+def expected_shapes(config: EncoderConfig) -> dict[str, tuple]:
+  """Shapes of the encoder keys (without prefix) but the position table, whose rows depend on
+  the model type (see `position_offset`)."""
   h, f, e = config.hidden_size, config.mlp_dim, config.embed_dim
   shapes = {"embeddings.word_embeddings.weight": (config.vocab_size, e),
             "embeddings.token_type_embeddings.weight": (config.type_vocab_size, e),
@@ -147,6 +160,13 @@ def _expected_shapes(config: EncoderConfig) -> dict[str, tuple]:
     for name in ("attention.output.LayerNorm", "output.LayerNorm"):
       shapes.update({pre + name + ".weight": (h,), pre + name + ".bias": (h,)})
   return shapes
+
+
+def mlm_head_shapes(config: EncoderConfig, dense: str, norm: str, bias: str) -> dict[str, tuple]:
+  """Shapes of an MLM head's keys: dense hidden -> embedding width, its LayerNorm, the bias."""
+  e = config.embed_dim
+  return {dense + ".weight": (e, config.hidden_size), dense + ".bias": (e,),
+          norm + ".weight": (e,), norm + ".bias": (e,), bias: (config.vocab_size,)}
 
 
 class _Reader:
@@ -190,7 +210,12 @@ def from_state_dict(sd: dict, hf: dict, where: str = "checkpoint") -> Imported:
   config = encoder_config_from_hf(hf)
   model_type, offset = hf["model_type"], position_offset(hf)
   r = _Reader(_normalise_keys(sd, model_type), where)
-  shapes = _expected_shapes(config)
+  other = next((t for t in PREFIXES if t != model_type and
+                f"{t}.embeddings.word_embeddings.weight" in sd), None)
+  if other and "embeddings.word_embeddings.weight" not in r.sd:
+    raise ValueError(f"{where}: config.json has model_type {model_type!r}, but the tensors are a "
+                     f"{other} model's ('{other}.' keys); set model_type to {other!r}.")
+  shapes = expected_shapes(config)
   for key, shape in shapes.items():  # Shape errors name the first mismatch, before any reshape.
     r.take(key, shape)
   r.unused |= set(shapes)
@@ -215,7 +240,8 @@ def from_state_dict(sd: dict, hf: dict, where: str = "checkpoint") -> Imported:
     enc[f"layer_{i}"] = {"attention": att, "intermediate": r.linear(f"{pre}intermediate.dense"),
                          "output": r.linear(f"{pre}output.dense"),
                          "LayerNorm": r.layer_norm(f"{pre}output.LayerNorm")}
-  result = Imported(config, enc, _heads(r, config), model_type, offset)
+  result = Imported(config, enc, _heads(r, config, hf.get("tie_word_embeddings", True)),
+                    model_type, offset)
   left = sorted(k for k in r.unused if not any(k.startswith(p) or ("." + p) in k for p in _IGNORED))
   if left:
     raise ValueError(f"{where}: checkpoint has tensors this encoder cannot represent (is it "
@@ -223,26 +249,35 @@ def from_state_dict(sd: dict, hf: dict, where: str = "checkpoint") -> Imported:
   return result
 
 
-def _heads(r: _Reader, config: EncoderConfig) -> dict:
-  """The pretraining heads present in the checkpoint, as our head params."""
+def _heads(r: _Reader, config: EncoderConfig, tied: bool) -> dict:
+  """The pretraining heads present in the checkpoint, as our head params. Our MLM head is tied
+  to the word embeddings, so a decoder that differs from them, or none with `tied` false (which
+  transformers would initialise at random), is an error."""
   heads = {}
   mlm = [("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-          ("cls.predictions.bias", "cls.predictions.decoder.bias")),
+          ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+          "cls.predictions.decoder.weight"),
          ("generator_predictions.dense", "generator_predictions.LayerNorm",
-          ("generator_lm_head.bias",)),
-         ("lm_head.dense", "lm_head.layer_norm", ("lm_head.bias", "lm_head.decoder.bias"))]
-  for dense, norm, biases in mlm:
+          ("generator_lm_head.bias",), "generator_lm_head.weight"),
+         ("lm_head.dense", "lm_head.layer_norm", ("lm_head.bias", "lm_head.decoder.bias"),
+          "lm_head.decoder.weight")]
+  for dense, norm, biases, decoder in mlm:
     if dense + ".weight" in r.sd:
       bias = next((b for b in biases if b in r.sd), biases[0])
+      for key, shape in mlm_head_shapes(config, dense, norm, bias).items():
+        r.take(key, shape)  # Shape errors before any reshape.
       heads["mlm_head"] = {"dense": r.linear(dense), "LayerNorm": r.layer_norm(norm),
-                           "bias": r.take(bias, (config.vocab_size,))}
+                           "bias": r.take(bias)}
       for b in biases:
         r.unused.discard(b)
-      for decoder in ("cls.predictions.decoder.weight", "lm_head.decoder.weight"):
-        if decoder in r.sd and not np.array_equal(
-            r.sd[decoder], r.sd["embeddings.word_embeddings.weight"]):
-          raise ValueError(f"{r.where}: {decoder} differs from the word embeddings; only tied "
-                           "MLM heads are supported.")
+      if decoder in r.sd and not np.array_equal(
+          r.sd[decoder], r.sd["embeddings.word_embeddings.weight"]):
+        raise ValueError(f"{r.where}: {decoder} differs from the word embeddings; only tied "
+                         "MLM heads are supported.")
+      if decoder not in r.sd and not tied:
+        raise ValueError(f"{r.where}: config.json sets tie_word_embeddings=false but the "
+                         f"checkpoint has no {decoder}; only tied MLM heads are supported: "
+                         "drop the setting if the head is tied.")
   if "discriminator_predictions.dense.weight" in r.sd:
     heads["discriminator_head"] = {
         "dense": r.linear("discriminator_predictions.dense"),
