@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import equal_compute  # noqa: E402
 from pretrain import retrieval  # noqa: E402
 from pretrain.finetune import code_tasks  # noqa: E402
+from pretrain.models import pooling  # noqa: E402
 
 ROOT = equal_compute.ROOT
 # name -> config argument of pretrain.main (steps appended).
@@ -57,7 +58,7 @@ def markdown(results):
 def parse_model(spec):
   """"path" -> (path, every pooler); "path:cls" -> (path, ("cls",))."""
   path, _, pooler = spec.partition(":")
-  return path, (pooler,) if pooler else retrieval.POOLERS
+  return path, (pooler,) if pooler else pooling.MODES
 
 
 def main():
@@ -86,7 +87,7 @@ def main():
     specs = run_specs(args.size, names)
     plan = equal_compute.equal_compute_steps(specs, "mlm", args.mlm_steps)
     exports = equal_compute.pretrain(os.path.abspath(args.root), specs, plan, extra_flags)
-    models += [(path, retrieval.POOLERS) for path in exports.values()]
+    models += [(path, pooling.MODES) for path in exports.values()]
   queries, candidates, relevant = code_tasks.docstring_retrieval(args.validation_fraction)
   print(f"{len(queries)} queries, {len(candidates)} candidates", flush=True)
   results = [retrieval.evaluate_bm25(queries, candidates, relevant)]

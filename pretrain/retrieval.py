@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
 from typing import Any, NamedTuple
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain.interop import hf_bert, load
-from pretrain.data import tokenizer as tokenizer_lib
-from pretrain.models import encoder as enc
-
-POOLERS = ("cls", "mean")
-PARAMS_FILE, CONFIG_FILE = "flax_params.msgpack", "encoder_config.json"
+from pretrain.interop import load
+from pretrain.models import encoder as enc, pooling
 
 
 class EncoderBundle(NamedTuple):
@@ -43,27 +36,10 @@ class EncoderBundle(NamedTuple):
 
 
 def load_encoder(path: str, step: int | None = None) -> EncoderBundle:
-  """The encoder of an export directory (flax_params.msgpack + encoder_config.json, or a Hugging
-  Face BERT directory) or of a pretraining workdir (its latest checkpoint, or `step`)."""
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    _, tokenizer, objective, params, _ = load.load_workdir(path, step)
-    return EncoderBundle(objective.encoder(params), objective.model_config, tokenizer)
-  has_flax = os.path.isfile(os.path.join(path, PARAMS_FILE))
-  if not has_flax and not os.path.isfile(os.path.join(path, hf_bert.CONFIG_FILE)):
-    raise FileNotFoundError(f"{path} is neither a workdir (checkpoints/) nor an export "
-                            f"({PARAMS_FILE} or {hf_bert.CONFIG_FILE}); pass pretrain.export's "
-                            f"--out or pretrain.main's --workdir.")
-  # Our exports carry spm.model beside a Unigram tokenizer.json that only AutoTokenizer reads.
-  spm = os.path.join(path, tokenizer_lib.SPM_FILE)
-  tokenizer = tokenizer_lib.load(spm if os.path.isfile(spm) else path)
-  if not has_flax:
-    config, encoder, _ = hf_bert.read_hf_model(path)
-    return EncoderBundle(encoder, config, tokenizer)
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    config = enc.EncoderConfig(**json.load(f))
-  with open(os.path.join(path, PARAMS_FILE), "rb") as f:
-    params = flax.serialization.msgpack_restore(f.read())
-  return EncoderBundle(params["encoder"], config, tokenizer)
+  """`pretrain.interop.load.load_encoder(path, step)` (a workdir, an export or a Hugging Face
+  directory) with its tokenizer loaded."""
+  pretrained = load.load_encoder(path, step)
+  return EncoderBundle(pretrained.encoder, pretrained.config, pretrained.tokenizer())
 
 
 def tokenize(tokenizer, texts, max_len):
@@ -83,13 +59,11 @@ def _embed_batch(params, ids_BL, lengths_B, *, config):
   positions_BL = jnp.broadcast_to(jnp.arange(ids_BL.shape[1]), ids_BL.shape)
   hidden_BLH = enc.Encoder(config).apply({"params": params}, ids_BL, segment_ids_BL,
                                          positions_BL).astype(jnp.float32)
-  weights_BL1 = segment_ids_BL[..., None].astype(jnp.float32)
-  mean_BH = jnp.sum(hidden_BLH * weights_BL1, 1) / jnp.maximum(jnp.sum(weights_BL1, 1), 1.0)
-  return {"cls": hidden_BLH[:, 0], "mean": mean_BH}
+  return {mode: pooling.pool(hidden_BLH, segment_ids_BL, mode, eps=1.0) for mode in pooling.MODES}
 
 
 def embed_all(model: EncoderBundle | str, texts, *, max_len=128, batch_size=64):
-  """{pooler: float32 [N, H]} for every pooler of POOLERS, from one encoder pass.
+  """{pooler: float32 [N, H]} for every mode of `pooling.MODES`, from one encoder pass.
 
   Texts are sorted by length and each batch is cut to its longest row rounded up to a multiple of
   16, so short queries cost little and only a few shapes compile.
@@ -101,7 +75,7 @@ def embed_all(model: EncoderBundle | str, texts, *, max_len=128, batch_size=64):
   params = jax.tree.map(jnp.asarray, model.params)
   ids, lengths = tokenize(model.tokenizer, texts, max_len)
   order = np.argsort(lengths, kind="stable")
-  out = {p: np.zeros((len(texts), model.config.hidden_size), np.float32) for p in POOLERS}
+  out = {p: np.zeros((len(texts), model.config.hidden_size), np.float32) for p in pooling.MODES}
   for start in range(0, len(texts), batch_size):
     rows = order[start:start + batch_size]
     width = min(max_len, -(-int(lengths[rows].max()) // 16) * 16)
@@ -117,8 +91,7 @@ def embed_all(model: EncoderBundle | str, texts, *, max_len=128, batch_size=64):
 def embed(model: EncoderBundle | str, texts, pooler="cls", *, max_len=128, batch_size=64):
   """float32 [N, H] embeddings of `texts` in input order; `model` is an `EncoderBundle` or a path
   for `load_encoder`; pooler "cls" (the final [CLS] state) or "mean" (over the text's tokens)."""
-  if pooler not in POOLERS:
-    raise ValueError(f"Unknown pooler {pooler!r}; valid poolers: {', '.join(POOLERS)}.")
+  pooling.check(pooler, "pooler")
   return embed_all(model, texts, max_len=max_len, batch_size=batch_size)[pooler]
 
 
@@ -126,9 +99,7 @@ def cosine_scores(queries_QH, candidates_CH):
   """[Q, C] cosine similarities, in float64: the states of a barely trained encoder can be so
   alike that float32 cosines tie, and ties rank pessimistically."""
   q, c = np.asarray(queries_QH, np.float64), np.asarray(candidates_CH, np.float64)
-  q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-  c = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
-  return q @ c.T
+  return pooling.l2_normalize(q, xp=np) @ pooling.l2_normalize(c, xp=np).T
 
 
 def ranks(scores_QC, relevant_Q):
@@ -185,13 +156,12 @@ class Result:
   num_candidates: int
 
 
-def evaluate(model, queries, candidates, relevant, poolers=POOLERS, *, name=None, max_len=128,
+def evaluate(model, queries, candidates, relevant, poolers=pooling.MODES, *, name=None, max_len=128,
              batch_size=64):
   """[`Result`] of dense retrieval with `model` (an `EncoderBundle` or a path for
   `load_encoder`), one per pooler; queries and candidates are embedded once for all poolers."""
   for pooler in poolers:
-    if pooler not in POOLERS:
-      raise ValueError(f"Unknown pooler {pooler!r}; valid poolers: {', '.join(POOLERS)}.")
+    pooling.check(pooler, "pooler")
   name = name or (model if isinstance(model, str) else "encoder")
   model = load_encoder(model) if isinstance(model, str) else model
   q = embed_all(model, queries, max_len=max_len, batch_size=batch_size)

@@ -82,7 +82,7 @@ def test_embeddings_are_the_encoders_states_whatever_the_batching():
     np.testing.assert_allclose(together["mean"][i], hidden.mean(0), atol=2e-5)
   alone = retrieval.embed(bundle, texts[2:], "mean", max_len=32, batch_size=2)
   np.testing.assert_allclose(alone[0], together["mean"][2], atol=2e-5)
-  with pytest.raises(ValueError, match="valid poolers: cls, mean"):
+  with pytest.raises(ValueError, match="Unknown pooler 'max'; allowed: cls, mean"):
     retrieval.embed(bundle, texts, "max")
 
 
@@ -97,5 +97,5 @@ def test_evaluate_finds_candidates_identical_to_their_queries():
 
 
 def test_load_encoder_names_what_it_expects(tmp_path):
-  with pytest.raises(FileNotFoundError, match="neither a workdir"):
+  with pytest.raises(FileNotFoundError, match="is none of: a pretraining workdir"):
     retrieval.load_encoder(str(tmp_path))
