@@ -17,7 +17,7 @@ import pytest
 import objectives
 from configs import common, electra as electra_configs
 from objectives import detection, electra, masking
-from pretrain.interop import hf_electra
+from pretrain.interop import files, hf_electra
 from pretrain.training import optimizer as optimizer_lib, sharding
 from pretrain.models import encoder as enc
 from tests.conftest import fake_tokenizer, packed_batch
@@ -437,7 +437,7 @@ def test_export_matches_transformers(setup, tmp_path):
   print(f"ElectraModel last_hidden_state max|diff|: {diff:.3g}")
   assert diff < 1e-4
 
-  gen, info = load(transformers.AutoModelForMaskedLM, str(tmp_path / hf_electra.GENERATOR_DIR))
+  gen, info = load(transformers.AutoModelForMaskedLM, str(tmp_path / files.GENERATOR_DIR))
   assert type(gen).__name__ == "ElectraForMaskedLM"
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   ref = hf(gen).logits.numpy()

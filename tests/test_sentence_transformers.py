@@ -60,8 +60,8 @@ def _pooled(kind, normalize=False, projection_dim=0):
 
 
 @pytest.mark.parametrize("objective,explicit,expected", [
-    (object(), (None, None), ("mean", True)),  # MLM & co: all-MiniLM-L6-v2's convention
-    (object(), ("cls", False), ("cls", False)),
+    (types.SimpleNamespace(pooler_config=None), (None, None), ("mean", True)),  # MLM & co:
+    (types.SimpleNamespace(pooler_config=None), ("cls", False), ("cls", False)),  # MiniLM's way
     (_pooled("cls"), (None, None), ("cls", False)),
     (_pooled("mean", normalize=True), (None, None), ("mean", True)),
     (_pooled("mean", normalize=True), (None, False), ("mean", False)),

@@ -22,7 +22,7 @@ import numpy as np
 from pretrain.interop import files, hf_bert
 from pretrain.models.encoder import EncoderConfig
 
-GENERATOR_DIR = files.GENERATOR_DIR  # Where write_hf_electra puts the generator.
+
 # pylint: disable=protected-access
 _linear, _qkv_in, _layer_norm, _f32, _plain = (
     hf_bert._linear, hf_bert._qkv_in, hf_bert._layer_norm, hf_bert._f32, hf_bert._plain)
@@ -97,4 +97,4 @@ def write_for_objective(out_dir: str, objective: Any, params: Any) -> None:
     raise ValueError(f"{type(objective).__name__} has no discriminator head to export as "
                      "ELECTRA; export masked-LM objectives with pretrain.interop.hf_bert.")
   write_hf_electra(out_dir, params, objective.model_config,
-                   getattr(objective, "generator_config", None))
+                   objective.generator_config)

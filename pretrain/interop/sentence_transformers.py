@@ -108,7 +108,7 @@ def pooling_for(objective, pooling=None, normalize=None):
   is written rather than embeddings that differ from training. Objectives without one (MLM,
   ELECTRA...) get mean pooling with L2 normalisation, all-MiniLM-L6-v2's convention.
   """
-  trained = getattr(objective, "pooler_config", None)
+  trained = objective.pooler_config
   if trained is None:
     return pooling or "mean", True if normalize is None else normalize
   if pooling is None and (trained.kind not in pooling_lib.MODES or trained.projection_dim):

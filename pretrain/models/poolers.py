@@ -71,9 +71,11 @@ def masked_mean(x_BLH, segment_ids_BL):
   return pooling.mean(x_BLH.astype(jnp.float32), segment_ids_BL, eps=1.0)
 
 
-def l2_normalize(x_BD):
-  """float32 rows of unit norm; a norm below 1e-6 counts as 1e-6, so a zero row stays zero."""
-  return pooling.l2_normalize(x_BD.astype(jnp.float32), eps=1e-6)
+def l2_normalize(x_BD, eps=1e-12):
+  """float32 rows of unit norm (a zero row stays zero). One rsqrt instead of pooling's divide by
+  the norm: the contrastive objectives' checkpoints and goldens were trained with this form."""
+  x = x_BD.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
 
 
 def _dense(cfg, features, axes, name, use_bias=True):
