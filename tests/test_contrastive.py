@@ -352,7 +352,7 @@ def test_guide_is_a_frozen_hf_model_that_masks_candidates(hf_dir):
   np.testing.assert_allclose(total / count, expected, rtol=1e-6)
   with pytest.raises(ValueError, match="must use the same tokenizer"):
     bad = _config("vocab_size=400", guide=str(path))
-    objectives.build(bad, fake_tokenizer(400))
+    objectives.build(bad, fake_tokenizer(400), load.resources(bad, None))
 
 
 def test_init_from_a_hf_bert_dir_warm_starts_the_contrastive_objective(hf_dir):
