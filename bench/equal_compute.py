@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain.training import optimizer as optimizer_lib
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -47,7 +47,7 @@ def step_flops(config):
   vocab = config.data.tokenizer.vocab_size
   tokenizer = types.SimpleNamespace(vocab_size=vocab,
                                     word_start_table=lambda: np.zeros(vocab, bool))
-  objective = objectives.build(config, tokenizer)
+  objective = registry.build(config, tokenizer)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   seq_len, batch_size = config.data.seq_len, config.data.batch_size
   state = jax.eval_shape(lambda r: nn.unbox(state_lib.init_state(r, objective, tx, seq_len)),

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from configs import bert  # noqa: E402
 from pretrain.training import optimizer as optimizer_lib, sharding
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 
 MESHES = {"data=8": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -46,7 +46,7 @@ def main():
   print(f"{'model':<12}{'mesh':<26}{'params/device':>16}{'optimizer/device':>18}{'total/device':>16}")
   for size in ("base", "large"):
     config = bert.get_config(f"size={size}")
-    objective = objectives.build(config, _Vocab(config.data.tokenizer.vocab_size))
+    objective = registry.build(config, _Vocab(config.data.tokenizer.vocab_size))
     tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
     for name, mesh_config in MESHES.items():
       mesh = sharding.make_mesh(mesh_config)

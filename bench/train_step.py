@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from configs import common, demo  # noqa: E402
 from objectives import masking  # noqa: E402
 from pretrain.training import optimizer as optimizer_lib, sharding
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -72,7 +72,7 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
   c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
-  objective = objectives.build(c, _Vocab(vocab))
+  objective = registry.build(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
   mesh = sharding.make_mesh(c.mesh)
   rules = sharding.rules(c.axis_rules)

@@ -9,7 +9,7 @@ import itertools
 
 import ml_collections
 
-import objectives
+from objectives import registry
 from objectives.checks import require
 
 MODEL_SIZES = {
@@ -115,8 +115,8 @@ def base_config():
       mask_token_rate=0.8,       # of the selected tokens: replaced by [MASK]
       random_token_rate=0.1,     # ... replaced by a random token; the rest stay unchanged
       whole_word=False,
-      # Objective-specific keys come from each objective module's CONFIG (objectives/__init__.py).
-      **objectives.config_defaults(),
+      # Objective-specific keys come from each objective module's CONFIG (objectives/registry.py).
+      **registry.config_defaults(),
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
@@ -135,7 +135,7 @@ def base_config():
 def validate(config):
   """Checks values that a locked ConfigDict cannot; raises naming the key and the allowed values."""
   m, d, o, opt, t = config.model, config.data, config.objective, config.optimizer, config.train
-  require(o.name in objectives.NAMES, "objective.name", o.name, ", ".join(objectives.NAMES))
+  require(o.name in registry.NAMES, "objective.name", o.name, ", ".join(registry.NAMES))
   require(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
   for key in ("num_layers", "hidden_size", "num_heads", "mlp_dim", "max_len"):
     require(m[key] > 0, f"model.{key}", m[key], "a positive integer")
@@ -155,7 +155,7 @@ def validate(config):
            (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
   require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
-  objectives.validate(config)
+  registry.validate(config)
   require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
   require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")

@@ -26,7 +26,7 @@ import numpy as np
 from objectives import base, checks
 
 
-# The registry's names (objectives/__init__.py checks that the two agree).
+# The registry's names (objectives/registry.py checks that the two agree).
 COMPONENT_NAMES = ("mlm", "electra", "rts", "crts", "slm", "retromae", "dupmae", "ernie_gram",
                    "contrastive")
 CONFIG = dict(
@@ -67,7 +67,7 @@ class Combined(base.Objective):
   checks = (validate_config,)
 
   def __init__(self, config, model_config, tokenizer, resources=base.Resources(), *, get):
-    """`get` is the registry's lookup (objectives.get): this module sits below the registry."""
+    """`get` is the registry's lookup (registry.get): this module sits below the registry."""
     self.config = config
     self.model_config = model_config
     self.weights = parse_components(config.components)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-import objectives
+from objectives import registry
 from configs import common
 from pretrain.data import ngrams, pairs, pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.interop import files, hf_read, load
@@ -43,7 +43,7 @@ def train_and_evaluate(config, workdir):
   if jax.process_index() == 0:
     checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
   resources = load.resources(config, tokenizer)
-  objective = objectives.build(config, tokenizer, resources)
+  objective = registry.build(config, tokenizer, resources)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
   make_data = functools.partial(
       make_dataset, objective, resources, tokenizer=tokenizer, seq_len=d.seq_len,

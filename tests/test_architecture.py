@@ -112,8 +112,11 @@ def _imports(module):
     statement = " ".join(statement.split())
     for target in targets:
       internal = _internal(target)
-      if internal and internal != module:
-        out.append((internal, node.lineno, statement))
+      # Importing a.b.c runs a/__init__.py and a/b/__init__.py first: they are dependencies too.
+      while internal:
+        if internal in SOURCES and internal != module:
+          out.append((internal, node.lineno, statement))
+        internal = internal.rpartition(".")[0]
   return out
 
 
@@ -246,16 +249,18 @@ def test_no_duck_typing_on_objectives():
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from objectives import mlm", "objectives.mlm"),
-    ("from objectives import REGISTRY", "objectives"),
-    ("import pretrain.training.metrics", "pretrain.training.metrics"),
-    ("from . import base", "objectives.base"),
+    ("from objectives import mlm", ["objectives.mlm", "objectives"]),
+    ("from objectives import NOT_A_MODULE", ["objectives"]),
+    ("import pretrain.training.metrics",
+     ["pretrain.training.metrics", "pretrain.training", "pretrain"]),
+    ("from . import base", ["objectives.base", "objectives"]),
 ])
 def test_import_resolution(source, expected, monkeypatch):
-  # The resolver itself, on a statement placed in objectives/combined.py.
+  # The resolver itself, on a statement placed in objectives/combined.py: the module and every
+  # package __init__ that importing it runs.
   monkeypatch.setitem(TREES, "objectives.combined", ast.parse(source))
   monkeypatch.setitem(SOURCES, "objectives.combined", (SOURCES["objectives.combined"][0], source))
-  assert [m for m, _, _ in _imports("objectives.combined")] == [expected]
+  assert [m for m, _, _ in _imports("objectives.combined")] == expected
 
 
 def test_cycle_report():

@@ -6,19 +6,19 @@ import pytest
 
 from configs import common
 from tests.conftest import fake_tokenizer, packed_batch
-import objectives
+from objectives import registry
 
 
 def _objective(config, components):
   config.objective.name = "combined"
   config.objective.components = components
   common.validate(config)
-  return objectives.build(config, fake_tokenizer(500))
+  return registry.build(config, fake_tokenizer(500))
 
 
 def _component_loss(config, name, params, batch, rng):
   config.objective.name = name
-  single = objectives.build(config, fake_tokenizer(500))
+  single = registry.build(config, fake_tokenizer(500))
   return single.loss(params, single.init_state(), batch, rng, train=False)[0]
 
 

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 from configs import common
 from pretrain.training import optimizer as optimizer_lib, sharding
 from tests.conftest import ROOT, fake_tokenizer
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -29,7 +29,7 @@ def _load(path):
 def test_config_loads_validates_and_builds(path):
   config = _load(path).get_config(None)
   common.validate(config)
-  objective = objectives.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
+  objective = registry.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   target, _ = state_lib.abstract_state(objective, tx, config.data.seq_len, mesh,

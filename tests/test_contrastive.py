@@ -15,7 +15,7 @@ from pretrain.training import sharding
 from pretrain import train
 from pretrain.data import pairs
 from tests.conftest import fake_tokenizer
-import objectives
+from objectives import registry
 from pretrain.training import optimizer as optimizer_lib
 from pretrain.training import state as state_lib
 from pretrain.interop import load
@@ -208,7 +208,7 @@ def _loss_and_grads(objective, params, state, batch, mesh):
 
 def test_negatives_gathered_on_8_devices_give_the_one_device_result():
   config = _config("symmetric=True")
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = registry.build(config, fake_tokenizer(V))
   params, batch = _random_params(objective), _chunks()
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   eight = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
@@ -229,7 +229,7 @@ def test_starbucks_loss_is_the_sum_it_claims():
   """
   config = _config("nesting=starbucks,normalize=True", starbucks_layers=(1, 2),
                    starbucks_dims=(16, 64), kl_weight=0.5)
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = registry.build(config, fake_tokenizer(V))
   params, batch = _random_params(objective), _chunks(1)
   rng = jax.random.key(3)
   valid = jnp.ones(B, bool)
@@ -266,7 +266,7 @@ def _pair_batch(seed):
 def test_2dmse_is_last_plus_a_sampled_layer_and_dimension_with_kl():
   config = _config("nesting=2dmse,normalize=True", view="docstring", matryoshka_dims=(8, 16, 64))
   config.model.num_layers = 3
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = registry.build(config, fake_tokenizer(V))
   params, batch = _random_params(objective), _pair_batch(2)
   valid = jnp.ones(B, bool)
   draws = [(layer, dim) for layer in (1, 2) for dim in (8, 16)]
@@ -324,7 +324,7 @@ def test_guide_is_a_frozen_hf_model_that_masks_candidates(hf_dir):
   torch = pytest.importorskip("torch")
   path, model = hf_dir
   config = _config("", guide=str(path), normalize=True)
-  objective = objectives.build(config, fake_tokenizer(V), load.resources(config, None))
+  objective = registry.build(config, fake_tokenizer(V), load.resources(config, None))
   state = nn.unbox(objective.init_state())
   rows = _chunks(4)
   params = _random_params(objective)
@@ -352,13 +352,13 @@ def test_guide_is_a_frozen_hf_model_that_masks_candidates(hf_dir):
   np.testing.assert_allclose(total / count, expected, rtol=1e-6)
   with pytest.raises(ValueError, match="must use the same tokenizer"):
     bad = _config("vocab_size=400", guide=str(path))
-    objectives.build(bad, fake_tokenizer(400), load.resources(bad, None))
+    registry.build(bad, fake_tokenizer(400), load.resources(bad, None))
 
 
 def test_init_from_a_hf_bert_dir_warm_starts_the_contrastive_objective(hf_dir):
   path, _ = hf_dir
   config = _config("pooler=latent,loss=moco,queue_size=16", pooler_latents=4)
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = registry.build(config, fake_tokenizer(V))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, 10)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = sharding.rules(config.axis_rules)
@@ -384,7 +384,7 @@ def test_init_from_a_hf_bert_dir_warm_starts_the_contrastive_objective(hf_dir):
 
 def test_moco_queue_is_split_over_the_data_parallel_devices():
   config = _config("loss=moco,queue_size=16")
-  objective = objectives.build(config, fake_tokenizer(V))
+  objective = registry.build(config, fake_tokenizer(V))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, 10)
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   target, _ = state_lib.abstract_state(objective, tx, L, mesh, sharding.rules(config.axis_rules))

@@ -15,7 +15,7 @@ from pretrain.models import decoder as dec, encoder as enc
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
 from pretrain.interop import load
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -168,7 +168,7 @@ def _config(tiny_config, name):
 def test_loss_is_encoder_plus_decoder_mlm_plus_weighted_bow(tiny_config, name):
   config = _config(tiny_config, name)
   config.objective.bow_weight = 0.25
-  objective = objectives.build(config, fake_tokenizer(500))
+  objective = registry.build(config, fake_tokenizer(500))
   batch = packed_batch(np.random.default_rng(6), 4, 32, 500)
   params = nn.unbox(objective.init(jax.random.key(0), batch))
   assert set(params) == {"encoder", "mlm_head", "decoder"}
@@ -185,7 +185,7 @@ def test_loss_is_encoder_plus_decoder_mlm_plus_weighted_bow(tiny_config, name):
 
 
 def _first_losses(config):
-  objective = objectives.build(config, fake_tokenizer(500))
+  objective = registry.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)

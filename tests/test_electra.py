@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import objectives
+from objectives import registry
 from configs import common, electra as electra_configs
 from objectives import detection, electra, masking
 from pretrain.interop import files, hf_electra
@@ -60,10 +60,10 @@ def _tiny_config(objective="electra"):
 
 
 def _objective(config):
-  """Like objectives.build, with model.embedding_size passed on whatever train.py does."""
-  model_config = dataclasses.replace(objectives.encoder_config(config.model, V),
+  """Like registry.build, with model.embedding_size passed on whatever train.py does."""
+  model_config = dataclasses.replace(registry.encoder_config(config.model, V),
                                      embedding_size=config.model.embedding_size or None)
-  return objectives.get(config.objective.name)(config.objective, model_config, fake_tokenizer(V))
+  return registry.get(config.objective.name)(config.objective, model_config, fake_tokenizer(V))
 
 
 class Setup(NamedTuple):
@@ -369,7 +369,7 @@ def test_recipes_follow_the_paper():
 def test_train_passes_embedding_size_to_the_encoder():
   config = electra_configs.get_config("size=small")
   assert config.model.embedding_size == 128
-  assert objectives.encoder_config(config.model, V).embedding_size == 128, (
+  assert registry.encoder_config(config.model, V).embedding_size == 128, (
       "pretrain/train.py encoder_config() drops config.model.embedding_size: add "
       "`embedding_size=m.get('embedding_size', 0) or None,` to its EncoderConfig(...) call.")
 

@@ -29,7 +29,7 @@ from pretrain.finetune import heads
 from tests.conftest import ROOT
 from pretrain.finetune import evaluation
 from pretrain.finetune import train as finetune_train
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -301,7 +301,7 @@ def pretrained(tmp_path_factory):
       f"size=tiny,vocab_size={len(VOCAB)},steps=80,batch_size=32,seq_len={SEQ}")
   config.model.max_len = SEQ
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 10
-  objective = objectives.build(config, None)
+  objective = registry.build(config, None)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   state = jax.jit(lambda r: nn.unbox(state_lib.init_state(r, objective, tx, SEQ)))(jax.random.key(0))
   step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx,

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-import objectives
+from objectives import registry
 from configs import demo
 from objectives import detection
 from pretrain import export
@@ -69,12 +69,12 @@ def _assert_same_tree(a, b):
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
 
 
-@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("name", registry.NAMES)
 def test_export_of_every_objective_imports_back_and_matches_transformers(name, tokenizer, tmp_path):
   config = demo.get_config(f"size=tiny,vocab_size={tokenizer.vocab_size},seq_len=32")
   config.model.max_len = 32
   config.objective.name = name
-  objective = objectives.build(config, tokenizer)
+  objective = registry.build(config, tokenizer)
   batch = objective.example_batch(32)  # pylint: disable=protected-access
   params = _random_params(objective, batch, seed=1)
   rows = [{"step": 7, "eval_loss": 1.5}]

@@ -10,7 +10,7 @@ import optax
 from pretrain.training import optimizer as optimizer_lib, sharding
 from pretrain.models import encoder as enc
 from tests.conftest import fake_tokenizer, packed_batch
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -22,7 +22,7 @@ GOLDEN_STEP1_LOSS = 6.1877995
 
 
 def _setup(config):
-  objective = objectives.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
+  objective = registry.build(config, fake_tokenizer(config.data.tokenizer.vocab_size))
   params = nn.unbox(objective.init(jax.random.key(0), packed_batch(np.random.default_rng(0), 1, 32, 500)))
   return objective, params
 
@@ -55,7 +55,7 @@ def test_whole_word_objective_trains(tiny_config):
 
 
 def _one_step_losses(config, rng_impl="threefry2x32"):
-  objective = objectives.build(config, fake_tokenizer(500))
+  objective = registry.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
@@ -95,7 +95,7 @@ def test_faster_rng_impl_trains(tiny_config, rng_impl="unsafe_rbg"):  # rbg: oth
 
 def test_gradient_accumulation_averages_micro_batch_gradients(tiny_config):
   tiny_config.optimizer.grad_accum_steps = 2
-  objective = objectives.build(tiny_config, fake_tokenizer(500))
+  objective = registry.build(tiny_config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   state = nn.unbox(state_lib.init_state(jax.random.key(0), objective, tx, 32))
   batch = packed_batch(np.random.default_rng(0), 8, 32, 500)

@@ -21,7 +21,7 @@ from pretrain.data import ngrams
 from pretrain.models import encoder as enc
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -70,8 +70,8 @@ def _config(**objective):
 
 
 def _objective(config, lex):
-  return ernie_gram.ErnieGram(config.objective, objectives.encoder_config(config.model, V),
-                              fake_tokenizer(V), objectives.Resources(lexicon=lex))
+  return ernie_gram.ErnieGram(config.objective, registry.encoder_config(config.model, V),
+                              fake_tokenizer(V), registry.Resources(lexicon=lex))
 
 
 # --- Lexicon -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pretrain import train
 from pretrain.data import tokenizer as tokenizer_lib
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
-import objectives
+from objectives import registry
 from pretrain.training import run as run_lib
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
@@ -68,7 +68,7 @@ class _Iterator:
 def _states():
   """Two different train states of the tiny model (one device) and their restore target."""
   config = demo.get_config(f"size=tiny,vocab_size={VOCAB},steps=10,batch_size=8,seq_len=32")
-  objective = objectives.build(config, fake_tokenizer(VOCAB))
+  objective = registry.build(config, fake_tokenizer(VOCAB))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, 10)
   first = nn.unbox(jax.jit(lambda r: state_lib.init_state(r, objective, tx, 32))(jax.random.key(0)))
   second = first.replace(step=first.step + 1,
@@ -175,7 +175,7 @@ def _poison(batch, row=0):
 
 def _step_fn(config, mode, accum_steps=1):
   config.model.num_layers = 1  # Cheaper to compile; the guard does not care.
-  objective = _NanWhenPoisoned(objectives.build(config, fake_tokenizer(VOCAB)))
+  objective = _NanWhenPoisoned(registry.build(config, fake_tokenizer(VOCAB)))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, 10)
   state = nn.unbox(jax.jit(lambda r: state_lib.init_state(r, objective, tx, 32))(jax.random.key(0)))
   step = jax.jit(lambda s, b: step_lib.train_step(s, b, jax.random.key(1), objective=objective, tx=tx,
@@ -229,8 +229,8 @@ def test_skip_drops_exactly_the_nonfinite_update(tiny_config, caplog):
 def _poisoned_run(runs, monkeypatch):
   """In-process training on the e2e corpus whose `poison_at`-th batch makes the loss NaN."""
   corpus = runs[0].parent
-  real_build, real_global_batch = objectives.build, sharding.global_batch
-  monkeypatch.setattr(objectives, "build", lambda *args: _NanWhenPoisoned(real_build(*args)))
+  real_build, real_global_batch = registry.build, sharding.global_batch
+  monkeypatch.setattr(registry, "build", lambda *args: _NanWhenPoisoned(real_build(*args)))
 
   def run(workdir, poison_at, batch_size=8, **train_config):
     calls = []
@@ -318,7 +318,7 @@ def test_restoring_another_model_shape_names_the_array(tiny_config, states, tmp_
   """`init_from` and export read a checkpoint without its config check: the shapes are checked."""
   mngr = _save_two(tmp_path, tiny_config, states)
   tiny_config.model.update(hidden_size=32, num_heads=2)
-  objective = objectives.build(tiny_config, fake_tokenizer(VOCAB))
+  objective = registry.build(tiny_config, fake_tokenizer(VOCAB))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   other = nn.unbox(jax.eval_shape(lambda r: state_lib.init_state(r, objective, tx, 32), jax.random.key(0)))
   with pytest.raises(ValueError, match=r"holds params.encoder.embeddings.LayerNorm.bias with shape "
@@ -351,7 +351,7 @@ def _payload(tmp_path):
 def test_pickle_weights_are_refused_on_import(payload, tmp_path, tiny_config):
   model = tmp_path / "model"
   model.mkdir()
-  config = objectives.encoder_config(tiny_config.model, VOCAB)
+  config = registry.encoder_config(tiny_config.model, VOCAB)
   (model / "config.json").write_text(json.dumps(hf_bert.hf_config(config)))
   (model / "pytorch_model.bin").write_bytes(payload)
   with pytest.raises(FileNotFoundError, match="only safetensors is read; pytorch_model.bin would "
@@ -411,7 +411,7 @@ def test_no_load_path_can_unpickle():
 
 def test_resume_checks_only_the_shape_keys_of_the_objective_in_use(tiny_config):
   """A key only another objective reads (ERNIE-Gram's lexicon size on an MLM run) may change."""
-  mlm = objectives.build(tiny_config, fake_tokenizer(VOCAB))
+  mlm = registry.build(tiny_config, fake_tokenizer(VOCAB))
   saved = json.loads(tiny_config.to_json_best_effort())
   tiny_config.objective.ngram_vocab_size += 1
   tiny_config.objective.queue_size *= 2
@@ -420,7 +420,7 @@ def test_resume_checks_only_the_shape_keys_of_the_objective_in_use(tiny_config):
   tiny_config.objective.name = "electra"
   saved = json.loads(tiny_config.to_json_best_effort())
   tiny_config.objective.generator_size_fraction = 0.5
-  electra = objectives.build(tiny_config, fake_tokenizer(VOCAB))
+  electra = registry.build(tiny_config, fake_tokenizer(VOCAB))
   with pytest.raises(ValueError, match=r"objective.generator_size_fraction=0.25 but the config "
                                        r"says 0.5"):
     checkpointing.check_compatible(saved, tiny_config, "w",

@@ -9,7 +9,7 @@ import pytest
 from configs import common
 from pretrain.training import checkpointing, optimizer as optimizer_lib, sharding
 from tests.conftest import fake_tokenizer, make_tiny_config, packed_batch
-import objectives
+from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -28,7 +28,7 @@ def _config(tiny_config):
 
 
 def _losses(config, mesh_config, devices, steps=3, state=None):
-  objective = objectives.build(config, fake_tokenizer(500))
+  objective = registry.build(config, fake_tokenizer(500))
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = sharding.rules(config.axis_rules)
@@ -62,7 +62,7 @@ def test_sharded_losses_match_one_device(tiny_config, one_device_losses, name):
 
 
 def test_parameter_partition_specs_are_golden(tiny_config):
-  objective = objectives.build(tiny_config, fake_tokenizer(500))
+  objective = registry.build(tiny_config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   mesh = sharding.make_mesh(MESHES["mixed"])
   _, shardings = state_lib.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
@@ -80,7 +80,7 @@ def test_parameter_partition_specs_are_golden(tiny_config):
 
 
 def test_fsdp_leaves_no_large_parameter_replicated(tiny_config):
-  objective = objectives.build(tiny_config, fake_tokenizer(500))
+  objective = registry.build(tiny_config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(tiny_config.optimizer, 10)
   mesh = sharding.make_mesh(MESHES["fsdp"])
   target, _ = state_lib.abstract_state(objective, tx, 32, mesh, sharding.rules(common.DEFAULT_AXIS_RULES))
@@ -95,7 +95,7 @@ def test_restore_on_another_mesh_continues_with_same_losses(tiny_config, tmp_pat
   mngr.wait_until_finished()
   expected, _ = _losses(config, MESHES["fsdp"], jax.devices(), steps=1, state=state)
 
-  objective = objectives.build(config, fake_tokenizer(500))
+  objective = registry.build(config, fake_tokenizer(500))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   four = {"data": 2, "fsdp": 1, "tensor": 2}
   mesh = sharding.make_mesh(four, jax.devices()[:4])

@@ -10,7 +10,7 @@ from configs import common, demo
 from objectives import masking, mlm
 from pretrain.data import tokenizer as tok
 from tests.conftest import fake_tokenizer, packed_batch
-import objectives
+from objectives import registry
 
 V = 1000
 # Jitted once per static setting: eager mode would compile every small op separately.
@@ -185,7 +185,7 @@ def test_objectives_mask_spans_through_the_config(name):
   adjacent = {}
   for strategy in ("token", "span"):
     config.objective.masking_strategy = strategy
-    objective = objectives.build(common.validate(config), fake_tokenizer(500))
+    objective = registry.build(common.validate(config), fake_tokenizer(500))
     assert isinstance(objective, mlm.MaskedLM)
     masked = jax.jit(objective.mask)(jax.random.key(0), jnp.asarray(batch["input_ids"]))
     w = np.asarray(masked.weights) > 0
@@ -200,7 +200,7 @@ def test_objectives_mask_spans_through_the_config(name):
 def test_whole_word_strategy_loads_the_word_start_table_by_itself(name):
   config = demo.get_config(f"size=tiny,vocab_size=500,seq_len=32,objective={name}")
   config.objective.masking_strategy = "whole_word"
-  objective = objectives.build(common.validate(config), fake_tokenizer(500))
+  objective = registry.build(common.validate(config), fake_tokenizer(500))
   assert objective.word_start_table is not None
 
 

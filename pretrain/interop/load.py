@@ -19,7 +19,7 @@ import flax.serialization
 import jax
 import ml_collections
 
-import objectives
+from objectives import registry
 from objectives import base
 from pretrain.data import ngrams, tokenizer as tokenizer_lib
 from pretrain.interop import files, hf_read
@@ -51,7 +51,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
   # spm.model or tokenizer.json
   tokenizer = tokenizer_lib.load(os.path.join(workdir, checkpointing.TOKENIZER_DIR))
   # The lexicon only feeds the input pipeline; the guide is part of the checkpointed state.
-  objective = objectives.build(config, tokenizer, resources(config, tokenizer, exclude={"lexicon"}))
+  objective = registry.build(config, tokenizer, resources(config, tokenizer, exclude={"lexicon"}))
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   target, _ = state_lib.abstract_state(objective, tx, config.data.seq_len, mesh,
@@ -165,8 +165,8 @@ def lexicon(config, tokenizer):
 
 
 def resources(config, tokenizer, exclude=frozenset()) -> base.Resources:
-  """What `objectives.needs(config.objective)` asks for, less `exclude`."""
-  wanted = objectives.needs(config.objective) - set(exclude)
+  """What `registry.needs(config.objective)` asks for, less `exclude`."""
+  wanted = registry.needs(config.objective) - set(exclude)
   return base.Resources(
       lexicon=lexicon(config, tokenizer) if "lexicon" in wanted else None,
       guide=(load_guide(config.objective.guide, config.objective.guide_pooler)

@@ -1,0 +1,87 @@
+"""The literal objective registry: one name, one class; no registration by import side effect.
+
+Each objective module defines `CONFIG` (its own `config.objective` keys with defaults);
+`config_defaults()` merges them so that a recipe or a command line can set any of them, and
+`validate(config)` runs the checks of the objective (or the components) the run uses.
+`build(config, tokenizer, resources)` is how every caller makes an objective from a run config.
+"""
+import functools
+
+from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
+                        retromae)
+from pretrain.models import encoder as enc
+
+REGISTRY = {
+    "mlm": mlm.MaskedLM,
+    "electra": electra.Electra,
+    "rts": detection.RandomTokenSubstitution,
+    "crts": detection.ClusterRandomTokenSubstitution,
+    "slm": detection.SwappedLM,
+    "combined": combined.Combined,
+    "retromae": retromae.RetroMAE,
+    "dupmae": retromae.DupMAE,
+    "ernie_gram": ernie_gram.ErnieGram,
+    "contrastive": contrastive.Contrastive,
+}
+NAMES = tuple(REGISTRY)
+CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive)
+assert set(combined.COMPONENT_NAMES) == set(NAMES) - {"combined"}, "combined.COMPONENT_NAMES"
+Resources = base.Resources
+
+
+def get(name):
+  """The objective class called `name`; an unknown name lists the valid ones."""
+  if name not in REGISTRY:
+    raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(NAMES)}.")
+  if name == "combined":
+    return functools.partial(combined.Combined, get=get)
+  return REGISTRY[name]
+
+
+def _classes(objective_config):
+  """The classes a config builds: the objective's, or (combined) its own and its components'."""
+  if objective_config.name == "combined":
+    return [combined.Combined, *(REGISTRY[n] for n, _ in
+                                 combined.parse_components(objective_config.components)
+                                 if n in REGISTRY)]
+  return [REGISTRY[objective_config.name]]
+
+
+def config_defaults():
+  """Every module's objective keys; two modules may not define one key differently."""
+  merged = {}
+  for module in CONFIG_MODULES:
+    for key, value in module.CONFIG.items():
+      if key in merged and merged[key] != value:
+        raise ValueError(f"objective key {key!r} is defined twice ({module.__name__}).")
+      merged[key] = value
+  return merged
+
+
+def validate(config):
+  """The checks of every class the run builds (combined: its own first, so that unknown
+  component names are reported before their checks run)."""
+  get(config.objective.name)
+  for cls in _classes(config.objective):
+    cls.validate(config)
+
+
+def needs(objective_config) -> frozenset:
+  """The `Resources` fields the entry point must build for this config."""
+  return frozenset().union(*(cls.needs(objective_config) for cls in _classes(objective_config)))
+
+
+def encoder_config(model_config, vocab_size) -> enc.EncoderConfig:
+  """The `EncoderConfig` of a run config's `model` block."""
+  m = model_config
+  return enc.EncoderConfig(
+      vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
+      dtype=m.dtype, embedding_size=m.get("embedding_size", 0) or None)
+
+
+def build(config, tokenizer, resources: base.Resources = base.Resources()):
+  """The objective of run config `config`, over `config.model` with the tokenizer's vocabulary
+  size from `config.data.tokenizer.vocab_size`."""
+  model_config = encoder_config(config.model, config.data.tokenizer.vocab_size)
+  return get(config.objective.name)(config.objective, model_config, tokenizer, resources)
