@@ -26,9 +26,6 @@ import numpy as np
 from objectives import base, checks
 
 
-# The registry's names (objectives/registry.py checks that the two agree).
-COMPONENT_NAMES = ("mlm", "electra", "rts", "crts", "slm", "retromae", "dupmae", "ernie_gram",
-                   "contrastive")
 CONFIG = dict(
     components="mlm:1.0",  # combined: comma-separated name:weight pairs over one shared encoder
 )
@@ -47,13 +44,11 @@ def parse_components(spec):
   return pairs
 
 
-def validate_config(config):
-  o = config.objective
-  if o.name != "combined":
-    return
+def validate_components(o, allowed):
+  """Checks `objective.components` of objective config `o` against the registry's `allowed`
+  names (the registry calls this: it sits above this module)."""
   pairs = parse_components(o.components)
   names = [n for n, _ in pairs]
-  allowed = [n for n in COMPONENT_NAMES if n != "combined"]
   checks.require(pairs and all(n in allowed for n in names) and len(set(names)) == len(names),
                  "objective.components", o.components,
                  f"distinct name:weight pairs of {', '.join(allowed)}")
@@ -64,15 +59,12 @@ def validate_config(config):
 class Combined(base.Objective):
   """A weighted sum of registered objectives sharing params["encoder"]."""
 
-  checks = (validate_config,)
-
-  def __init__(self, config, model_config, tokenizer, resources=base.Resources(), *, get):
-    """`get` is the registry's lookup (registry.get): this module sits below the registry."""
+  def __init__(self, config, model_config, components):
+    """`components`: {name: objective} in `config.components` order, built by the registry."""
     self.config = config
     self.model_config = model_config
     self.weights = parse_components(config.components)
-    self.components = {name: get(name)(config, model_config, tokenizer, resources)
-                       for name, _ in self.weights}
+    self.components = components
     formats = {c.input_format for c in self.components.values()}
     if len(formats) > 1:
       raise ValueError(f"objective.components={config.components!r} mixes input formats "
@@ -86,12 +78,13 @@ class Combined(base.Objective):
     self.export_format = "electra" if any(c.export_format == "electra" for c in parts) else "bert"
     self.generator_config = next((c.generator_config for c in parts if c.generator_config), None)
     self.pooler_config = next((c.pooler_config for c in parts if c.pooler_config), None)
-    self.dataset_options = first.dataset_options
-    self.example_batch = first.example_batch
+    self.first = first
 
-  @classmethod
-  def component_classes(cls, objective_config, get):
-    return [get(name) for name, _ in parse_components(objective_config.components)]
+  def dataset_options(self):
+    return self.first.dataset_options()
+
+  def example_batch(self, seq_len):
+    return self.first.example_batch(seq_len)
 
   def init(self, rng, batch):
     params = {}

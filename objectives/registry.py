@@ -5,8 +5,6 @@ Each objective module defines `CONFIG` (its own `config.objective` keys with def
 `validate(config)` runs the checks of the objective (or the components) the run uses.
 `build(config, tokenizer, resources)` is how every caller makes an objective from a run config.
 """
-import functools
-
 from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
                         retromae)
 from pretrain.models import encoder as enc
@@ -24,8 +22,8 @@ REGISTRY = {
     "contrastive": contrastive.Contrastive,
 }
 NAMES = tuple(REGISTRY)
+COMPONENTS = tuple(n for n in NAMES if n != "combined")  # what `combined` may combine
 CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive)
-assert set(combined.COMPONENT_NAMES) == set(NAMES) - {"combined"}, "combined.COMPONENT_NAMES"
 Resources = base.Resources
 
 
@@ -33,17 +31,13 @@ def get(name):
   """The objective class called `name`; an unknown name lists the valid ones."""
   if name not in REGISTRY:
     raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(NAMES)}.")
-  if name == "combined":
-    return functools.partial(combined.Combined, get=get)
   return REGISTRY[name]
 
 
 def _classes(objective_config):
-  """The classes a config builds: the objective's, or (combined) its own and its components'."""
+  """The classes whose checks and needs apply: the objective's, or (combined) its components'."""
   if objective_config.name == "combined":
-    return [combined.Combined, *(REGISTRY[n] for n, _ in
-                                 combined.parse_components(objective_config.components)
-                                 if n in REGISTRY)]
+    return [REGISTRY[n] for n, _ in combined.parse_components(objective_config.components)]
   return [REGISTRY[objective_config.name]]
 
 
@@ -59,9 +53,11 @@ def config_defaults():
 
 
 def validate(config):
-  """The checks of every class the run builds (combined: its own first, so that unknown
-  component names are reported before their checks run)."""
+  """The checks of every class the run builds (combined: the component list first, so that an
+  unknown name is reported before any component's checks run)."""
   get(config.objective.name)
+  if config.objective.name == "combined":
+    combined.validate_components(config.objective, COMPONENTS)
   for cls in _classes(config.objective):
     cls.validate(config)
 
@@ -83,5 +79,10 @@ def encoder_config(model_config, vocab_size) -> enc.EncoderConfig:
 def build(config, tokenizer, resources: base.Resources = base.Resources()):
   """The objective of run config `config`, over `config.model` with the tokenizer's vocabulary
   size from `config.data.tokenizer.vocab_size`."""
+  o = config.objective
   model_config = encoder_config(config.model, config.data.tokenizer.vocab_size)
-  return get(config.objective.name)(config.objective, model_config, tokenizer, resources)
+  if o.name == "combined":
+    return combined.Combined(o, model_config, {
+        name: get(name)(o, model_config, tokenizer, resources)
+        for name, _ in combined.parse_components(o.components)})
+  return get(o.name)(o, model_config, tokenizer, resources)

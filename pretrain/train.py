@@ -21,12 +21,11 @@ from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer 
                                run as run_lib, state as state_lib, step as step_lib)
 
 
-def make_dataset(objective, resources, source, **kwargs):
+def make_dataset(objective, resources, source, tokenizer, **kwargs):
   """The input pipeline of the objective's `input_format` over `source`."""
   if objective.input_format == "pairs":
-    return pairs.make_dataset(source, kwargs.pop("tokenizer"), **kwargs,
-                              **objective.dataset_options())
-  dataset = pipeline.make_dataset(source, kwargs.pop("tokenizer"), **kwargs)
+    return pairs.make_dataset(source, tokenizer, **kwargs, **objective.dataset_options())
+  dataset = pipeline.make_dataset(source, tokenizer, **kwargs)
   if objective.input_format == "packed_ngrams":
     dataset = dataset.map(ngrams.NgramFeatures(resources.lexicon))
   return dataset
@@ -45,15 +44,16 @@ def train_and_evaluate(config, workdir):
   resources = load.resources(config, tokenizer)
   objective = registry.build(config, tokenizer, resources)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
-  make_data = functools.partial(
-      make_dataset, objective, resources, tokenizer=tokenizer, seq_len=d.seq_len,
-      batch_size=d.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  train_iter = iter(make_data(sources.open_source(d, d.train_split), seed=d.seed))
+  def make_data(split, **kwargs):
+    return make_dataset(objective, resources, sources.open_source(d, split), tokenizer,
+                        seq_len=d.seq_len, batch_size=d.batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        seed=d.seed, **kwargs)
+
+  train_iter = iter(make_data(d.train_split))
   eval_batches = []
   if t.eval_batches:
-    eval_data = make_data(sources.open_source(d, d.eval_split), seed=d.seed, shuffle=False,
-                          num_epochs=1)
+    eval_data = make_data(d.eval_split, shuffle=False, num_epochs=1)
     eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count(),
                                      objective.example_batch(d.seq_len)))
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl), 3)
