@@ -12,8 +12,6 @@ from absl import logging as absl_logging
 
 # Libraries whose INFO and WARNING records describe their own workings, not the run's.
 LIBRARIES = ("orbax", "tensorflow_datasets", "jax", "jaxlib", "grain", "etils")
-# Records repeated each time a dataset is opened; they say nothing the config does not.
-REPEATED = ("Using custom data configuration",)
 
 
 def _package_dirs(names):
@@ -30,7 +28,7 @@ def _package_dirs(names):
 
 
 class _LibraryFilter(logging.Filter):
-  """Drops the absl records below ERROR that the libraries log, and the repeated ones."""
+  """Drops the absl records below ERROR that the libraries log."""
 
   def __init__(self, dirs):
     super().__init__()
@@ -39,8 +37,6 @@ class _LibraryFilter(logging.Filter):
   def filter(self, record):
     if record.levelno >= logging.ERROR:
       return True
-    if str(record.msg).startswith(REPEATED):
-      return False
     return not (self.dirs and record.pathname.startswith(self.dirs))
 
 
