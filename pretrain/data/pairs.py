@@ -40,8 +40,7 @@ import threading
 import grain
 import numpy as np
 
-from pretrain.data import python_code
-from pretrain.data import pipeline, tokenizer as tokenizer_lib
+from pretrain.data import pipeline, python_code, tokenizer as tokenizer_lib
 
 VIEWS = ("crop", "docstring", "same_file", "ict")
 ICT_UNITS = ("line", "sentence")

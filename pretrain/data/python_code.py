@@ -10,7 +10,6 @@ corpus (`split_for_key` on the relative path): "heldout" = the files pretraining
 from __future__ import annotations
 
 import ast
-import os
 import re
 import textwrap
 
@@ -38,8 +37,7 @@ def heldout_files(split: str, validation_fraction: float = 0.05,
   for rel in python_stdlib.list_stdlib_files(root, max_files):
     if python_stdlib.split_for_key(rel, validation_fraction) != want:
       continue
-    with open(os.path.join(root, rel), "rb") as f:
-      text, _ = python_stdlib.decode_text(f.read())
+    text, _ = python_stdlib.read_file(root, rel)
     if text.strip():
       out.append((rel, text))
   return out
@@ -50,7 +48,7 @@ def _without_bom(text: str) -> str:
   return text[1:] if text.startswith("\ufeff") else text
 
 
-def parse(text: str):
+def _parse(text: str):
   """The module AST, or None for files this interpreter cannot parse (test data, py2 files)."""
   try:
     return ast.parse(text)
@@ -62,21 +60,21 @@ def parsed(files):
   """(path, text, tree, lines, line starts) of each (path, text) that parses (BOM dropped)."""
   for path, text in files:
     text = _without_bom(text)
-    tree = parse(text)
+    tree = _parse(text)
     if tree is not None:
-      lines = split_lines(text)
-      yield path, text, tree, lines, line_starts(lines)
+      lines = _split_lines(text)
+      yield path, text, tree, lines, _line_starts(lines)
 
 
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 
-def split_lines(text: str) -> list[str]:
+def _split_lines(text: str) -> list[str]:
   """Lines with their endings, split only where the parser splits (not at form feeds)."""
   return _LINE.findall(text)
 
 
-def line_starts(lines: list[str]) -> list[int]:
+def _line_starts(lines: list[str]) -> list[int]:
   starts, pos = [0], 0
   for line in lines:
     pos += len(line)

@@ -159,7 +159,8 @@ def exception_examples(files, num_classes: int = DEFAULT_NUM_EXCEPTION_CLASSES,
 FINETUNE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval")
 
 
-def _hash_unit(key: str) -> float:
+def hash_unit(key: str) -> float:
+  """A uniform draw in [0, 1) fixed by `key`: dev membership that does not move between runs."""
   return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
@@ -170,7 +171,7 @@ def split_train_dev(files, dev_fraction: float):
   """
   train, dev = [], []
   for path, text in files:
-    (dev if _hash_unit("finetune-dev:" + path) < dev_fraction else train).append((path, text))
+    (dev if hash_unit("finetune-dev:" + path) < dev_fraction else train).append((path, text))
   return train, dev
 
 
@@ -232,7 +233,8 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
     return {"train": keep(train), "dev": keep(exception_examples(dev_files, labels=labels)),
             "test": keep(exception_examples(test_files, labels=labels)),
             "label_names": labels}
-  train_p, dev_p, test_p = (python_code.function_pairs(f) for f in (train_files, dev_files, test_files))
+  train_p, dev_p, test_p = (python_code.function_pairs(f)
+                            for f in (train_files, dev_files, test_files))
   if task == "docstring_retrieval":
     return {"train": [{"query": q, "doc": code} for q, code in _documented(train_p)],
             "dev": retrieval_triple(dev_p), "test": retrieval_triple(test_p),

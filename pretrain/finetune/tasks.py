@@ -2,7 +2,7 @@
 
 `load_task(data_config, head)` returns a `TaskData` of plain Python examples; `encode_*` turn
 them into fixed-length int32 rows ([CLS] a [SEP] (b [SEP]), padding, see
-`pretrain.models.heads`), and `train_iterator` / `eval_batches` batch those rows.
+`pretrain.finetune.heads`), and `train_iterator` / `eval_batches` batch those rows.
 
 Sources (`data_config.source`):
   exception_type       the masked exception name of an `except Name:` clause, among the
@@ -39,7 +39,7 @@ from pretrain.finetune.task_tokenizer import TaskTokenizer
 from pretrain.data import pipeline
 from pretrain.data.corpora import python_stdlib
 
-BUILTIN = ("exception_type", "docstring_match", "docstring_retrieval")
+BUILTIN = code_tasks.FINETUNE_TASKS
 SOURCES = BUILTIN + ("files", "tfds")
 
 
@@ -61,10 +61,6 @@ class TaskData:
   dev: object
   test: object
   label_names: list | None = None
-
-
-def _hash_unit(key: str) -> float:
-  return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def builtin_splits(c) -> TaskData:
@@ -228,7 +224,8 @@ def external_task(c, head: str) -> TaskData:
   if c.dev:
     dev = _labelled(read(c.dev)[0], c, head, f"{c.source}:{c.dev}")
   else:
-    parts = [_hash_unit(f"finetune-dev:{i}") < c.dev_fraction for i in range(len(train))]
+    parts = [code_tasks.hash_unit(f"finetune-dev:{i}") < c.dev_fraction
+             for i in range(len(train))]
     dev = [ex for ex, d in zip(train, parts) if d]
     train = [ex for ex, d in zip(train, parts) if not d]
   test = _labelled(read(c.test)[0], c, head, f"{c.source}:{c.test}") if c.test else dev

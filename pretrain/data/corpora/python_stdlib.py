@@ -201,7 +201,7 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
     files = list_stdlib_files(root, cfg.max_files)
     by_split = {s: [] for s in SPLITS}
     for rel in files:  # Cheap pre-pass: TFDS cannot write an empty split.
-      if os.path.getsize(os.path.join(root, rel)) and _read(root, rel)[0].strip():
+      if os.path.getsize(os.path.join(root, rel)) and read_file(root, rel)[0].strip():
         by_split[split_for_key(rel, cfg.validation_fraction)].append(rel)
     if not any(by_split.values()):
       raise ValueError(
@@ -214,12 +214,13 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root, rel_paths, split):
     for rel in tqdm.tqdm(rel_paths, desc=f"python_stdlib {split}",
                          unit="file", mininterval=1.0):
-      text, bad = _read(root, rel)
+      text, bad = read_file(root, rel)
       self._stats.record(split, bad)
       yield rel, {"text": text, "path": rel}
     self._stats.finish(split, self.info, "python_stdlib")
 
 
-def _read(root: str, rel: str) -> tuple[str, bool]:
+def read_file(root: str, rel: str) -> tuple[str, bool]:
+  """(text, whether undecodable bytes were replaced) of the file `rel` under `root`."""
   with open(os.path.join(root, rel), "rb") as f:
     return decode_text(f.read())
