@@ -27,7 +27,7 @@ demo: $(VENV)/.base
 	$(BIN)/python -m pretrain.report --workdir=$(DEMO_WORKDIR) --export=$(DEMO_EXPORT)
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check pretrain objectives configs launch tests bench
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests

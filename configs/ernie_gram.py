@@ -1,4 +1,4 @@
-"""ERNIE-Gram: explicitly n-gram masked LM (objectives/ernie_gram.py) over the demo's encoder and data.
+"""ERNIE-Gram: explicitly n-gram masked LM (objectives/ernie_gram.py) on the demo encoder and data.
 
   python -m pretrain.main --config=configs/ernie_gram.py --workdir=workdir/ernie_gram
   python -m pretrain.main --config=configs/ernie_gram.py:relation --workdir=workdir/ernie_gram_erm
