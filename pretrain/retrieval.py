@@ -1,7 +1,7 @@
 """Zero-shot retrieval with a pretrained encoder: embed, score, rank; BM25 as the lexical baseline.
 
   from pretrain import retrieval
-  from pretrain.data import code_tasks
+  from pretrain.finetune import code_tasks
   queries, candidates, relevant = code_tasks.docstring_retrieval()
   retrieval.evaluate(retrieval.load_encoder("exports/demo"), queries, candidates, relevant)
 
@@ -59,7 +59,7 @@ def _embed_batch(params, ids_BL, lengths_B, *, config):
   positions_BL = jnp.broadcast_to(jnp.arange(ids_BL.shape[1]), ids_BL.shape)
   hidden_BLH = enc.Encoder(config).apply({"params": params}, ids_BL, segment_ids_BL,
                                          positions_BL).astype(jnp.float32)
-  return {mode: pooling.pool(hidden_BLH, segment_ids_BL, mode, eps=1.0) for mode in pooling.MODES}
+  return {mode: pooling.pool(hidden_BLH, segment_ids_BL, mode) for mode in pooling.MODES}
 
 
 def embed_all(model: EncoderBundle | str, texts, *, max_len=128, batch_size=64):

@@ -22,10 +22,11 @@ import ml_collections
 from objectives import registry
 from objectives import base
 from pretrain.data import ngrams, tokenizer as tokenizer_lib
-from pretrain.interop import files, hf_read
+from pretrain.interop import files, hf_read, sentence_transformers
 from pretrain.models import poolers
 from pretrain.models.encoder import EncoderConfig
-from pretrain.training import checkpointing, optimizer as optimizer_lib, sharding, state as state_lib
+from pretrain.training import checkpointing, optimizer as optimizer_lib, sharding
+from pretrain.training import state as state_lib
 
 
 class Workdir(NamedTuple):
@@ -71,7 +72,8 @@ class Pretrained:
   description: dict  # Objective, steps, ... for the fine-tuned model card.
 
   def tokenizer(self):
-    """The tokenizer (our exports carry spm.model beside a tokenizer.json only AutoTokenizer reads)."""
+    """The tokenizer; our exports carry spm.model beside a tokenizer.json that only AutoTokenizer
+    reads, and the former is preferred."""
     spm = os.path.join(self.tokenizer_dir, tokenizer_lib.SPM_FILE)
     return tokenizer_lib.load(spm if os.path.isfile(spm) else self.tokenizer_dir)
 
@@ -123,16 +125,6 @@ def load_encoder(path: str, step: Optional[int] = None) -> Pretrained:
       f"Face model directory ({files.CONFIG_FILE} + {files.WEIGHTS_FILE}).")
 
 
-def _sentence_transformers_pooler(path):
-  """"cls" or "mean" from a sentence-transformers 1_Pooling/config.json, None if there is none."""
-  cfg_path = os.path.join(path, "1_Pooling", "config.json")
-  if not os.path.isfile(cfg_path):
-    return None
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-
-
 def load_guide(path, guide_pooler="auto") -> base.Guide:
   """A frozen guide from anything `load_encoder` reads; it always scores by cosine.
 
@@ -147,7 +139,7 @@ def load_guide(path, guide_pooler="auto") -> base.Guide:
     pooler_config = dataclasses.replace(pooler_config, normalize=True)
   else:
     kind = (guide_pooler if guide_pooler != "auto"
-            else _sentence_transformers_pooler(path) or "mean")
+            else sentence_transformers.read_pooling(path) or "mean")
     pooler_config, pooler_params = poolers.PoolerConfig(
         kind=kind, hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
         normalize=True), {}

@@ -13,6 +13,7 @@ We write the classic layout (module types `sentence_transformers.models.*`, the 
 only JSON: the export needs no sentence-transformers install. `embed` computes the same
 embeddings with our Flax encoder, so a test can hold the two to 1e-4.
 """
+import functools
 import json
 import os
 
@@ -42,24 +43,24 @@ def tokenize(tokenizer, texts, max_seq_length):
   return ids, segments, positions
 
 
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize"))
+def _embed_batch(params, ids_BL, seg_BL, pos_BL, *, config, pooling, normalize):
+  hidden_BLH = enc.Encoder(config).apply({"params": params}, ids_BL, seg_BL, pos_BL)
+  # sentence-transformers' Pooling divides by max(count, 1e-9); its Normalize is torch's.
+  x_BH = pooling_lib.pool(hidden_BLH.astype(jnp.float32), seg_BL, pooling)
+  return pooling_lib.l2_normalize(x_BH, eps=1e-12) if normalize else x_BH
+
+
 def embed(encoder_params, model_config, tokenizer, texts, *, pooling="mean", normalize=True,
           max_seq_length=None, batch_size=32):
   """float32 [N, H] embeddings of `texts` by our encoder: what the exported directory gives."""
   max_seq_length = max_seq_length or model_config.max_len
-  module = enc.Encoder(model_config)
-
-  @jax.jit
-  def run(params, ids_BL, seg_BL, pos_BL):
-    hidden_BLH = module.apply({"params": params}, ids_BL, seg_BL, pos_BL).astype(jnp.float32)
-    # sentence-transformers' Pooling divides by max(count, 1e-9); its Normalize is torch's.
-    x_BH = pooling_lib.pool(hidden_BLH, seg_BL, pooling, eps=1e-9)
-    return pooling_lib.l2_normalize(x_BH, eps=1e-12) if normalize else x_BH
-
   texts = list(texts)
   if not texts:
     return np.zeros((0, model_config.hidden_size), np.float32)
-  out = [np.asarray(run(encoder_params, *tokenize(tokenizer, texts[i:i + batch_size],
-                                                    max_seq_length)))
+  out = [np.asarray(_embed_batch(encoder_params, *tokenize(tokenizer, texts[i:i + batch_size],
+                                                             max_seq_length),
+                                 config=model_config, pooling=pooling, normalize=normalize))
          for i in range(0, len(texts), batch_size)]
   return np.concatenate(out)
 
@@ -97,6 +98,17 @@ def write_module_files(out_dir, hidden_size, *, pooling="mean", normalize=True,
   _write_json(os.path.join(out_dir, "config_sentence_transformers.json"), {
       "prompts": {}, "default_prompt_name": None,
       "similarity_fn_name": "cosine" if normalize else "dot"})
+
+
+def read_pooling(model_dir):
+  """"cls" or "mean" from a 1_Pooling/config.json (ours or sentence-transformers'), None if there
+  is none."""
+  path = os.path.join(model_dir, "1_Pooling", "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    cfg = json.load(f)
+  return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
 
 
 def pooling_for(objective, pooling=None, normalize=None):

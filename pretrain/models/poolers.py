@@ -68,7 +68,7 @@ class PoolerConfig:
 
 def masked_mean(x_BLH, segment_ids_BL):
   """float32 mean over the row's non-padding tokens; 0 for a row without any."""
-  return pooling.mean(x_BLH.astype(jnp.float32), segment_ids_BL, eps=1.0)
+  return pooling.mean(x_BLH.astype(jnp.float32), segment_ids_BL)
 
 
 def l2_normalize(x_BD, eps=1e-12):
@@ -141,7 +141,7 @@ class Pooler(nn.Module):
     """`hidden_BLH`: the states to pool; `all_layers`: every layer's states (multilayer only)."""
     cfg = self.config
     if cfg.kind in pooling.MODES:
-      x_BH = pooling.pool(hidden_BLH.astype(jnp.float32), segment_ids_BL, cfg.kind, eps=1.0)
+      x_BH = pooling.pool(hidden_BLH.astype(jnp.float32), segment_ids_BL, cfg.kind)
     elif cfg.kind == "latent":
       latents = jnp.broadcast_to(_latents(self, cfg), (hidden_BLH.shape[0], cfg.num_latents,
                                                        cfg.hidden_size))

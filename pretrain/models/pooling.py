@@ -6,9 +6,9 @@ contrastive poolers (`pretrain.models.poolers`) share.
 - ``mean``: the mean over the row's tokens, [CLS] and [SEP] included (Contriever,
   sentence-transformers' mean pooling).
 
-The epsilons are parameters because callers reproduce different references: a mean's denominator
-floor only matters for a row without tokens (whose sum is 0, so any positive floor gives 0), and
-`l2_normalize`'s floor is torch.nn.functional.normalize's (1e-12) unless a caller says otherwise.
+A mean's denominator floor only matters for a row without tokens (whose sum is 0, so any positive
+floor gives 0), hence one floor for every caller; `l2_normalize`'s floor is
+torch.nn.functional.normalize's (1e-12) unless a caller says otherwise.
 """
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ def check(mode: str, what: str = "pooling") -> str:
   return mode
 
 
-def mean(hidden_BLH, mask_BL, eps=1e-9):
+def mean(hidden_BLH, mask_BL):
   """[B, H] mean of the states where `mask_BL` is nonzero (segment ids will do), in their dtype."""
   mask_BL1 = (mask_BL[..., None] > 0).astype(hidden_BLH.dtype)
-  return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), eps)
+  return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), 1e-9)
 
 
-def pool(hidden_BLH, mask_BL, mode, eps=1e-9):
+def pool(hidden_BLH, mask_BL, mode):
   """[B, H]: the first ([CLS]) state, or the `mean` over `mask_BL` (nonzero = token)."""
   if check(mode) == "cls":
     return hidden_BLH[:, 0]
-  return mean(hidden_BLH, mask_BL, eps)
+  return mean(hidden_BLH, mask_BL)
 
 
 def l2_normalize(x, eps=1e-12, xp=jnp):
