@@ -56,7 +56,7 @@ def hf_config(config: EncoderConfig) -> dict:
   }
 
 
-def _plain(tree: Any) -> Any:
+def plain(tree: Any) -> Any:
   """Unboxes flax metadata and drops a {'params': ...} wrapper if present."""
   tree = nn.meta.unbox(tree)
   if hasattr(tree, "unfreeze"):
@@ -66,58 +66,58 @@ def _plain(tree: Any) -> Any:
   return tree
 
 
-def _f32(x) -> np.ndarray:
+def f32(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(x).astype(np.float32))
 
 
-def _linear(p: dict, prefix: str) -> dict:
+def linear(p: dict, prefix: str) -> dict:
   """{kernel [in..., out...], bias} -> HF {weight [out, in], bias [out]}."""
-  kernel, bias = _f32(p["kernel"]), _f32(p["bias"])
-  return {f"{prefix}.weight": _f32(kernel.reshape(-1, bias.size).T),
-          f"{prefix}.bias": _f32(bias.reshape(-1))}
+  kernel, bias = f32(p["kernel"]), f32(p["bias"])
+  return {f"{prefix}.weight": f32(kernel.reshape(-1, bias.size).T),
+          f"{prefix}.bias": f32(bias.reshape(-1))}
 
 
 def _qkv_in(p: dict, prefix: str) -> dict:
   """q/k/v: kernel [H, N, D] -> weight [N*D, H]."""
-  kernel = _f32(p["kernel"])
-  return {f"{prefix}.weight": _f32(kernel.reshape(kernel.shape[0], -1).T),
-          f"{prefix}.bias": _f32(p["bias"]).reshape(-1)}
+  kernel = f32(p["kernel"])
+  return {f"{prefix}.weight": f32(kernel.reshape(kernel.shape[0], -1).T),
+          f"{prefix}.bias": f32(p["bias"]).reshape(-1)}
 
 
-def _layer_norm(p: dict, prefix: str) -> dict:
-  return {f"{prefix}.weight": _f32(p["scale"]), f"{prefix}.bias": _f32(p["bias"])}
+def layer_norm(p: dict, prefix: str) -> dict:
+  return {f"{prefix}.weight": f32(p["scale"]), f"{prefix}.bias": f32(p["bias"])}
 
 
 def encoder_state_dict(enc, config: EncoderConfig, prefix: str) -> dict[str, np.ndarray]:
   """Embeddings and layers under `prefix` ("bert", "electra"): the part BERT and ELECTRA share."""
   emb = enc["embeddings"]
-  sd = {f"{prefix}.embeddings.{name}.weight": _f32(emb[name]["embedding"])
+  sd = {f"{prefix}.embeddings.{name}.weight": f32(emb[name]["embedding"])
         for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-  sd.update(_layer_norm(emb["LayerNorm"], f"{prefix}.embeddings.LayerNorm"))
+  sd.update(layer_norm(emb["LayerNorm"], f"{prefix}.embeddings.LayerNorm"))
   for i in range(config.num_layers):
     layer, pre = enc[f"layer_{i}"], f"{prefix}.encoder.layer.{i}"
     att = layer["attention"]
     for name in ("query", "key", "value"):
       sd.update(_qkv_in(att[name], f"{pre}.attention.self.{name}"))
-    sd.update(_linear(att["output"], f"{pre}.attention.output.dense"))
-    sd.update(_layer_norm(att["LayerNorm"], f"{pre}.attention.output.LayerNorm"))
-    sd.update(_linear(layer["intermediate"], f"{pre}.intermediate.dense"))
-    sd.update(_linear(layer["output"], f"{pre}.output.dense"))
-    sd.update(_layer_norm(layer["LayerNorm"], f"{pre}.output.LayerNorm"))
+    sd.update(linear(att["output"], f"{pre}.attention.output.dense"))
+    sd.update(layer_norm(att["LayerNorm"], f"{pre}.attention.output.LayerNorm"))
+    sd.update(linear(layer["intermediate"], f"{pre}.intermediate.dense"))
+    sd.update(linear(layer["output"], f"{pre}.output.dense"))
+    sd.update(layer_norm(layer["LayerNorm"], f"{pre}.output.LayerNorm"))
   return sd
 
 
 def to_hf_state_dict(encoder_params: Any, mlm_head_params: Any,
                      config: EncoderConfig) -> dict[str, np.ndarray]:
   """BertForMaskedLM state dict (float32 numpy); BertModel keys if no head params."""
-  enc = _plain(encoder_params)
-  head = None if mlm_head_params is None else _plain(mlm_head_params)
+  enc = plain(encoder_params)
+  head = None if mlm_head_params is None else plain(mlm_head_params)
   sd = encoder_state_dict(enc, config, "bert")
   if head is not None:
     dense, norm, bias = _HEAD_KEYS
-    sd.update(_linear(head["dense"], dense))
-    sd.update(_layer_norm(head["LayerNorm"], norm))
-    sd[bias] = _f32(head["bias"])
+    sd.update(linear(head["dense"], dense))
+    sd.update(layer_norm(head["LayerNorm"], norm))
+    sd[bias] = f32(head["bias"])
   _check_shapes(sd, config)
   return sd
 

@@ -23,11 +23,6 @@ from pretrain.interop import files, hf_bert
 from pretrain.models.encoder import EncoderConfig
 
 
-# pylint: disable=protected-access
-_linear, _qkv_in, _layer_norm, _f32, _plain = (
-    hf_bert._linear, hf_bert._qkv_in, hf_bert._layer_norm, hf_bert._f32, hf_bert._plain)
-
-
 def hf_config(config: EncoderConfig, architecture: str) -> dict:
   """An ``ElectraConfig`` dict for config.json: BERT's fields plus the embedding width."""
   return {**hf_bert.hf_config(config), "model_type": "electra", "architectures": [architecture],
@@ -36,7 +31,7 @@ def hf_config(config: EncoderConfig, architecture: str) -> dict:
 
 def electra_model_state_dict(encoder_params: Any, config: EncoderConfig) -> dict[str, np.ndarray]:
   """``electra.*`` keys of an Encoder param tree (embeddings included) for `config`."""
-  enc = _plain(encoder_params)
+  enc = hf_bert.plain(encoder_params)
   emb = enc["embeddings"]
   width = np.shape(emb["word_embeddings"]["embedding"])
   if width != (config.vocab_size, config.embed_dim):
@@ -48,38 +43,38 @@ def electra_model_state_dict(encoder_params: Any, config: EncoderConfig) -> dict
                      f"hidden_size={config.hidden_size} contradict.")
   sd = hf_bert.encoder_state_dict(enc, config, "electra")
   if config.projects_embeddings:
-    sd.update(_linear(enc["embeddings_project"], "electra.embeddings_project"))
+    sd.update(hf_bert.linear(enc["embeddings_project"], "electra.embeddings_project"))
   return sd
 
 
 def discriminator_state_dict(params: Any, config: EncoderConfig) -> dict[str, np.ndarray]:
   """ElectraForPreTraining keys from objective params {"encoder", "discriminator_head", ...}."""
-  params = _plain(params)
+  params = hf_bert.plain(params)
   sd = electra_model_state_dict(params["encoder"], config)
   head = params["discriminator_head"]
-  sd.update(_linear(head["dense"], "discriminator_predictions.dense"))
-  sd.update(_linear(head["dense_prediction"], "discriminator_predictions.dense_prediction"))
+  sd.update(hf_bert.linear(head["dense"], "discriminator_predictions.dense"))
+  sd.update(hf_bert.linear(head["dense_prediction"], "discriminator_predictions.dense_prediction"))
   return sd
 
 
 def generator_state_dict(params: Any, generator_config: EncoderConfig) -> dict[str, np.ndarray]:
   """ElectraForMaskedLM keys: the shared embeddings, the generator encoder and its tied head."""
-  params = _plain(params)
+  params = hf_bert.plain(params)
   if "embeddings" in params["generator"]:
     raise ValueError("generator params have their own embeddings; ELECTRA's share the encoder's.")
   encoder = {"embeddings": params["encoder"]["embeddings"], **params["generator"]}
   sd = electra_model_state_dict(encoder, generator_config)
   head = params["generator_head"]
-  sd.update(_linear(head["dense"], "generator_predictions.dense"))
-  sd.update(_layer_norm(head["LayerNorm"], "generator_predictions.LayerNorm"))
-  sd["generator_lm_head.bias"] = _f32(head["bias"])
+  sd.update(hf_bert.linear(head["dense"], "generator_predictions.dense"))
+  sd.update(hf_bert.layer_norm(head["LayerNorm"], "generator_predictions.LayerNorm"))
+  sd["generator_lm_head.bias"] = hf_bert.f32(head["bias"])
   return sd
 
 
 def write_hf_electra(out_dir: str, params: Any, model_config: EncoderConfig,
                      generator_config: Optional[EncoderConfig] = None) -> None:
   """Writes the discriminator to `out_dir` and, if `params` has one, the generator below it."""
-  params = _plain(params)
+  params = hf_bert.plain(params)
   hf_bert.write_files(out_dir, discriminator_state_dict(params, model_config),
                       hf_config(model_config, "ElectraForPreTraining"))
   if "generator" in params:
@@ -93,7 +88,7 @@ def write_hf_electra(out_dir: str, params: Any, model_config: EncoderConfig,
 
 def write_for_objective(out_dir: str, objective: Any, params: Any) -> None:
   """`write_hf_electra` for an objective with a discriminator head (electra, rts, crts)."""
-  if "discriminator_head" not in _plain(params):
+  if "discriminator_head" not in hf_bert.plain(params):
     raise ValueError(f"{type(objective).__name__} has no discriminator head to export as "
                      "ELECTRA; export masked-LM objectives with pretrain.interop.hf_bert.")
   write_hf_electra(out_dir, params, objective.model_config,

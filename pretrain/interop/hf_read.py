@@ -34,8 +34,9 @@ import safetensors.numpy
 from pretrain.interop import files
 from pretrain.models.encoder import EncoderConfig
 
-# model_type -> the key prefix of the encoder inside task checkpoints (BertForMaskedLM: "bert.").
-PREFIXES = {"bert": "bert", "electra": "electra", "roberta": "roberta"}
+# The model types read; each is also the key prefix of the encoder inside task checkpoints
+# (BertForMaskedLM: "bert.").
+MODEL_TYPES = ("bert", "electra", "roberta")
 # Keys no head of ours uses: poolers, task heads, NSP, position-id buffers.
 _IGNORED = ("pooler.", "cls.seq_relationship.", "classifier.", "qa_outputs.",
             "embeddings.position_ids", "embeddings.token_type_ids", "lm_head.decoder.",
@@ -76,10 +77,10 @@ def position_offset(hf: dict) -> int:
 def encoder_config_from_hf(hf: dict) -> EncoderConfig:
   """EncoderConfig of a BERT/ELECTRA/RoBERTa config dict; rejects what our encoder cannot run."""
   model_type = hf.get("model_type")
-  if model_type not in PREFIXES:
+  if model_type not in MODEL_TYPES:
     raise ValueError(
         f"model_type {model_type!r} is not supported; the import reads BERT-architecture "
-        f"encoders: {', '.join(PREFIXES)}.")
+        f"encoders: {', '.join(MODEL_TYPES)}.")
   checks = [
       (hf.get("hidden_act", "gelu") == "gelu",
        f"hidden_act {hf.get('hidden_act')!r} (only 'gelu', the exact erf GELU, is supported)"),
@@ -175,16 +176,20 @@ class _Reader:
   def __init__(self, sd: dict, where: str):
     self.sd, self.where, self.unused = sd, where, set(sd)
 
-  def take(self, key: str, shape: Optional[tuple] = None) -> np.ndarray:
+  def check(self, key: str, shape: Optional[tuple] = None) -> None:
+    """Raises unless tensor `key` exists (with `shape`); reads nothing and marks nothing used."""
     if key not in self.sd:
       raise ValueError(f"{self.where}: checkpoint is missing tensor {key!r}; it is not a complete "
                        "BERT/ELECTRA/RoBERTa encoder of the size its config.json declares.")
-    value = np.array(self.sd[key], dtype=np.float32)  # A copy: callers own the result.
-    if shape is not None and value.shape != tuple(shape):
-      raise ValueError(f"{self.where}: tensor {key!r} has shape {value.shape} but config.json "
-                       f"implies {tuple(shape)}; the config and weights do not belong together.")
+    if shape is not None and np.shape(self.sd[key]) != tuple(shape):
+      raise ValueError(f"{self.where}: tensor {key!r} has shape {np.shape(self.sd[key])} but "
+                       f"config.json implies {tuple(shape)}; the config and weights do not belong "
+                       "together.")
+
+  def take(self, key: str, shape: Optional[tuple] = None) -> np.ndarray:
+    self.check(key, shape)
     self.unused.discard(key)
-    return value
+    return np.array(self.sd[key], dtype=np.float32)  # A copy: callers own the result.
 
   def linear(self, key, in_shape=None, out_shape=None):
     """HF Linear {weight [out, in], bias} -> our {kernel [in..., out...], bias [out...]}."""
@@ -201,7 +206,7 @@ class _Reader:
 
 def _normalise_keys(sd: dict, model_type: str) -> dict:
   """Encoder keys without their "<model_type>." prefix (bare BertModel saves have none)."""
-  prefix = PREFIXES[model_type] + "."
+  prefix = model_type + "."
   return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
@@ -210,15 +215,13 @@ def from_state_dict(sd: dict, hf: dict, where: str = "checkpoint") -> Imported:
   config = encoder_config_from_hf(hf)
   model_type, offset = hf["model_type"], position_offset(hf)
   r = _Reader(_normalise_keys(sd, model_type), where)
-  other = next((t for t in PREFIXES if t != model_type and
+  other = next((t for t in MODEL_TYPES if t != model_type and
                 f"{t}.embeddings.word_embeddings.weight" in sd), None)
   if other and "embeddings.word_embeddings.weight" not in r.sd:
     raise ValueError(f"{where}: config.json has model_type {model_type!r}, but the tensors are a "
                      f"{other} model's ('{other}.' keys); set model_type to {other!r}.")
-  shapes = expected_shapes(config)
-  for key, shape in shapes.items():  # Shape errors name the first mismatch, before any reshape.
-    r.take(key, shape)
-  r.unused |= set(shapes)
+  for key, shape in expected_shapes(config).items():  # The first mismatch, before any reshape.
+    r.check(key, shape)
   pos = r.take("embeddings.position_embeddings.weight")
   if pos.ndim != 2 or pos.shape[0] != config.max_len + offset or pos.shape[1] != config.embed_dim:
     raise ValueError(f"{where}: position embeddings have shape {pos.shape}, config.json implies "
@@ -265,7 +268,7 @@ def _heads(r: _Reader, config: EncoderConfig, tied: bool) -> dict:
     if dense + ".weight" in r.sd:
       bias = next((b for b in biases if b in r.sd), biases[0])
       for key, shape in mlm_head_shapes(config, dense, norm, bias).items():
-        r.take(key, shape)  # Shape errors before any reshape.
+        r.check(key, shape)  # Shape errors before any reshape.
       heads["mlm_head"] = {"dense": r.linear(dense), "LayerNorm": r.layer_norm(norm),
                            "bias": r.take(bias)}
       for b in biases:
