@@ -57,7 +57,7 @@ class Evaluator:
     outs = []
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for batch in tasks.eval_batches(arrays, self.batch_size, jax.process_index(),
-                                           jax.process_count()):
+                                      jax.process_count()):
         batch = {k: v for k, v in batch.items() if k != "weights"}
         outs.append(np.asarray(self._fn(params, sharding.global_batch(batch, self.batch_sharding))))
     return np.concatenate(outs)[:n]

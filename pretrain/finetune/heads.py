@@ -2,7 +2,7 @@
 
 A task model has the shape of a pretraining objective (`objectives/base.py`: `init`,
 `init_state`, `loss -> (loss, (metrics, state))`, `encoder`, `example_batch`) so that
-`pretrain.train`'s sharded init, train step and checkpointing run it unchanged; `predict` gives
+`pretrain.training`'s sharded init, train step and checkpointing run it unchanged; `predict` gives
 what evaluation scores on the host (logits or embeddings). Parameters: {"encoder", "head"}.
 
 Inputs are single unpacked rows: [CLS] a [SEP] (b [SEP]) then padding, with segment_ids 1 on
@@ -31,7 +31,6 @@ import optax
 from objectives import base
 from pretrain.models import encoder as enc, pooling as pooling_lib
 
-HEADS = ("sequence", "token", "biencoder")
 ROW_FEATURES = ("input_ids", "segment_ids", "positions", "token_types")
 
 
@@ -87,6 +86,8 @@ def _rows(batch, prefix=""):
 class _TaskModel:
   """Shared plumbing: the encoder, its init, the token-type switch."""
 
+  features = ROW_FEATURES
+
   def __init__(self, model_config: enc.EncoderConfig, *, num_classes: int = 2,
                pooling: str = "cls", use_token_types: bool = True, temperature: float = 0.05):
     self.model_config, self.num_classes = model_config, num_classes
@@ -121,8 +122,6 @@ class _TaskModel:
 class SequenceClassifier(_TaskModel):
   """One label per row (single text or text pair)."""
 
-  features = ROW_FEATURES
-
   def __init__(self, model_config, **kwargs):
     super().__init__(model_config, **kwargs)
     self.head_module = SequenceHead(self.num_classes, model_config.dropout_rate,
@@ -155,8 +154,6 @@ class SequenceClassifier(_TaskModel):
 
 class TokenClassifier(_TaskModel):
   """One label per token; labels -1 (padding, continuation pieces) are not scored."""
-
-  features = ROW_FEATURES
 
   def __init__(self, model_config, **kwargs):
     super().__init__(model_config, **kwargs)
@@ -232,9 +229,7 @@ TASK_MODELS = {"sequence": SequenceClassifier, "token": TokenClassifier, "bienco
 
 
 def make(head: str, model_config: enc.EncoderConfig, **kwargs):
-  """The task model for `head` (one of HEADS); an unknown name lists the valid ones."""
+  """The task model for `head` (a key of TASK_MODELS); an unknown name lists the valid ones."""
   if head not in TASK_MODELS:
-    raise ValueError(f"Unknown head {head!r}; allowed: {', '.join(HEADS)}.")
-  if head == "biencoder":
-    kwargs.pop("num_classes", None)
+    raise ValueError(f"Unknown head {head!r}; allowed: {', '.join(TASK_MODELS)}.")
   return TASK_MODELS[head](model_config, **kwargs)
