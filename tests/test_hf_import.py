@@ -19,7 +19,7 @@ from objectives import registry
 from configs import demo
 from objectives import detection
 from pretrain import export
-from pretrain.interop import hf_read
+from pretrain.interop import hf_bert, hf_read
 from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 from pretrain.finetune import heads
@@ -75,7 +75,7 @@ def test_export_of_every_objective_imports_back_and_matches_transformers(name, t
   config.model.max_len = 32
   config.objective.name = name
   objective = registry.build(config, tokenizer)
-  batch = objective.example_batch(32)  # pylint: disable=protected-access
+  batch = objective.example_batch(32)
   params = _random_params(objective, batch, seed=1)
   rows = [{"step": 7, "eval_loss": 1.5}]
   export.write_export(str(tmp_path), config, tokenizer, objective, params, 7, rows)
@@ -241,9 +241,14 @@ def test_wrong_architecture_fails_with_a_clear_message(bert_dir, tmp_path, chang
 def test_load_encoder_reads_every_kind_of_init_and_rejects_others(bert_dir, tmp_path):
   pretrained = load.load_encoder(bert_dir)
   assert pretrained.source == "hf:bert" and pretrained.tokenizer_dir == bert_dir
-  imported = hf_read.read_hf_encoder(bert_dir)  # Passed on as the reader gives it.
-  assert pretrained.config == imported.config
-  _assert_same_tree(pretrained.encoder, imported.encoder)
+  # Against transformers' own reading of the directory: our writer's names for our tensors.
+  theirs = transformers.BertModel.from_pretrained(bert_dir).state_dict()
+  assert (pretrained.config.num_layers, pretrained.config.hidden_size) == (
+      SMALL["num_hidden_layers"], SMALL["hidden_size"])
+  ours = hf_bert.encoder_state_dict(pretrained.encoder, pretrained.config, "bert")
+  assert ours, "no tensors compared"
+  for key, value in ours.items():
+    np.testing.assert_array_equal(value, theirs[key.removeprefix("bert.")].numpy(), err_msg=key)
   with pytest.raises(FileNotFoundError, match="none of: a pretraining workdir"):
     load.load_encoder(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="is not a directory"):
