@@ -1,7 +1,11 @@
-"""The one way an objective's config check fails: naming the key, its value and what is allowed."""
+"""The one way a config check fails: naming the key, its value and what is allowed."""
+
+
+class ConfigError(ValueError):
+  """A config value is not allowed; the command lines exit with status 2 (usage) on it."""
 
 
 def require(ok, key, value, allowed):
-  """Raises `ValueError("Bad config value key=value; allowed: ...")` unless `ok`."""
+  """Raises `ConfigError("Bad config value key=value; allowed: ...")` unless `ok`."""
   if not ok:
-    raise ValueError(f"Bad config value {key}={value!r}; allowed: {allowed}.")
+    raise ConfigError(f"Bad config value {key}={value!r}; allowed: {allowed}.")
