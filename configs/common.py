@@ -10,7 +10,7 @@ import itertools
 import ml_collections
 
 from objectives import registry
-from objectives.checks import require
+from objectives.checks import ConfigError, require
 
 MODEL_SIZES = {
     # name: (num_layers, hidden_size, num_heads, mlp_dim)
@@ -51,7 +51,7 @@ def parse_arg(arg, **defaults):
     key, _, raw = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(
+      raise ConfigError(
           f"Unknown config argument {key!r} in {arg!r}; allowed: {', '.join(sorted(defaults))}.")
     default = defaults[key]
     if not _:  # A bare name switches a boolean on.
@@ -62,11 +62,11 @@ def parse_arg(arg, **defaults):
       try:
         value = ast.literal_eval(raw)
       except (ValueError, SyntaxError) as e:
-        raise ValueError(f"Config argument {key}={raw!r} is not a valid {type(default).__name__}.") from e
+        raise ConfigError(f"Config argument {key}={raw!r} is not a valid {type(default).__name__}.") from e
     if isinstance(default, bool) != isinstance(value, bool) or (
         not isinstance(default, str) and not isinstance(value, type(default))
         and not (isinstance(default, float) and isinstance(value, int))):
-      raise ValueError(
+      raise ConfigError(
           f"Config argument {key}={raw!r} should be a {type(default).__name__} like {default!r}.")
     result[key] = value
   return result
@@ -81,7 +81,7 @@ def product(axes):
 def model_config(size):
   """The `config.model` block for one of MODEL_SIZES."""
   if size not in MODEL_SIZES:
-    raise ValueError(f"Unknown model size {size!r}; allowed: {', '.join(MODEL_SIZES)}.")
+    raise ConfigError(f"Unknown model size {size!r}; allowed: {', '.join(MODEL_SIZES)}.")
   num_layers, hidden, heads, mlp = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
       num_layers=num_layers, hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
@@ -107,7 +107,11 @@ def base_config():
       batch_size=32,             # global, over all processes
       seed=0,
       tokenizer=ml_collections.ConfigDict(dict(
-          path="", vocab_size=16000, model_type="unigram", max_train_bytes=20_000_000)),
+          path="", vocab_size=16000, model_type="unigram", max_train_bytes=20_000_000,
+          # path="" is the default location under data_dir, trained there when missing. A path
+          # that does not exist stops the run, so a typo never trains a new tokenizer; train=True
+          # trains one at that path instead.
+          train=False)),
   ))
   c.objective = ml_collections.ConfigDict(dict(
       name="mlm",
