@@ -105,7 +105,7 @@ def test_non_utf8_replaced_counted_and_stdlib_filters(tmp_path, caplog):
 
 
 def test_local_text_empty_corpus_errors(tmp_path):
-    with pytest.raises(ValueError, match="no .txt or .jsonl file matches"):
+    with pytest.raises(ValueError, match="data.paths glob .*nothing.*matches no file"):
         local_text.local_text_config(str(tmp_path / "nothing*.txt"))
     (tmp_path / "a.txt").write_text("  \n")
     (tmp_path / "b.jsonl").write_text('{"text": ""}\n\n')
@@ -119,7 +119,7 @@ def test_local_text_jsonl_and_config_names(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "b.txt").write_text("whole file\n\nis one document\n")
     cfg = data_config(tmp_path / "d", paths=f"{tmp_path}/*.jsonl, {tmp_path}/*.txt",
-                      jsonl_field="body", validation_fraction=0.3)
+                      text_feature="body", validation_fraction=0.3)
     texts = list(sources.iter_texts(cfg, "train")) + list(sources.iter_texts(cfg, "validation"))
     assert sorted(texts) == sorted([f"doc {i}\n  indented" for i in range(30)]
                                    + ["whole file\n\nis one document\n"])
@@ -173,7 +173,8 @@ def test_catalog_path_splits_features_and_caps(tmp_path, corpus):
         sources.open_source(cfg, "validation")
     with pytest.raises(ValueError, match="features: "):
         sources.open_source(data_config(tmp_path, name="data_test_catalog"), "test")
-    with pytest.raises(ValueError, match="neither a local corpus"):
+    with pytest.raises(ValueError, match=r"data.name='no_such_dataset' is neither a local corpus "
+                       r"\(python_stdlib, local_text\).*prepared there: data_test_catalog;"):
         sources.open_source(data_config(tmp_path, name="no_such_dataset"), "train")
     capped = "".join(sources.iter_texts(corpus, "train", max_bytes=5000))
     assert len(capped.encode()) <= 5000 and len(capped) > 4000
@@ -378,3 +379,159 @@ def test_state_restore_at_every_batch_of_a_finite_dataset(tok):
         assert len(rest) == len(reference) - k
         assert all(np.array_equal(a["input_ids"], b["input_ids"])
                    for a, b in zip(rest, reference[k:]))
+
+
+# ------------------------------------------------------------- bad inputs ---
+
+def tree(root):
+    """Every path under `root` (to show that a failed call created nothing)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_jsonl_text_feature_names_the_field_and_keys_the_build(tmp_path):
+    rows = [json.dumps({"content": f"document {i}", "id": i}) for i in range(20)]
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())  # With a BOM.
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "a.jsonl"), text_feature="content",
+                      validation_fraction=0.0)
+    assert sorted(sources.open_source(cfg, "train")) == sorted(f"document {i}" for i in range(20))
+    other = data_config(tmp_path / "d", paths=str(tmp_path / "a.jsonl"), text_feature="id")
+    assert sources.dataset_id(other) != sources.dataset_id(cfg)  # Another field: another build.
+    assert tok_lib.default_model_path(other) != tok_lib.default_model_path(cfg)
+    (tmp_path / "b.jsonl").write_text('{"content": "x"}\n{"body": "y", "id": 2}\n')
+    bad = data_config(tmp_path / "e", paths=str(tmp_path / "b.jsonl"), text_feature="content")
+    with pytest.raises(ValueError) as e:
+        sources.get_builder(bad)
+    assert str(e.value) == (f"local_text: {tmp_path / 'b.jsonl'}:2 has no field 'content' (the row "
+                            "has fields ['body', 'id']); set --config.data.text_feature=<one of "
+                            "them>.")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("name,head", [
+    ("a.txt", b"PK\x03\x04\x14\x00\x00\x00\x08\x00"),  # zip
+    ("a.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+    ("a.txt", b"\x7fELF\x02\x01\x01\x00"),
+    ("a.txt", b"text" + b"\x00" * 64),
+    ("a.jsonl", bytes(range(128, 256)) * 8),  # No NUL, but not UTF-8 either.
+])
+def test_binary_file_in_corpus_is_named(tmp_path, name, head):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "good.txt").write_text("some text\n")
+    (tmp_path / "c" / name).write_bytes(head + b"\xff" * 300)
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "c" / "*"))
+    with pytest.raises(ValueError, match=rf"local_text: {tmp_path / 'c' / name} \(matched by "
+                       r"data.paths glob .*\) is not UTF-8 text .*; remove it from data.paths "
+                       r"or narrow the glob"):
+        sources.get_builder(cfg)
+    assert not (tmp_path / "d").exists()
+
+
+def test_text_with_a_few_bad_bytes_is_replaced_and_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait, " * 40)
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "a.txt"), validation_fraction=0.0)
+    builder = sources.get_builder(cfg)
+    assert builder.info.metadata["train_utf8_replaced_documents"] == 1
+    assert "\ufffd" in sources.open_source(cfg, "train")[0]
+
+
+@pytest.mark.parametrize("path", ["tok/spm.model", "tok/", "tok/tokenizer.json"])
+def test_explicit_tokenizer_path_that_is_missing_stops_and_creates_nothing(tmp_path, path):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "a.txt"))
+    cfg.tokenizer.path = f"{tmp_path}/{path}"  # pathlib would drop the trailing "/".
+    before = tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^data.tokenizer.path='.*tok/.*' .*does not "
+                       r"exist; .*--config.data.tokenizer.train=True"):
+        tok_lib.load_or_train(cfg)
+    assert tree(tmp_path) == before
+
+
+def test_explicit_tokenizer_path_trains_there_with_train_true(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "a.txt"), validation_fraction=0.0)
+    cfg.tokenizer.path = str(tmp_path / "tok") + "/"
+    cfg.tokenizer.train = True
+    monkeypatch.setattr(tok_lib, "_train_from_config", lambda d, path: path)
+    assert tok_lib.load_or_train(cfg) == str(tmp_path / "tok" / "spm.model")
+
+
+def test_tokenizer_that_cannot_be_written_stops_before_training(tmp_path):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    (tmp_path / "file").write_text("")
+    cfg = data_config(tmp_path / "d", paths=str(tmp_path / "a.txt"))
+    cfg.tokenizer.update(path=str(tmp_path / "file" / "spm.model"), train=True)
+    with pytest.raises(NotADirectoryError, match=r"data.tokenizer.path: cannot create directory .*: .*file' is a "
+                       "file; set --config.data.tokenizer.path to a file in a writable"):
+        tok_lib.load_or_train(cfg)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("paths,error,message", [
+    ("{t}/a.txt,{t}/typo*.txt", ValueError, "data.paths glob '{t}/typo\\*.txt' matches no file"),
+    ("{t}", ValueError, "data.paths entry '{t}' is a directory; give globs of its files"),
+    ("{t}/sub/*", ValueError, "data.paths glob '{t}/sub/\\*' matches only directories"),
+    ("{t}/*.txt", FileNotFoundError, "'{t}/link.txt' .* is a broken symbolic link"),
+    (" , ", ValueError, "data.paths is empty"),
+])
+def test_bad_corpus_paths_name_the_glob_and_create_nothing(tmp_path, paths, error, message):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    (tmp_path / "sub" / "dir").mkdir(parents=True)
+    if "link" in message:
+        (tmp_path / "link.txt").symlink_to(tmp_path / "gone.txt")
+    before = tree(tmp_path)
+    cfg = data_config(tmp_path / "d", paths=paths.format(t=tmp_path))
+    with pytest.raises(error, match=message.format(t=tmp_path)):
+        sources.get_builder(cfg)
+    assert tree(tmp_path) == before
+
+
+def test_unreadable_corpus_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).endswith("a.txt")
+                        and real_access(p, mode))  # chmod does not stop root.
+    with pytest.raises(PermissionError, match=r"'.*a.txt' \(matched by data.paths glob .*\) "
+                       "cannot be read"):
+        sources.get_builder(data_config(tmp_path / "d", paths=str(tmp_path / "*.txt")))
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"text": "a", }', r"b.jsonl:2 is not valid JSON \(Expecting property name"),
+    ('["a", "b"]', r"b.jsonl:2 is an array, not a JSON object with a 'text' field"),
+    ('{"text": 3}', r"b.jsonl:2 field 'text' holds 3, not a string"),
+])
+def test_malformed_jsonl_row_names_file_and_line(tmp_path, line, message):
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        sources.get_builder(data_config(tmp_path / "d", paths=str(tmp_path / "b.jsonl")))
+    assert not (tmp_path / "d").exists()
+
+
+def test_unknown_dataset_name_and_bad_data_dir(tmp_path):
+    with pytest.raises(ValueError, match=r"^data.name='wikipdia' is neither a local corpus .*"
+                       r"prepared there: none; .*set --config.data.name"):
+        sources.get_builder(data_config(tmp_path / "d", name="wikipdia"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    with pytest.raises(NotADirectoryError, match=r"data.data_dir: cannot create directory .*file/tfds"):
+        sources.get_builder(data_config(tmp_path / "file" / "tfds", paths=str(tmp_path / "a.txt")))
+    assert tree(tmp_path) == ["a.txt", "file"]
+
+
+def test_failed_build_removes_what_it_created(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+
+    def fail(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local_text.LocalText, "_generate_examples", fail)
+    with pytest.raises(OSError, match="disk full"):
+        sources.get_builder(data_config(tmp_path / "d", paths=str(tmp_path / "a.txt")))
+    assert tree(tmp_path) == ["a.txt"]
+
+
+def test_corrupt_ngram_lexicon_is_named(tmp_path):
+    from pretrain.data import ngrams
+    (tmp_path / "lexicon.json").write_text('{"ngrams": [')
+    with pytest.raises(ValueError, match=r"lexicon.json is not an n-gram lexicon .*delete it"):
+        ngrams.load(str(tmp_path / "lexicon.json"))

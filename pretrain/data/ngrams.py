@@ -259,10 +259,14 @@ def save(lexicon: Lexicon, path: str, tokenizer=None) -> None:
 
 
 def load(path: str) -> Lexicon:
-  with open(path, encoding="utf-8") as f:
-    c = json.load(f)
-  return Lexicon(tuple(tuple(g) for g in c["ngrams"]), tuple(c["counts"]), tuple(c["scores"]),
-                 c["vocab_size"], c["settings"])
+  try:
+    with open(path, encoding="utf-8") as f:
+      c = json.load(f)
+    return Lexicon(tuple(tuple(g) for g in c["ngrams"]), tuple(c["counts"]),
+                   tuple(c["scores"]), c["vocab_size"], c["settings"])
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and bad bytes are ValueErrors.
+    raise ValueError(f"{path} is not an n-gram lexicon ({type(e).__name__}: {e}); delete it "
+                     "to extract it again.") from None
 
 
 def lexicon_path(tokenizer_path: str, settings: dict) -> str:

@@ -4,8 +4,11 @@ Why one code path: the local corpora (`python_stdlib`, `local_text`) are TFDS
 builders written as array_record, exactly like a prepared TFDS catalog dataset
 ("wikipedia/20230601.en", "c4/en", ...), so every corpus is read through
 `builder.as_data_source(split)` and only the builder construction differs.
-Local corpora are built into `data_config.data_dir` on first use; catalog
+Local corpora are built into `data.data_dir` on first use; catalog
 datasets must already be prepared there (this library never downloads).
+A build first reads and checks every input (`builder.plan()`), so a bad input
+stops the run before anything is written, and a build that fails anyway
+removes the directories it created (`tidy_on_failure`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,62 @@ def _get(cfg, key: str, default):
 
 
 def data_dir(data_config) -> str | None:
-  """The TFDS data dir as an absolute path (None = TFDS's default)."""
+  """The TFDS data dir as an absolute path or a URL (None = TFDS's default)."""
   d = _get(data_config, "data_dir", "")
-  return os.path.abspath(os.path.expanduser(d)) if d else None
+  if not d or "://" in d:  # gs://bucket/tfds stays a URL for TFDS.
+    return d or None
+  return os.path.abspath(os.path.expanduser(d))
+
+
+def check_can_create(path: str, key: str, fix: str = "") -> None:
+  """Raises unless directory `path` exists or could be made; creates nothing.
+
+  Why: found before a corpus build or a tokenizer training rather than after
+  it, and without leaving half of a directory tree behind.
+  """
+  if "://" in path:
+    return
+  fix = fix or f"set --config.{key} to a writable directory"
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"{key}: cannot create directory {path!r}: {existing!r} is "
+                             f"a file; {fix}.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"{key}: cannot create or write directory {path!r}: no write "
+                          f"permission in {existing!r}; {fix}.")
+
+
+def _missing(path: str) -> list[str]:
+  """`path` and those of its parent directories that do not exist yet."""
+  out = []
+  path = os.path.abspath(path)
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    out.append(path)
+    path = os.path.dirname(path)
+  return out
+
+
+@contextlib.contextmanager
+def tidy_on_failure(*paths: str):
+  """If the block raises, removes the `paths` (and parents) it created.
+
+  Files among them are deleted, directories only when left empty, so nothing
+  another process or an earlier run wrote is touched.
+  """
+  created = sorted({p for path in paths if "://" not in path for p in _missing(path)},
+                   key=lambda p: p.count(os.sep), reverse=True)
+  try:
+    yield
+  except BaseException:
+    for p in created:
+      with contextlib.suppress(OSError):
+        if os.path.isdir(p) and not os.path.islink(p):
+          os.rmdir(p)
+        elif os.path.lexists(p):
+          os.unlink(p)
+    raise
 
 
 @contextlib.contextmanager
@@ -63,14 +119,14 @@ def _local_builder(data_config) -> tfds.core.DatasetBuilder:
         data_dir=data_dir(data_config), file_format="array_record")
   config = local_text.local_text_config(
       _get(data_config, "paths", ""),
-      jsonl_field=_get(data_config, "jsonl_field", "text"),
+      jsonl_field=_get(data_config, "text_feature", "text"),
       validation_fraction=fraction)
   return local_text.LocalText(config=config, data_dir=data_dir(data_config),
                               file_format="array_record")
 
 
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder for `data_config.name` (building local corpora).
+  """The prepared TFDS builder for `data.name` (building local corpora).
 
   A catalog dataset that is not prepared in data_dir is an error with the
   command that prepares it, since nothing is downloaded here.
@@ -79,31 +135,58 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
   if name in LOCAL_CORPORA:
     builder = _local_builder(data_config)
     if not builder.is_prepared():
-      # data_dir/<name>/<config>/<version>: lock outside TFDS's tree.
-      root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
-      lock = os.path.join(root, ".locks", f"{name}-{builder.builder_config.name}")
-      with file_lock(lock):
-        log.info("Building %s into %s (first use).", name, builder.data_dir)
-        builder.download_and_prepare(file_format="array_record")
+      _build(builder, name)
     return builder
+  where = data_dir(data_config) or "the default TFDS dir"
   try:
     builder = tfds.builder(name, data_dir=data_dir(data_config))
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except (ValueError, AssertionError) as e:  # Not found, unparsable, unknown version.
+    prepared = ", ".join(prepared_datasets(data_dir(data_config))) or "none"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(
-        f"Dataset {name!r} is neither a local corpus {LOCAL_CORPORA} nor a "
-        f"TFDS dataset prepared in {data_dir(data_config) or 'the default TFDS dir'!r} "
-        "(without TensorFlow, TFDS can only open catalog datasets such as "
-        "'c4/en' from a prepared copy). Fix data_config.name, or prepare it "
-        f"with `tfds build {name} --file_format=array_record --data_dir "
-        "<data_dir>` on a machine with TensorFlow and copy it into data_dir."
-    ) from e
+        f"data.name={name!r} is neither a local corpus ({', '.join(LOCAL_CORPORA)}) "
+        f"nor a TFDS dataset prepared in {where!r} (prepared there: {prepared}; TFDS "
+        f"says: {first}); set --config.data.name to one of those, or prepare it with "
+        f"`tfds build {name} --file_format=array_record --data_dir <data_dir>` on a "
+        "machine with TensorFlow and copy it into data.data_dir.") from None
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. "
+        f"TFDS dataset data.name={name!r} is not prepared in {builder.data_dir!r}. "
         f"Prepare it as array_record, e.g. `tfds build {name} --data_dir "
         f"{data_dir(data_config) or '<data_dir>'} --file_format=array_record`, "
-        "or point data_config.data_dir at where it is.")
+        "or point --config.data.data_dir at where it is.")
   return builder
+
+
+def _build(builder, name: str) -> None:
+  """Builds a local corpus once: every input is checked before anything is written."""
+  # data_dir/<name>/<config>/<version>: lock outside TFDS's tree.
+  root = os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+  check_can_create(root, "data.data_dir")
+  builder.plan()  # Reads every input; a bad one raises here.
+  lock = os.path.join(root, ".locks", f"{name}-{builder.builder_config.name}")
+  with tidy_on_failure(lock, os.path.join(root, "downloads", "extracted"),
+                       builder.data_dir):
+    with file_lock(lock):
+      if not builder.is_prepared():  # Another process may have built it meanwhile.
+        log.info("Building %s into %s (first use).", name, builder.data_dir)
+        builder.download_and_prepare(file_format="array_record")
+
+
+def prepared_datasets(root: str | None, limit: int = 20) -> list[str]:
+  """Names ("c4/en", "wikipedia/20230601.en") of the datasets prepared under `root`."""
+  if not root or "://" in root or not os.path.isdir(root):
+    return []
+  found = set()
+  for dirpath, dirnames, filenames in os.walk(root):
+    rel = os.path.relpath(dirpath, root).split(os.sep)
+    if "dataset_info.json" in filenames and len(rel) >= 2:
+      if rel[0] not in LOCAL_CORPORA:
+        found.add("/".join(rel[:-1]))  # The last part is the version.
+      dirnames[:] = []
+    elif len(rel) >= 3 or rel[0] in ("downloads", "tokenizers", ".locks"):
+      dirnames[:] = []
+  return sorted(found)[:limit]
 
 
 def dataset_id(data_config) -> str:
@@ -164,15 +247,17 @@ def open_source(data_config, split: str) -> TextSource:
   if split.split("[", 1)[0] not in splits:
     raise ValueError(
         f"Split {split!r} does not exist in {data_config.name!r}; available "
-        f"splits: {splits}. Set data_config.train_split / eval_split to one "
-        "of them (a tiny local corpus may hash no document to 'validation'; "
-        "add documents or raise data_config.validation_fraction).")
-  feature = _get(data_config, "text_feature", "text")
+        f"splits: {splits}. Set --config.data.train_split / data.eval_split to "
+        "one of them (a tiny local corpus may hash no document to 'validation'; "
+        "add documents or raise data.validation_fraction).")
+  # local_text reads data.text_feature from each .jsonl row and stores it as "text".
+  feature = ("text" if data_config.name == "local_text"
+             else _get(data_config, "text_feature", "text"))
   features = list(builder.info.features.keys())
   if feature not in features:
     raise ValueError(
-        f"Feature {feature!r} not in {data_config.name!r} (features: "
-        f"{features}); set data_config.text_feature to one of them.")
+        f"data.text_feature={feature!r} is not a feature of {data_config.name!r} "
+        f"(features: {features}); set --config.data.text_feature to one of them.")
   try:
     records = builder.as_data_source(split=split)
   except NotImplementedError as e:

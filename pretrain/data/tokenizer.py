@@ -271,27 +271,54 @@ def default_model_path(data_config) -> str:
                       f"{name}-{tcfg.vocab_size}-{tcfg.model_type}", SPM_FILE)
 
 
+def _model_file(path: str) -> str:
+  """An explicit tokenizer.path as a file: a directory (existing, or written with a
+  trailing "/") stands for the tokenizer.json or else the spm.model in it."""
+  if os.path.isdir(path) or path.endswith(("/", os.sep)):
+    hf = os.path.join(path, HF_FILE)
+    return hf if os.path.isfile(hf) else os.path.join(path, SPM_FILE)
+  return path
+
+
 def load_or_train(data_config) -> Tokenizer:
-  """Loads the configured tokenizer, training it on the train split if absent."""
+  """Loads the configured tokenizer, training it on the train split if absent.
+
+  tokenizer.path="" is the default location (`default_model_path`), trained
+  when missing. An explicit path must exist unless tokenizer.train is true,
+  so a mistyped path stops the run (creating nothing) instead of training.
+  """
   from pretrain.data import sources
   tcfg = data_config.tokenizer
-  path = tcfg.path or default_model_path(data_config)
+  explicit = tcfg.path or ""
+  path = _model_file(explicit) if explicit else default_model_path(data_config)
+  named = f"data.tokenizer.path={explicit!r}" + (f" ({path})" if path != explicit else "")
   if is_hf_path(path) and not os.path.exists(path):
     raise FileNotFoundError(
-        f"Tokenizer {path} does not exist; Hugging Face tokenizers are used, never "
-        "trained here: point tokenizer.path at an existing tokenizer.json (or its "
-        "directory), or at a .model path to train a sentencepiece tokenizer there.")
+        f"{named} does not exist; Hugging Face tokenizers are used, never trained here: "
+        "fix the path to an existing tokenizer.json (or its directory), or give a .model "
+        "path with --config.data.tokenizer.train=True to train a sentencepiece one there.")
   if not os.path.exists(path):
-    with sources.file_lock(f"{path}.lock"):  # One trainer per shared path.
-      if not os.path.exists(path):
-        return _train_from_config(data_config, path)
+    if explicit and not tcfg.get("train", False):
+      raise FileNotFoundError(
+          f"{named} does not exist; fix the path, or set --config.data.tokenizer.train=True "
+          "to train a new tokenizer there, or leave data.tokenizer.path empty for the "
+          "default location.")
+    sources.check_can_create(
+        os.path.dirname(os.path.abspath(path)),
+        *(("data.tokenizer.path", "set --config.data.tokenizer.path to a file in a "
+           "writable directory") if explicit else ("data.data_dir",)))
+    sources.get_builder(data_config)  # The corpus first: its errors leave no tokenizer dir.
+    with sources.tidy_on_failure(f"{path}.lock"):
+      with sources.file_lock(f"{path}.lock"):  # One trainer per shared path.
+        if not os.path.exists(path):
+          return _train_from_config(data_config, path)
   tok = load(path)
   if tok.vocab_size != tcfg.vocab_size:
     raise ValueError(
         f"Tokenizer {path} has vocab size {tok.vocab_size} but "
-        f"data_config.tokenizer.vocab_size is {tcfg.vocab_size}; set "
-        f"vocab_size={tok.vocab_size}, or point tokenizer.path at a "
-        "new file (or delete this one) to train a new tokenizer.")
+        f"data.tokenizer.vocab_size is {tcfg.vocab_size}; set "
+        f"--config.data.tokenizer.vocab_size={tok.vocab_size}, or train a new tokenizer "
+        "(an empty data.tokenizer.path, or a new path with data.tokenizer.train=True).")
   if isinstance(tok, Tokenizer) and tok.model_type != tcfg.model_type:
     log.warning("Tokenizer %s is %s but config asks for %s; using the file.",
                 path, tok.model_type, tcfg.model_type)

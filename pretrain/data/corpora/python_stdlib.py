@@ -38,8 +38,8 @@ def split_for_key(key: str, validation_fraction: float) -> str:
   """
   if not 0.0 <= validation_fraction < 1.0:
     raise ValueError(
-        f"validation_fraction must be in [0, 1), got {validation_fraction}; "
-        "set data_config.validation_fraction to e.g. 0.05.")
+        f"data.validation_fraction={validation_fraction!r} is not in [0, 1); "
+        "set --config.data.validation_fraction to e.g. 0.05.")
   digest = hashlib.sha1(key.encode("utf-8")).digest()
   unit = int.from_bytes(digest[:8], "big") / 2.0**64
   return "validation" if unit < validation_fraction else "train"
@@ -184,6 +184,24 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, config: PythonStdlibConfig | None = None, **kwargs):
     super().__init__(config=config or stdlib_config(), **kwargs)
     self._stats = DecodeStats()
+    self._by_split = None
+
+  def plan(self) -> dict[str, list[str]]:
+    """The non-empty files of each split; read before anything is written."""
+    if self._by_split is None:
+      cfg = self.builder_config
+      root = cfg.root or stdlib_root()
+      by_split = {s: [] for s in SPLITS}
+      for rel in list_stdlib_files(root, cfg.max_files):  # TFDS cannot write an empty split.
+        if os.path.getsize(os.path.join(root, rel)) and read_file(root, rel)[0].strip():
+          by_split[split_for_key(rel, cfg.validation_fraction)].append(rel)
+      if not any(by_split.values()):
+        raise ValueError(
+            f"No non-empty .py files found under {root!r}; check that the "
+            "interpreter ships its standard library as source (slim images "
+            "may strip it) or use the local_text corpus instead.")
+      self._by_split = by_split
+    return self._by_split
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -196,18 +214,8 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    cfg = self.builder_config
-    root = cfg.root or stdlib_root()
-    files = list_stdlib_files(root, cfg.max_files)
-    by_split = {s: [] for s in SPLITS}
-    for rel in files:  # Cheap pre-pass: TFDS cannot write an empty split.
-      if os.path.getsize(os.path.join(root, rel)) and read_file(root, rel)[0].strip():
-        by_split[split_for_key(rel, cfg.validation_fraction)].append(rel)
-    if not any(by_split.values()):
-      raise ValueError(
-          f"No non-empty .py files found under {root!r}; check that the "
-          "interpreter ships its standard library as source (slim images "
-          "may strip it) or use the local_text corpus instead.")
+    root = self.builder_config.root or stdlib_root()
+    by_split = self.plan()
     return {s: self._generate_examples(root, by_split[s], s)
             for s in nonempty_splits(by_split, "python_stdlib")}
 
