@@ -15,7 +15,10 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from objectives.checks import ConfigError
+from pretrain import cli
 
 
 def _load_module(path, what):
@@ -134,13 +137,12 @@ def main(argv):
   extra = argv[1:]
   if not f.sweep or not f.config or not f.workdir_root:
     missing = [n for n in ("sweep", "config", "workdir_root") if not f[n].value]
-    raise app.UsageError(f"missing --{', --'.join(missing)} (e.g. --sweep=configs/sweeps/mlm_lr.py "
+    raise ConfigError(f"missing --{', --'.join(missing)} (e.g. --sweep=configs/sweeps/mlm_lr.py "
                          "--config=configs/demo.py:size=tiny --workdir_root=workdirs/mlm_lr).")
   try:
     runs = expand(load_sweep(f.sweep), f.config, f.workdir_root, extra)
-  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-    print(f"launch.sweep: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 2
+  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:  # The command line's files.
+    raise ConfigError(e.args[0] if e.args else str(e)) from e
   if f.summary:
     print(summary(runs))
     return 0
@@ -173,4 +175,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main, extra_args=True)

@@ -12,10 +12,10 @@ import dataclasses
 import json
 
 import flax.serialization
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from pretrain import console
+from pretrain import cli, console
 from pretrain.data import hf_tokenizer
 from pretrain.interop import files, hf_bert, hf_electra, load, sentence_transformers as st_export
 from pretrain.models import pooling as pooling_lib
@@ -113,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

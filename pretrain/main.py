@@ -3,12 +3,12 @@
 Parses flags and the config, starts jax.distributed when asked, and calls `train_and_evaluate`.
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 import jax
 
-from pretrain import console, train
+from pretrain import cli, console, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:size=tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
@@ -21,8 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   console.quiet(flags.FLAGS["verbosity"].present)
   jax.config.update("jax_threefry_partitionable", True)
   if _MULTIHOST.value or _COORDINATOR.value:
@@ -35,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,9 +4,9 @@
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
-from pretrain import console
+from pretrain import cli, console
 from pretrain.training import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir.")
@@ -25,6 +25,9 @@ def summary(workdir):
 def main(argv):
   del argv
   console.quiet(flags.FLAGS["verbosity"].present)
+  if not os.path.isfile(os.path.join(_WORKDIR.value, "metrics.jsonl")):
+    raise FileNotFoundError(f"--workdir={_WORKDIR.value}: no metrics.jsonl there, so no run has "
+                            "logged into it; check the path (pretrain.main writes one).")
   s = summary(_WORKDIR.value)
   fmt = lambda r: ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step")  # noqa: E731
   if s["first_eval"]:
@@ -40,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -35,12 +35,11 @@ def train_and_evaluate(config, workdir):
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   # --- Setup -------------------------------------------------------------------------------
   common.validate(config)
+  _check_init_from(config.init_from)
   t0 = time.perf_counter()
   d, t = config.data, config.train
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size})
   tokenizer = tokenizer_lib.load_or_train(d)
-  if jax.process_index() == 0:
-    checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
   resources = load.resources(config, tokenizer)
   objective = registry.build(config, tokenizer, resources)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
@@ -57,7 +56,9 @@ def train_and_evaluate(config, workdir):
     eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count(),
                                      objective.example_batch(d.seq_len)))
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl), 3)
-  run_lib.open_workdir(run)
+  run_lib.open_workdir(run, objective, tx, d.seq_len)
+  if jax.process_index() == 0:
+    checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
 
   # --- State: resume > init_from > scratch ---------------------------------------------------
   def init_params(params, param_shardings):
@@ -68,7 +69,7 @@ def train_and_evaluate(config, workdir):
 
   state, shardings = run_lib.restore_or_init(
       run, objective, tx, d.seq_len, init_rng, train_iter,
-      checkpointing.SHAPE_FIELDS + objective.shape_fields, init_params)
+      checkpointing.SHAPE_FIELDS + checkpointing.DATA_FIELDS + objective.shape_fields, init_params)
   start = int(state.step)
   run.writer.truncate_after(start if start else -1)  # From scratch, step 0's evaluation runs again.
 
@@ -109,6 +110,15 @@ def _take_padded(iterator, n, data_config, process_count, example):
     yield batch
 
 
+def _check_init_from(path):
+  """Before anything runs: `init_from` names a workdir or a Hugging Face directory."""
+  if path and not (load.is_workdir(path) or os.path.isfile(os.path.join(path, files.CONFIG_FILE))):
+    raise FileNotFoundError(
+        f"config.init_from={path!r} is neither a pretraining workdir (no "
+        f"{checkpointing.CHECKPOINTS_DIR}/) nor a Hugging Face directory (no {files.CONFIG_FILE}); "
+        "check the path, or leave it empty to start from scratch.")
+
+
 def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):
   """Parameters of another run's workdir, or the encoder (and the MLM / discriminator heads it
   has) of a Hugging Face BERT, ELECTRA or RoBERTa directory, plus what the objective's
@@ -123,7 +133,7 @@ def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardi
     params = {**params, **{k: v for k, v in loaded.items() if k in params}}
     params = objective.import_extras(path, params)
   else:
-    mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(path))
+    mngr = checkpointing.read_manager(path, "config.init_from")
     target, _ = state_lib.abstract_state(objective, tx, seq_len, mesh, rules)
     with jax.set_mesh(mesh):
       params = checkpointing.restore_state_only(mngr, target).params

@@ -5,10 +5,10 @@
 `pretrain.main` does the same on first use; running it first separates the one-off data work
 (with its progress bars) from training.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from pretrain import console
+from pretrain import cli, console
 from pretrain.data import sources, tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
@@ -27,4 +27,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -7,16 +7,15 @@ import json
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from pretrain import console
+from pretrain import cli, console
 from pretrain.finetune import train
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   console.quiet(flags.FLAGS["verbosity"].present)
   jax.config.update("jax_threefry_partitionable", True)
   t0 = time.perf_counter()
@@ -32,4 +31,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/finetune/<task>.py[:key=value,...]")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -43,11 +43,8 @@ def is_workdir(path: str) -> bool:
 
 def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
   """A workdir's checkpoint (the latest, or `step`) with the objective that trained it."""
-  mngr = checkpointing.ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/{checkpointing.CHECKPOINTS_DIR}; run "
-                            "pretrain.main first.")
+  mngr = checkpointing.read_manager(workdir)
+  step = checkpointing.pick_step(mngr, step)
   config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
   # spm.model or tokenizer.json
   tokenizer = tokenizer_lib.load(os.path.join(workdir, checkpointing.TOKENIZER_DIR))

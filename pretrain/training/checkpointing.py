@@ -34,6 +34,10 @@ SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "mod
                 "model.max_len", "model.embedding_size", "data.tokenizer.vocab_size",
                 "objective.name")
 
+# Config keys that decide what the data iterator's saved position means (it counts rows of this
+# shape): resuming with others would not continue the same data order.
+DATA_FIELDS = ("data.seq_len", "data.batch_size")
+
 
 class _IteratorSnapshot:
   """The data-iterator state captured at save time, so an async save never sees a later state."""
@@ -60,6 +64,30 @@ def manager(workdir, train_config):
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "data": grain.checkpoint.CheckpointHandler(),
                                               "config": ocp.JsonCheckpointHandler()})
+
+
+def read_manager(workdir, what="--workdir"):
+  """A manager over a workdir's existing checkpoints, for reading: a path without them is an
+  error naming `what` (Orbax would create the directory at a mistyped path)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what}={workdir}: no {CHECKPOINTS_DIR}/ directory there, so it is not "
+                            "a pretraining workdir; check the path (pretrain.main writes one).")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True))
+
+
+def pick_step(mngr, step=None, what="--step"):
+  """`step` if the manager holds it, else the latest; an error lists the steps there are."""
+  steps = sorted(mngr.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {mngr.directory}; train first or check the path.")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"{what}={step}: {mngr.directory} has no such checkpoint; available "
+                            f"steps: {', '.join(map(str, steps))}.")
+  return step
 
 
 def save(mngr, step, state, data_iterator, config):
@@ -113,6 +141,12 @@ def check_compatible(saved, config, where, fields=SHAPE_FIELDS):
     old, new = _lookup(saved, field), _lookup(current, field)
     if old is _MISSING:
       continue  # A config saved without the key; restoring still checks every array's shape.
+    if old != new and field in DATA_FIELDS:
+      raise ValueError(
+          f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}; "
+          f"its data position counts rows of the old shape. Use --config.{field}={old!r} to "
+          f"resume it, or a new --workdir with --config.init_from={where} to continue from its "
+          f"weights with the new {field}.")
     if old != new:
       raise ValueError(
           f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}. "
@@ -173,9 +207,7 @@ def _set_aside(mngr, workdir, steps, restored_step, error):
 
 def restore_state_only(mngr, abstract_state, step=None):
   """The train state of `step` (default latest), for export and `init_from`."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint found in {mngr.directory}; train first or check the path.")
+  step = pick_step(mngr, step)
   try:
     metadata = _state_metadata(mngr, step)
   except Exception as e:

@@ -11,12 +11,16 @@ class MetricWriter:
 
   def __init__(self, workdir, enabled=True):
     self.enabled = enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if enabled:
+    self._tb = None  # Opened at the first write: a run that stops before it leaves no event file.
+
+  def _tensorboard(self):
+    if self._tb is None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      os.makedirs(self.workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+    return self._tb
 
   def truncate_after(self, step):
     """Drops rows logged after `step`, so a resumed run's log reads like an uninterrupted one."""
@@ -32,8 +36,9 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
+    tb = self._tensorboard()
     for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
+      tb.add_scalar(k, v, step)
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 

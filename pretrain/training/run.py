@@ -2,7 +2,7 @@
 
   run = start(config, workdir, batch_sizes)          # preemption watch, mesh, rules
   ... tokenizer, data, model: the caller's ...
-  open_workdir(run)                                  # metrics writer, Orbax manager
+  open_workdir(run, model, tx, seq_len)              # placement, lock, metrics, Orbax
   state, shardings = restore_or_init(run, ...)       # resume > init_params(fresh) > fresh
   step_fn = compile_step(run, model, tx, ...)        # jit with shardings and donation
   state, logged = train(run, state, step_fn, ...)    # pretrain/training/loop.py
@@ -20,7 +20,7 @@ import jax
 from absl import logging
 
 from pretrain.training import (checkpointing, loop, metrics as metrics_lib, sharding,
-                               state as state_lib, step as step_lib)
+                               state as state_lib, step as step_lib, workdir_lock)
 
 
 @dataclasses.dataclass
@@ -33,6 +33,8 @@ class Run:
   preempted: Any  # threading.Event set by SIGTERM
   writer: Optional[metrics_lib.MetricWriter] = None  # open_workdir
   mngr: Any = None  # orbax CheckpointManager; open_workdir
+  target: Any = None  # the train state's ShapeDtypeStructs with shardings; open_workdir
+  shardings: Any = None
 
 
 def check_batch_divides(batch_size, batch_sharding, key="data.batch_size"):
@@ -49,7 +51,9 @@ def check_batch_divides(batch_size, batch_sharding, key="data.batch_size"):
 
 def start(config, workdir, batch_sizes: dict[str, int]) -> Run:
   """Watches for SIGTERM first (a SIGTERM during set-up still ends cleanly), then builds the mesh
-  and checks that every batch size in `batch_sizes` ({config key: size}) divides over it."""
+  and checks that every batch size in `batch_sizes` ({config key: size}) divides over it; a
+  workdir that another run holds stops it here, before any work."""
+  workdir_lock.check(workdir)
   preempted = loop.watch_for_preemption()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
@@ -59,9 +63,13 @@ def start(config, workdir, batch_sizes: dict[str, int]) -> Run:
   return Run(config, workdir, mesh, rules, batch_sharding, preempted)
 
 
-def open_workdir(run: Run) -> None:
-  """Opens the metric files and the checkpoint manager: the first writes into the workdir, so
-  they come after every check of the config and the data."""
+def open_workdir(run: Run, model, tx, seq_len) -> None:
+  """Places the train state of `model` on the mesh (a dimension the mesh cannot split stops here),
+  then locks the workdir and opens the metric files and the checkpoint manager: the first writes
+  into the workdir, so they come after every check of the config, the data and the model."""
+  run.target, run.shardings = state_lib.abstract_state(model, tx, seq_len, run.mesh, run.rules)
+  sharding.assert_sufficiently_sharded(run.target.params, run.mesh)
+  workdir_lock.acquire(run.workdir)
   run.writer = metrics_lib.MetricWriter(run.workdir, enabled=jax.process_index() == 0)
   run.mngr = checkpointing.manager(run.workdir, run.config.train)
 
@@ -70,9 +78,9 @@ def restore_or_init(run: Run, model, tx, seq_len, rng, data_iterator, shape_fiel
                     init_params: Optional[Callable] = None):
   """(state, shardings): the workdir's latest checkpoint (with the data iterator's position), else
   a fresh sharded init whose params `init_params(params, param_shardings)` may replace."""
-  target, shardings = state_lib.abstract_state(model, tx, seq_len, run.mesh, run.rules)
+  shardings = run.shardings
   with jax.set_mesh(run.mesh):
-    state = checkpointing.restore(run.mngr, target, data_iterator, run.config, run.workdir,
+    state = checkpointing.restore(run.mngr, run.target, data_iterator, run.config, run.workdir,
                                   shape_fields)
   if state is not None:
     logging.info("Resumed from %s at step %d.", run.workdir, int(state.step))
@@ -80,7 +88,6 @@ def restore_or_init(run: Run, model, tx, seq_len, rng, data_iterator, shape_fiel
     state, _ = state_lib.sharded_init(rng, model, tx, seq_len, run.mesh, run.rules)
     if init_params is not None:
       state = state.replace(params=init_params(state.params, shardings.params))
-  sharding.assert_sufficiently_sharded(state.params, run.mesh)
   return state, shardings
 
 
@@ -115,3 +122,4 @@ def finish(run: Run):
   checkpointing.wait(run.mngr)
   run.mngr.close()
   run.writer.close()
+  workdir_lock.release(run.workdir)

@@ -43,10 +43,39 @@ def rules(axis_rules):
                for name, axes in axis_rules)
 
 
+# The config key behind each logical axis, for the error when a mesh axis does not divide it.
+LOGICAL_SIZES = {"heads": "model.num_heads", "mlp": "model.mlp_dim",
+                 "vocab": "data.tokenizer.vocab_size", "embed": "model.hidden_size",
+                 "kv": "model.hidden_size / model.num_heads"}
+
+
 def logical_shardings(boxed_tree, mesh, axis_rules):
   """NamedShardings for a tree of `nn.Partitioned` leaves (unannotated leaves are replicated)."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules(axis_rules))
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules(axis_rules))
+  check_divisible(boxed_tree, shardings)
+  return shardings
+
+
+def check_divisible(boxed_tree, shardings):
+  """Every sharded dimension must split evenly over its mesh axes (jit refuses otherwise, naming
+  neither the config key nor the mesh axis): raises naming both and the fix."""
+  is_leaf = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  leaves = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_leaf)[0]
+  for (path, leaf), named in zip(leaves, jax.tree.leaves(shardings)):
+    names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    shape = np.shape(leaf.value if isinstance(leaf, nn.Partitioned) else leaf)
+    for dim, (size, axes) in enumerate(zip(shape, named.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      shards = math.prod(named.mesh.shape[a] for a in axes)
+      if shards > 1 and size % shards:
+        logical = names[dim] if dim < len(names) else None
+        key = LOGICAL_SIZES.get(logical, f"the size of logical axis {logical!r}")
+        mesh_keys = "*".join(f"mesh.{a}={named.mesh.shape[a]}" for a in axes)
+        raise ValueError(
+            f"{key}: {size} does not split over {mesh_keys} (parameter "
+            f"{jax.tree_util.keystr(path)}, dimension {dim}); make {key} a multiple of {shards} "
+            f"or change config.mesh (or config.axis_rules for {logical!r}).")
 
 
 def batch_sharding(mesh, axis_rules):
