@@ -1,6 +1,7 @@
 """Fine-tuning: metrics against closed forms, input rows, data readers, configs, and a toy task on
 which a tiny MLM-pretrained encoder beats chance and the same model from random initialisation;
 a fine-tuning run killed mid-way resumes to the same result."""
+import dataclasses
 import functools
 import glob
 import json
@@ -176,6 +177,7 @@ def test_eval_batches_cover_every_row_once_and_weight_padding_zero():
 
 def _data_config(**kw):
   c = ft_common.base_config().data
+  c.batch_size = 4  # The tiny files below hold fewer rows than the default batch.
   c.update(kw)
   return c
 
@@ -194,10 +196,12 @@ def test_jsonl_and_csv_tasks_map_string_labels_and_split_off_dev(tmp_path):
                        {"text": "bye", "text_b": "", "label": 0}]
   (tmp_path / "bad.csv").write_text("s,y\nhi,maybe\n")
   c.test = str(tmp_path / "bad.csv")
-  with pytest.raises(ValueError, match="label 'maybe' does not occur in the training split"):
+  with pytest.raises(ValueError, match=r"bad.csv:2: label 'maybe' does not occur in the training "
+                     r"split \(training labels: neg, pos\)"):
     tasks.load_task(c, "sequence")
   c.text_field = "text"
-  with pytest.raises(KeyError, match="no field 'text'"):
+  with pytest.raises(ValueError, match=r"train.jsonl:1: no text field 'text' \(the row has: s, y\)"
+                     "; give every row one, or set data.text_field"):
     tasks.load_task(c, "sequence")
 
 
@@ -214,7 +218,8 @@ def test_token_and_retrieval_tasks_from_jsonl(tmp_path):
                                                                   [0, 1, 2, 0, 1, 2])
   (tmp_path / "t.csv").write_text("tokens,tags\nab,xy\n")
   c.train = c.dev = str(tmp_path / "t.csv")
-  with pytest.raises(ValueError, match="token tasks need lists of equal length"):
+  with pytest.raises(ValueError, match="t.csv:2: the tokens column 'tokens' holds a string, not a "
+                     "list; token tasks read JSONL rows"):
     tasks.load_task(c, "token")
 
 
@@ -248,6 +253,171 @@ def test_tfds_catalog_dataset_is_read_by_name(tmp_path):
   assert data.test == data.dev  # No test split given: dev is reported as test.
 
 
+# --- Bad rows, labels and split sizes: one line naming file:line, before anything compiles --------
+
+
+def _files(tmp_path, **texts):
+  """Writes {name: text} into tmp_path; returns {name without suffix: path}."""
+  out = {}
+  for name, text in texts.items():
+    path = tmp_path / name.replace("_", ".", 1)
+    path.write_text(text)
+    out[name.split("_", 1)[0]] = str(path)
+  return out
+
+
+def _error(c, head="sequence", exc=ValueError, **kw):
+  """The one-line message `tasks.load_task` fails with."""
+  with pytest.raises(exc) as info:
+    tasks.load_task(c, head, **kw)
+  message = str(info.value)
+  assert "\n" not in message, message
+  return message
+
+
+TRAIN_CSV = "text,label\na,neg\nb,pos\nc,neg\nd,pos\n"
+TRAIN_JSONL = "".join(json.dumps({"text": t, "label": y}) + "\n"
+                      for t, y in zip("abcd", ["neg", "pos"] * 2))
+
+
+@pytest.mark.parametrize("row, problem", [
+    ("e,", "the label column 'label' is empty; give every row a label or drop the row."),
+    (",pos", "the text column 'text' is empty; give the row its text or drop the row."),
+    ("e", "1 field where the header (line 1) has 2; quote fields that hold commas, or give the "
+          "row every column."),
+    ("e,pos,extra", "3 fields where the header (line 1) has 2;"),
+])
+def test_a_bad_csv_row_is_named_by_its_line(tmp_path, row, problem):
+  p = _files(tmp_path, train_csv=TRAIN_CSV + f"{row}\n")
+  message = _error(_data_config(source="files", train=p["train"], dev=p["train"]))
+  assert message.startswith(f"{p['train']}:6: {problem}"), message
+
+
+def test_csv_lines_are_physical_lines_and_a_header_must_name_each_column(tmp_path):
+  text = 'text,label\n"two\nlines",neg\n\nb,\n'  # The bad row starts on line 5.
+  p = _files(tmp_path, train_csv=text, dup_csv="text,text\na,b\n")
+  message = _error(_data_config(source="files", train=p["train"]))
+  assert message.startswith(f"{p['train']}:5: the label column 'label' is empty"), message
+  message = _error(_data_config(source="files", train=p["dup"]))
+  assert message == (f"{p['dup']}:1: the header names the column 'text' twice; give every column "
+                     "its own name.")
+  p = _files(tmp_path, open_csv='text,label\na,neg\n"b,pos\nc,neg\n')
+  assert "an unclosed quote?" in _error(_data_config(source="files", train=p["open"]))
+
+
+def test_malformed_jsonl_is_named_by_file_line_and_column(tmp_path):
+  p = _files(tmp_path, train_jsonl=TRAIN_JSONL,
+             dev_jsonl=TRAIN_JSONL[:TRAIN_JSONL.index("\n") + 1] + '\n{"t": "ab" 1}\n',
+             test_jsonl='["a", "neg"]\n')
+  c = _data_config(source="files", train=p["train"], dev=p["dev"])
+  assert _error(c) == (f"{p['dev']}:3: not valid JSON (Expecting ',' delimiter at column 12); "
+                       "fix the line or remove it.")
+  c.dev = p["test"]
+  assert _error(c).startswith(f"{p['test']}:1: a list where a JSON object is needed;")
+  (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "neg"}\n')
+  c.dev = str(tmp_path / "latin.jsonl")
+  assert _error(c).startswith(f"{c.dev}:1: not UTF-8 text (byte 0xe9")
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"label": "neg"}, "no text field 'text' (the row has: label); give every row one, or set "
+                       "data.text_field to the field that holds it."),
+    ({"text": "e"}, "no label field 'label' (the row has: text); give every row one, or set "
+                    "data.label_field to the field that holds it."),
+    ({"text": "e", "label": None}, "the label field 'label' is null; give every row a label"),
+    ({"text": "e", "label": 0.5}, "the label field 'label' holds a number (0.5), not a string or "
+                                  "an integer;"),
+    ({"text": 3, "label": "neg"}, "the text field 'text' holds an integer (3), not a string;"),
+    ({"text": " ", "label": "neg"}, "the text field 'text' is empty;"),
+])
+def test_a_bad_jsonl_row_is_named_by_its_line(tmp_path, row, problem):
+  p = _files(tmp_path, train_jsonl=TRAIN_JSONL + json.dumps(row) + "\n")
+  message = _error(_data_config(source="files", train=p["train"], dev=p["train"]))
+  assert message.startswith(f"{p['train']}:5: {problem}"), message
+
+
+def test_token_and_pair_rows_are_checked_by_line(tmp_path):
+  good = json.dumps({"tokens": ["a", "b"], "tags": ["X", "Y"]})
+  p = _files(tmp_path, train_jsonl="\n".join([good] * 4 + [
+      json.dumps({"tokens": ["a", "b"], "tags": ["X"]})]) + "\n")
+  c = _data_config(source="files", train=p["train"], dev=p["train"])
+  assert _error(c, "token") == (f"{p['train']}:5: 2 tokens in 'tokens' but 1 tags in 'tags'; give "
+                                "every token one tag.")
+  p = _files(tmp_path, pairs_jsonl=json.dumps({"query": "q", "doc": ""}) + "\n")
+  c.train = c.dev = p["pairs"]
+  assert _error(c, "biencoder").startswith(f"{p['pairs']}:1: the doc field 'doc' is empty;")
+
+
+def test_declared_labels_are_enforced_on_every_split(tmp_path):
+  p = _files(tmp_path, train_jsonl=TRAIN_JSONL, dev_csv="text,label\nx,pos\ny,Pos\n")
+  c = _data_config(source="files", train=p["train"], dev=p["dev"])
+  assert _error(c, labels=("neg", "pos")) == (
+      f"{p['dev']}:3: label 'Pos' is not one of task.labels (neg, pos); fix the row or add the "
+      "label to task.labels.")
+  c.dev = p["train"]
+  assert _error(c, labels=("pos", "other")).startswith(
+      f"{p['train']}:1: label 'neg' is not one of task.labels (pos, other);")
+  data = tasks.load_task(c, "sequence", labels=("pos", "neg", "unseen"))
+  assert data.label_names == ["pos", "neg", "unseen"] and data.train[0]["label"] == 1
+
+
+def test_inferred_labels_come_from_train_and_integer_labels_leave_no_gap(tmp_path):
+  ints = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip("abcde", [0, 1, 0, 1, 7]))
+  p = _files(tmp_path, train_jsonl=ints)
+  c = _data_config(source="files", train=p["train"], dev=p["train"])
+  assert _error(c) == (f"{p['train']}:5: label 7 makes 8 classes but no training row has 2, 3, 4, "
+                       "5, 6; integer labels are the classes 0..C-1: fix the row, or declare the "
+                       "classes in task.labels.")
+  assert tasks.load_task(c, "sequence", labels=tuple("01234567")).label_names[-1] == "7"
+
+
+def test_missing_files_name_the_config_key(tmp_path):
+  p = _files(tmp_path, train_jsonl=TRAIN_JSONL)
+  c = _data_config(source="files", train=p["train"], dev=str(tmp_path / "nope" / "dev.jsonl"))
+  message = _error(c, exc=FileNotFoundError)
+  assert message.startswith(f"No file matches {c.dev!r} in data.dev=") and "set data.dev to" in message
+  c.dev = str(tmp_path / "*.json")
+  (tmp_path / "dev.json").write_text("{}")
+  assert _error(c).startswith(f"{tmp_path / 'dev.json'}: only .jsonl and .csv files are read;")
+
+
+def test_too_small_splits_fail_before_training(tmp_path):
+  p = _files(tmp_path, train_jsonl=TRAIN_JSONL, empty_jsonl="\n",
+             unlabelled_jsonl=json.dumps({"text": "a", "label": -1}) + "\n",
+             one_csv="text,label\na,pos\nb,pos\nc,pos\nd,pos\n")
+  c = _data_config(source="files", train=p["train"], dev=p["train"], batch_size=8)
+  assert _error(c) == (f"{p['train']}: 4 training rows, fewer than one batch (data.batch_size=8); "
+                       "add rows or lower data.batch_size.")
+  assert len(tasks.load_task(c, "sequence", train_steps=0).train) == 4  # Evaluation only.
+  c.batch_size, c.dev = 2, ""  # No row of 4 falls under the default 10% dev share.
+  assert _error(c) == (f"{p['train']}: none of its 4 training rows fell into the dev share "
+                       "(data.dev_fraction=0.1); give data.dev its own file or raise "
+                       "data.dev_fraction.")
+  c.dev = p["empty"]
+  assert _error(c) == f"{p['empty']}: no rows; data.dev needs at least one labelled row."
+  c.dev = p["unlabelled"]
+  assert _error(c) == (f"{p['unlabelled']}: all 1 rows have a negative label (unlabelled); data.dev "
+                       "needs at least one labelled row.")
+  c.train, c.dev = p["one"], p["train"]
+  message = _error(c, labels=("neg", "pos"))
+  assert message == (f"{p['one']}: every training row has the label 'pos'; a classifier needs at "
+                     "least 2 classes in the training split: add rows of another class, or check "
+                     "data.label_field.")
+
+
+def test_a_builtin_task_too_small_for_its_batch_or_dev_split_fails_up_front(tmp_path):
+  c = _data_config(source="exception_type", cache_dir=str(tmp_path), max_files=3)
+  rows = [{"text": "x", "text_b": "", "label": i % 2} for i in range(6)]
+  cached = tasks.TaskData(rows, [], rows, ["KeyError", "ValueError"])
+  with open(tasks._cache_path(c), "w") as f:  # pylint: disable=protected-access
+    json.dump(dataclasses.asdict(cached), f)
+  assert _error(c) == ("data.source='exception_type' (data.max_files=3): the dev split has no "
+                       "examples; raise data.max_files (0: every file) or data.dev_fraction.")
+  c.batch_size = 8
+  assert _error(c).startswith("data.source='exception_type' (data.max_files=3): 6 training rows, "
+                              "fewer than one batch (data.batch_size=8);")
+
+
 def test_every_finetune_config_loads_and_validates():
   paths = [p for p in glob.glob(os.path.join(ROOT, "configs", "finetune", "*.py"))
            if os.path.basename(p) not in ("__init__.py", "common.py")]
@@ -268,6 +438,37 @@ def test_every_finetune_config_loads_and_validates():
     ft_common.validate(config)
   config.init = ""
   with pytest.raises(ValueError, match="Bad config value init=''"):
+    ft_common.validate(config)
+
+
+def test_an_unreadable_builtin_cache_is_rebuilt(tmp_path, monkeypatch):
+  c = _data_config(source="docstring_match", cache_dir=str(tmp_path))
+  rows = [{"text": "q", "text_b": "x", "label": i % 2} for i in range(4)]
+  fresh = tasks.TaskData(rows, rows, rows, ["other", "own"])
+  monkeypatch.setattr(tasks, "builtin_splits", lambda _: fresh)
+  path = tasks._cache_path(c)  # pylint: disable=protected-access
+  with open(path, "w") as f:
+    f.write('{"train": [')  # Cut short, e.g. by a full disk.
+  assert tasks.load_task(c, "sequence") == fresh
+  with open(path) as f:
+    assert json.load(f)["label_names"] == ["other", "own"]
+
+
+def test_declared_labels_are_validated_with_the_config():
+  config = jsonl.get_config(None)
+  config.init, config.data.train = "exports/demo", "train.jsonl"
+  config.task.labels = " neg, pos "
+  assert ft_common.label_list(ft_common.validate(config).task.labels) == ("neg", "pos")
+  for labels, match in (("neg,,pos", "task.labels='neg,,pos'; allowed: '' "),
+                        ("pos,pos", "2\\+ distinct"), ("pos", "2\\+ distinct")):
+    config.task.labels = labels
+    with pytest.raises(ValueError, match=match):
+      ft_common.validate(config)
+  config.task.labels, config.task.num_classes = "a,b,c", 2
+  with pytest.raises(ValueError, match="task.num_classes=2; allowed: 0 or >= the 3 names"):
+    ft_common.validate(config)
+  config.task.num_classes, config.task.head = 0, "biencoder"
+  with pytest.raises(ValueError, match="task.labels='a,b,c'; allowed: '' here"):
     ft_common.validate(config)
 
 

@@ -25,6 +25,8 @@ def base_config():
       head="sequence",       # sequence (single text or pair) | token | biencoder
       pooling="cls",         # cls | mean (sequence and biencoder heads)
       num_classes=0,         # 0: as many as the training labels
+      labels="",             # class names in index order, comma-separated ("neg,pos"); every
+                             # row's label must be one. "": the training split's labels
       token_types=True,      # second text of a pair gets token type 1 (BERT's segment B)
       temperature=0.05,      # biencoder: softmax over cosine / temperature
       dropout_rate=0.1,      # replaces the pretraining dropout in the encoder and the head
@@ -71,6 +73,11 @@ def set_schedule(c, steps, lr, layer_decay=None, evals=4):
   return c
 
 
+def label_list(value: str) -> tuple:
+  """task.labels as a tuple of names ("" -> (): inferred from the training split)."""
+  return tuple(name.strip() for name in value.split(",")) if value.strip() else ()
+
+
 def validate(config):
   """Checks every value a locked ConfigDict cannot; raises naming the key and the allowed values."""
   require = common.require
@@ -80,6 +87,14 @@ def validate(config):
   require(t.head in HEADS, "task.head", t.head, ", ".join(HEADS))
   require(t.pooling in POOLINGS, "task.pooling", t.pooling, ", ".join(POOLINGS))
   require(t.num_classes >= 0, "task.num_classes", t.num_classes, ">= 0 (0: from the data)")
+  labels = label_list(t.labels)
+  require(all(labels) and len(set(labels)) == len(labels) and len(labels) != 1, "task.labels",
+          t.labels, "'' (from the training split) or 2+ distinct comma-separated names")
+  require(not labels or (t.head != "biencoder" and d.source in ("files", "tfds")), "task.labels",
+          t.labels, "'' here (declared labels are for a sequence or token head on data.source "
+          "files or tfds)")
+  require(not (labels and t.num_classes) or t.num_classes >= len(labels), "task.num_classes",
+          t.num_classes, f"0 or >= the {len(labels)} names of task.labels")
   require(t.temperature > 0, "task.temperature", t.temperature, "> 0")
   require(0 <= t.dropout_rate < 1, "task.dropout_rate", t.dropout_rate, "0 <= rate < 1")
   require(d.source in SOURCES, "data.source", d.source, ", ".join(SOURCES))

@@ -11,8 +11,11 @@
       --config.data.name=glue/sst2 --config.data.text_field=sentence \
       --config.data.train=train --config.data.dev=validation --config.init=...
 
-Labels may be strings (sorted into classes) or integers 0..C-1. Without data.dev, 10% of the
-training rows (by hash) are held out; without data.test, the dev set is reported as test.
+Labels may be strings (sorted into classes) or integers 0..C-1 (each with a training row);
+--config.task.labels=neg,pos declares the classes instead, and then any other label is an error.
+Without data.dev, 10% of the training rows (by hash) are held out; without data.test, the dev set
+is reported as test. Every row is checked before anything compiles: a bad one is one error line
+naming its file:line, what is wrong and the fix (pretrain/finetune/task_files.py).
 """
 from configs import common as pre_common
 from configs.finetune import common

@@ -19,13 +19,14 @@ files of the interpreter's standard library (split again by a hash of the file p
 function or try statement is in both), test examples from the held-out files pretraining never
 saw (`python_code.heldout_files("heldout")`). They are cached as JSON under `cache_dir`.
 Where dev is not given, it is `dev_fraction` of the training rows (by a hash of the row number).
+Rows, labels and split sizes are checked as they are read (`pretrain.finetune.task_files`): the
+label set is task.labels when declared, else the training split's, and every dev/test label must
+be in it; a bad row is one error line naming its file:line.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -33,8 +34,9 @@ import sys
 
 import grain
 import numpy as np
+from absl import logging
 
-from pretrain.finetune import code_tasks
+from pretrain.finetune import code_tasks, task_files
 from pretrain.finetune.task_tokenizer import TaskTokenizer
 from pretrain.data import pipeline
 from pretrain.data.corpora import python_stdlib
@@ -95,8 +97,11 @@ def builtin_task(c) -> TaskData:
   """A built-in code task, from the JSON cache when one exists (parsing takes ~a minute)."""
   path = _cache_path(c) if c.cache_dir else ""
   if path and os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return _from_json(json.load(f))
+    try:
+      with open(path, encoding="utf-8") as f:
+        return _from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:  # Bad JSON or UTF-8 are ValueErrors.
+      logging.warning("Rebuilding the unreadable task cache %s (%s).", path, e)
   data = builtin_splits(c)
   if path:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -108,145 +113,84 @@ def builtin_task(c) -> TaskData:
 
 # --- Files and TFDS ---------------------------------------------------------------------------
 
-def read_records(globs: str) -> list[dict]:
-  """Rows of the .jsonl / .csv files matched by comma-separated `globs`, in sorted file order."""
-  paths = sorted({p for g in globs.split(",") if g.strip()
-                  for p in glob.glob(os.path.expanduser(g.strip()), recursive=True)})
-  if not paths:
-    raise FileNotFoundError(f"No file matches {globs!r}; set data.train / data.dev / "
-                            "data.test to .jsonl or .csv paths (comma-separated globs).")
-  rows = []
-  for path in paths:
-    with open(path, encoding="utf-8", newline="") as f:
-      if path.endswith(".jsonl"):
-        rows += [json.loads(line) for line in f if line.strip()]
-      elif path.endswith(".csv"):
-        rows += list(csv.DictReader(f))
-      else:
-        raise ValueError(f"{path}: only .jsonl and .csv files are read.")
-  return rows
-
-
-def _tfds_records(c, split: str) -> tuple[list[dict], list | None]:
-  """(rows, label names of a ClassLabel feature or None) of a prepared TFDS split."""
-  from pretrain.data import sources  # pylint: disable=import-outside-toplevel
-  builder = sources.get_builder(c)
-  if split.split("[", 1)[0] not in builder.info.splits:
-    raise ValueError(f"Split {split!r} does not exist in {c.name!r}; available: "
-                     f"{sorted(builder.info.splits)}.")
-  records = builder.as_data_source(split=split)
-  features = builder.info.features
-  feature = features[c.label_field] if c.label_field in features.keys() else None
-  names = list(feature.names) if getattr(feature, "names", None) else None
-  decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else v  # noqa: E731
-  getitems = getattr(records, "__getitems__", None)
-  raw = getitems(range(len(records))) if getitems else [records[i] for i in range(len(records))]
-  rows = [{k: v.tolist() if isinstance(v, np.ndarray) else decode(v) for k, v in r.items()}
-          for r in raw]
-  return rows, names
-
-
-def _field(row, name, where):
-  if name not in row:
-    raise KeyError(f"{where}: a row has no field {name!r} (fields: {sorted(row)}); set the "
-                   "data.*_field options.")
-  return row[name]
-
-
-def _labelled(rows, c, head, where):
-  """Raw rows -> examples of `head`, labels still raw (str or int)."""
-  out = []
-  for row in rows:
-    if head == "biencoder":
-      out.append({"query": str(_field(row, c.query_field, where)),
-                  "doc": str(_field(row, c.doc_field, where))})
-    elif head == "token":
-      tokens, tags = _field(row, c.tokens_field, where), _field(row, c.tags_field, where)
-      if isinstance(tokens, str) or isinstance(tags, str) or len(tokens) != len(tags):
-        raise ValueError(f"{where}: token tasks need lists of equal length in "
-                         f"{c.tokens_field!r} and {c.tags_field!r} (JSONL, not CSV).")
-      out.append({"tokens": [str(t) for t in tokens], "tags": list(tags)})
-    else:
-      label = _field(row, c.label_field, where)
-      if isinstance(label, (int, np.integer)) and label < 0:
-        continue  # Unlabelled rows (e.g. GLUE test splits).
-      out.append({"text": str(_field(row, c.text_field, where)),
-                  "text_b": str(row[c.text_b_field]) if c.text_b_field else "",
-                  "label": label})
-  if not out:
-    raise ValueError(f"{where}: no labelled examples.")
-  return out
-
-
-def _label_index(train, head, names):
-  """Label names and raw label -> index: given names, ints as they are, or sorted strings."""
-  if head == "token":
-    raw = [t for ex in train for t in ex["tags"]]
-  else:
-    raw = [ex["label"] for ex in train]
-  if names is None:
-    if all(isinstance(v, (int, np.integer)) for v in raw):
-      names = [str(i) for i in range(int(max(raw)) + 1)]
-      return names, {i: i for i in range(len(names))}
-    names = sorted({str(v) for v in raw})
-  index = {name: i for i, name in enumerate(names)}
-  index.update({i: i for i in range(len(names))})
-  return names, index
-
-
-def _apply_labels(examples, head, index, where):
-  def look(v):
-    key = v if isinstance(v, (int, np.integer)) else str(v)
-    if key not in index:
-      raise ValueError(f"{where}: label {v!r} does not occur in the training split.")
-    return int(index[key])
-  if head == "token":
-    return [{**ex, "tags": [look(t) for t in ex["tags"]]} for ex in examples]
-  return [{**ex, "label": look(ex["label"])} for ex in examples]
-
-
 def _as_retrieval(pairs) -> Retrieval:
   docs = list(dict.fromkeys(p["doc"] for p in pairs))
   where = {d: i for i, d in enumerate(docs)}
   return Retrieval([p["query"] for p in pairs], docs, [where[p["doc"]] for p in pairs])
 
 
-def external_task(c, head: str) -> TaskData:
-  """A task from local files or a TFDS dataset; dev defaults to a hashed share of train."""
-  names = None
+def _dev_share(train, c, place):
+  """Without data.dev: (train, dev), dev the rows whose hashed row number is under dev_fraction."""
+  parts = [code_tasks.hash_unit(f"finetune-dev:{i}") < c.dev_fraction for i in range(len(train))]
+  dev = [x for x, d in zip(train, parts) if d]
+  if not dev:
+    raise ValueError(f"{place}: none of its {len(train)} training rows fell into the dev share "
+                     f"(data.dev_fraction={c.dev_fraction}); give data.dev its own file or raise "
+                     "data.dev_fraction.")
+  return [x for x, d in zip(train, parts) if not d], dev
+
+
+def _check_batch(n, c, place, train_steps, held_out):
+  if train_steps and n < c.batch_size:
+    held = f" after holding out data.dev_fraction={c.dev_fraction} for dev" if held_out else ""
+    raise ValueError(f"{place}: {n} training rows{held}, fewer than one batch "
+                     f"(data.batch_size={c.batch_size}); add rows or lower data.batch_size.")
+
+
+def external_task(c, head: str, labels=(), train_steps: int = 1) -> TaskData:
+  """A task from local files or a TFDS dataset; dev defaults to a hashed share of train. Every
+  row, label and split size is checked here (`pretrain.finetune.task_files`)."""
   if c.source == "tfds":
-    read = lambda split: _tfds_records(c, split)  # noqa: E731
-    train_rows, names = read(c.train or "train")
+    read = lambda key, split: task_files.tfds_split(c, key, split)  # noqa: E731
   else:
-    read = lambda globs: (read_records(globs), None)  # noqa: E731
-    train_rows, _ = read(c.train)
-  train = _labelled(train_rows, c, head, f"{c.source}:{c.train or 'train'}")
+    read = task_files.read_split
+  train_split = read("data.train", c.train or "train")
+  train = task_files.examples(train_split, c, head)
   if c.dev:
-    dev = _labelled(read(c.dev)[0], c, head, f"{c.source}:{c.dev}")
+    dev = task_files.examples(read("data.dev", c.dev), c, head)
   else:
-    parts = [code_tasks.hash_unit(f"finetune-dev:{i}") < c.dev_fraction
-             for i in range(len(train))]
-    dev = [ex for ex, d in zip(train, parts) if d]
-    train = [ex for ex, d in zip(train, parts) if not d]
-  test = _labelled(read(c.test)[0], c, head, f"{c.source}:{c.test}") if c.test else dev
+    train, dev = _dev_share(train, c, train_split.place)
+  test = task_files.examples(read("data.test", c.test), c, head) if c.test else dev
+  _check_batch(len(train), c, train_split.place, train_steps, held_out=not c.dev)
   if head == "biencoder":
-    return TaskData(train, _as_retrieval(dev), _as_retrieval(test))
-  names, index = _label_index(train, head, names)
-  return TaskData(*(_apply_labels(x, head, index, f"{c.source}:{s}")
-                    for x, s in ((train, "train"), (dev, "dev"), (test, "test"))), names)
+    plain = lambda items: [ex for _, ex in items]  # noqa: E731
+    return TaskData(plain(train), _as_retrieval(plain(dev)), _as_retrieval(plain(test)))
+  names = task_files.label_names(train, head, labels, train_split.label_names)
+  out = [task_files.apply_labels(x, head, names, bool(labels)) for x in (train, dev, test)]
+  task_files.check_classes(train, head, train_split.place)
+  return TaskData(*out, names)
 
 
-def load_task(c, head: str) -> TaskData:
-  """The examples of `data_config` c for a task model with `head`."""
+def _check_builtin(data: TaskData, c, head: str, train_steps: int) -> None:
+  """A built-in task cut down by data.max_files still has a batch, dev and test rows, 2 classes."""
+  where = f"data.source={c.source!r} (data.max_files={c.max_files})"
+  _check_batch(len(data.train), c, where, train_steps, held_out=False)
+  for name, split, also in (("dev", data.dev, "data.dev_fraction"),
+                            ("test", data.test, "data.validation_fraction")):
+    if not (split.queries if isinstance(split, Retrieval) else split):
+      raise ValueError(f"{where}: the {name} split has no examples; raise data.max_files "
+                       f"(0: every file) or {also}.")
+  if head != "biencoder":
+    task_files.check_classes([("", ex) for ex in data.train], head, where)
+
+
+def load_task(c, head: str, *, labels=(), train_steps: int = 1) -> TaskData:
+  """The examples of data config `c` for a task model with `head`, checked before anything
+  compiles. `labels`: the declared class names (task.labels), () to infer them from the training
+  split; `train_steps`: 0 (evaluation only) needs no training batch."""
   if c.source not in SOURCES:
     raise ValueError(f"Unknown data.source {c.source!r}; allowed: {', '.join(SOURCES)}.")
-  if c.source in BUILTIN:
-    expected = "biencoder" if c.source == "docstring_retrieval" else "sequence"
-    if head != expected:
-      raise ValueError(f"data.source={c.source!r} needs task.head={expected!r}, "
-                       f"got {head!r}.")
-    return builtin_task(c)
-  return external_task(c, head)
+  if c.source not in BUILTIN:
+    return external_task(c, head, labels, train_steps)
+  expected = "biencoder" if c.source == "docstring_retrieval" else "sequence"
+  if head != expected:
+    raise ValueError(f"data.source={c.source!r} needs task.head={expected!r}, got {head!r}.")
+  if labels:
+    raise ValueError(f"task.labels={','.join(labels)!r} but data.source={c.source!r} fixes its "
+                     "own labels; set task.labels=''.")
+  data = builtin_task(c)
+  _check_builtin(data, c, head, train_steps)
+  return data
 
 
 # --- Rows ---------------------------------------------------------------------------------------

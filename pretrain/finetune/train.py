@@ -27,7 +27,9 @@ from pretrain.training import (metrics as metrics_lib, optimizer as optimizer_li
                                run as run_lib, state as state_lib)
 
 # Config keys that decide the shapes of a fine-tuning checkpoint (resume refuses others).
-SHAPE_FIELDS = ("init", "task.head", "task.num_classes", "data.source", "data.label_field")
+# task.labels fixes what each class index means.
+SHAPE_FIELDS = ("init", "task.head", "task.num_classes", "task.labels", "data.source",
+                "data.label_field")
 RESULTS_FILE = "results.json"
 
 
@@ -100,6 +102,10 @@ def train_and_evaluate(config, workdir):
   # --- Setup ---
   ft_common.validate(config)
   d, t, head = config.data, config.train, config.task.head
+  # Every row, label and split size is checked before anything is loaded or compiled.
+  data = tasks.load_task(d, head, labels=ft_common.label_list(config.task.labels),
+                         train_steps=t.steps)
+  num_classes = num_classes_of(config, data)
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size,
                                         "data.eval_batch_size": d.eval_batch_size})
   pre = load.load_encoder(config.init)
@@ -112,8 +118,6 @@ def train_and_evaluate(config, workdir):
     raise ValueError(f"The tokenizer in {pre.tokenizer_dir} has {tok.vocab_size} ids but the "
                      f"encoder only {model_config.vocab_size} embeddings; they do not belong "
                      "together.")
-  data = tasks.load_task(d, head)
-  num_classes = num_classes_of(config, data)
   train_arrays = encode_split(head, tok, data.train, d.seq_len)
   dev, test = (encode_eval(head, tok, s, d.seq_len) for s in (data.dev, data.test))
   model = heads.make(head, model_config, num_classes=num_classes, pooling=config.task.pooling,
