@@ -454,6 +454,14 @@ def test_an_unreadable_builtin_cache_is_rebuilt(tmp_path, monkeypatch):
     assert json.load(f)["label_names"] == ["other", "own"]
 
 
+def test_a_broken_tokenizer_config_is_named(tmp_path):
+  tok = Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1}, unk_token="[UNK]"))
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text('{"cls_token": "[CLS]",')
+  with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(.*line 1"):
+    task_tokenizer.load_task_tokenizer(str(tmp_path))
+
+
 def test_declared_labels_are_validated_with_the_config():
   config = jsonl.get_config(None)
   config.init, config.data.train = "exports/demo", "train.jsonl"

@@ -61,8 +61,15 @@ def _named_special_tokens(model_dir: str) -> dict:
   for fname in ("tokenizer_config.json", "special_tokens_map.json"):
     path = os.path.join(model_dir, fname)
     if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+      try:
+        with open(path, encoding="utf-8") as f:
+          data = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); copy the tokenizer files of "
+                         f"{model_dir} again.") from None
+      if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON object is needed, not {type(data).__name__}; copy the "
+                         f"tokenizer files of {model_dir} again.")
       for key in _SPECIAL_NAMES:
         value = data.get(f"{key}_token")
         value = value.get("content") if isinstance(value, dict) else value
