@@ -127,7 +127,7 @@ def train_and_evaluate(config, workdir):
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
-  run_lib.open_workdir(run)
+  run_lib.open_workdir(run, model, tx, d.seq_len)
 
   # --- State: resume > pretrained encoder (or scratch) + fresh head ---
   def init_params(params, param_shardings):
