@@ -6,6 +6,7 @@ import functools
 import glob
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from absl import flags as absl_flags
 from jax.experimental.compilation_cache import compilation_cache
+from ml_collections import config_flags
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from configs import demo
@@ -478,6 +481,29 @@ def test_declared_labels_are_validated_with_the_config():
   config.task.num_classes, config.task.head = 0, "biencoder"
   with pytest.raises(ValueError, match="task.labels='a,b,c'; allowed: '' here"):
     ft_common.validate(config)
+
+
+def _readme_commands(section):
+  """The `python -m pretrain.finetune` command lines of a README section, as argv lists."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  body = text[text.index(f"\n## {section}\n"):]
+  body = body[:body.find("\n## ", 4)]
+  lines = " ".join(body.replace("\\\n", " ").splitlines()).split("python -m ")[1:]
+  return [shlex.split(line.split("#")[0].split("```")[0]) for line in lines
+          if line.startswith("pretrain.finetune ")]
+
+
+def test_the_readme_finetuning_commands_parse_and_validate():
+  commands = _readme_commands("Fine-tuning")
+  assert len(commands) >= 3, commands
+  for command in commands:
+    argv = ["finetune"] + [a.replace("--config=", f"--config={ROOT}/", 1) for a in command[1:]]
+    fv = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    absl_flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    fv(argv)
+    ft_common.validate(fv.config)
 
 
 # --- A toy task where pretraining helps ----------------------------------------------------------
