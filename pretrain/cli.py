@@ -26,6 +26,14 @@ INPUT_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 CONFIG_FLAGS = ("config",)
 
 
+# absl's wording of two flag errors, rewritten to say the fix.
+_REWRITES = (
+    (r"^--(\w+)=None: Flag --\1 must have a value other than None\.$",
+     r"--\1 is required; give --\1=<value> (--helpshort lists the flags)."),
+    (r"^Missing value for flag (--\S+)$", r"\1 has no value; write \1=<value>."),
+)
+
+
 def _verbose(argv):
   return any(re.match(r"--?(verbosity|v)(=|$)", a) for a in argv)
 
@@ -39,7 +47,10 @@ def one_line(error):
     last = [line for line in text.splitlines() if line.strip()][-1]
     text = f"{head}: {last.split(': ', 1)[-1]}" if head else last
   text = text[len("flag "):] if text.startswith("flag --") else text
-  return " ".join(text.split())
+  text = " ".join(text.split())
+  for pattern, replacement in _REWRITES:
+    text = re.sub(pattern, replacement, text)
+  return text
 
 
 def _missing_key(error, argv):

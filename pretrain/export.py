@@ -47,6 +47,8 @@ def model_card(config, step, workdir_metrics):
 def export(workdir, out, step=None, overwrite=False, *, pooling=None, normalize=None,
            max_seq_length=None):
   out_path = epath.Path(out)
+  if out_path.exists() and not out_path.is_dir():
+    raise FileExistsError(f"--out={out} is a file; give a directory to write the export into.")
   if out_path.exists() and any(out_path.iterdir()) and not overwrite:
     raise FileExistsError(f"Export directory {out} is not empty; choose another --out or pass "
                           f"--overwrite.")

@@ -27,7 +27,13 @@ def main(argv):
   if _MULTIHOST.value or _COORDINATOR.value:
     # CPU processes need a collectives backend of their own; TPUs and GPUs ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:  # No cluster environment to fill in what the flags left out.
+      raise ValueError(
+          f"--multihost: jax.distributed.initialize failed ({e}); TPU VMs and SLURM fill in the "
+          "cluster, elsewhere pass --coordinator_address=host:port, --num_processes and "
+          "--process_id.") from e
   logging.info("Process %d of %d, %d local devices of %d.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

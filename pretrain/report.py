@@ -28,6 +28,9 @@ def main(argv):
   if not os.path.isfile(os.path.join(_WORKDIR.value, "metrics.jsonl")):
     raise FileNotFoundError(f"--workdir={_WORKDIR.value}: no metrics.jsonl there, so no run has "
                             "logged into it; check the path (pretrain.main writes one).")
+  if _EXPORT.value and not os.path.isdir(_EXPORT.value):
+    raise FileNotFoundError(f"--export={_EXPORT.value} is not a directory; give the --out of "
+                            "pretrain.export, or leave --export out.")
   s = summary(_WORKDIR.value)
   fmt = lambda r: ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "step")  # noqa: E731
   if s["first_eval"]:

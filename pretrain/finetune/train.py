@@ -108,7 +108,7 @@ def train_and_evaluate(config, workdir):
   num_classes = num_classes_of(config, data)
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size,
                                         "data.eval_batch_size": d.eval_batch_size})
-  pre = load.load_encoder(config.init)
+  pre = load.load_encoder(config.init, what="config.init")
   model_config = dataclasses.replace(pre.config, dropout_rate=config.task.dropout_rate)
   if d.seq_len > model_config.max_len:
     raise ValueError(f"data.seq_len={d.seq_len} exceeds the {model_config.max_len} positions of "

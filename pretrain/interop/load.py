@@ -98,11 +98,14 @@ def read_export(path: str) -> tuple[EncoderConfig, dict]:
   return config, params
 
 
-def load_encoder(path: str, step: Optional[int] = None) -> Pretrained:
+def load_encoder(path: str, step: Optional[int] = None, what: str = "model path") -> Pretrained:
   """The encoder at `path`: a pretraining workdir (its latest checkpoint, or `step`), our export
-  dir, or a Hugging Face BERT / ELECTRA / RoBERTa dir."""
+  dir, or a Hugging Face BERT / ELECTRA / RoBERTa dir; errors name `what` (the config key)."""
+  if not path:
+    raise FileNotFoundError(f"{what} is empty; give a pretraining workdir, a pretrain.export "
+                            "directory or a Hugging Face model directory.")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path!r} is not a directory; give a pretraining workdir, a "
+    raise FileNotFoundError(f"{what}={path!r} is not a directory; give a pretraining workdir, a "
                             "pretrain.export directory or a Hugging Face model directory.")
   if is_workdir(path):
     w = load_workdir(path, step)
@@ -117,7 +120,7 @@ def load_encoder(path: str, step: Optional[int] = None) -> Pretrained:
     imported = hf_read.read_hf_encoder(path)
     return Pretrained(imported.config, imported.encoder, path, f"hf:{imported.model_type}", {})
   raise FileNotFoundError(
-      f"{path} is none of: a pretraining workdir ({checkpointing.CHECKPOINTS_DIR}/), a "
+      f"{what}={path} is none of: a pretraining workdir ({checkpointing.CHECKPOINTS_DIR}/), a "
       f"pretrain.export directory ({files.MSGPACK_FILE} + {files.ENCODER_CONFIG_FILE}), a Hugging "
       f"Face model directory ({files.CONFIG_FILE} + {files.WEIGHTS_FILE}).")
 
@@ -128,7 +131,7 @@ def load_guide(path, guide_pooler="auto") -> base.Guide:
   Pooler: with guide_pooler="auto", an export's pooler.json (as trained), else the pooling of a
   sentence-transformers 1_Pooling/config.json (all-MiniLM-L6-v2: mean), else mean.
   """
-  pretrained = load_encoder(path)
+  pretrained = load_encoder(path, what="objective.guide")
   model_config = dataclasses.replace(pretrained.config, dropout_rate=0.0)
   saved_pooler = poolers.load(path)
   if guide_pooler == "auto" and saved_pooler is not None:
