@@ -21,7 +21,12 @@ MODEL_SIZES = {
     "large": (24, 1024, 16, 4096),
 }
 
-SCHEDULES = ("linear", "cosine", "constant")
+# optimizer.schedule. wsd (warmup-stable-decay) is linear warmup over optimizer.warmup_steps, the
+# peak learning rate, then a decay over the last optimizer.decay_fraction of the steps to
+# end_learning_rate_factor x peak, shaped by optimizer.decay_shape (DECAY_SHAPES): "linear" is the
+# trapezoidal schedule, "1-sqrt" (Hägele et al. 2024) ModernBERT's.
+SCHEDULES = ("linear", "cosine", "constant", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 # jax.random implementations. threefry2x32 gives the same numbers on any mesh; rbg and unsafe_rbg
 # (MaxText's choice) draw dropout and masking bits faster but their values depend on the sharding.
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -124,6 +129,7 @@ def base_config():
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="linear", warmup_steps=100, end_learning_rate_factor=0.0,
+      decay_fraction=0.1, decay_shape="1-sqrt",  # wsd only: its decay phase (SCHEDULES)
       weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-6, grad_clip_norm=1.0, grad_accum_steps=1))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=20, eval_every=200, eval_batches=10,
@@ -164,6 +170,16 @@ def validate(config):
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
   require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
   require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+  require(0 <= opt.end_learning_rate_factor <= 1, "optimizer.end_learning_rate_factor",
+          opt.end_learning_rate_factor, "0 <= factor <= 1")
+  require(opt.decay_shape in DECAY_SHAPES, "optimizer.decay_shape", opt.decay_shape,
+          ", ".join(DECAY_SHAPES))
+  require(0 < opt.decay_fraction <= 1, "optimizer.decay_fraction", opt.decay_fraction, "0 < f <= 1")
+  if opt.schedule == "wsd" and t.steps > 0:
+    decay = max(1, round(opt.decay_fraction * t.steps))  # optimizer.wsd_decay_steps
+    require(opt.warmup_steps + decay <= t.steps, "optimizer.decay_fraction", opt.decay_fraction,
+            f"0 < f <= 1 with optimizer.warmup_steps + round(f x train.steps) <= train.steps "
+            f"({opt.warmup_steps} + {decay} > {t.steps} here)")
   require(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps", opt.grad_accum_steps, ">= 1")
   require(d.batch_size % opt.grad_accum_steps == 0, "optimizer.grad_accum_steps",
            opt.grad_accum_steps, f"a divisor of data.batch_size={d.batch_size}")
