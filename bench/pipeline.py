@@ -15,10 +15,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ml_collections import config_flags  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from bench import train_step  # noqa: E402
 from configs import common  # noqa: E402
+from pretrain import cli  # noqa: E402
 from pretrain.data import pipeline, sources, tokenizer as tokenizer_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py")
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -71,13 +71,17 @@ def _refusal(workdir, holder):
       f"no run on {host} uses it any more, delete {lock} and rerun, or choose another --workdir.")
 
 
-def check(workdir):
-  """Raises WorkdirLocked when a live run holds `workdir`; writes nothing."""
+def _check_here(workdir):
   holder = _holder(workdir)
   if holder is not None:
     error = _refusal(workdir, holder)
     if error is not None:
       raise error
+
+
+def check(workdir):
+  """Raises WorkdirLocked when a live run holds `workdir`; writes nothing."""
+  _in_process_0(_check_here, workdir)
 
 
 def _write_new(path, text):
@@ -129,17 +133,23 @@ def _acquire_here(workdir):
 
 
 def acquire(workdir):
-  """Takes the lock in process 0; every process raises the same way when it is held."""
+  """Takes the lock in process 0; every process raises when it is held."""
+  _in_process_0(_acquire_here, workdir)
+
+
+def _in_process_0(fn, workdir):
+  """Runs `fn(workdir)` in process 0 only (the other processes of a run are not other runs);
+  when it raises, every process raises, so none is left waiting in a collective."""
   error = None
   if jax.process_index() == 0:
     try:
-      _acquire_here(workdir)
+      fn(workdir)
     except (OSError, WorkdirLocked) as e:
       error = e
   if jax.process_count() > 1:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if failed and error is None:
-      error = WorkdirLocked(f"process 0 could not lock workdir {workdir}; see its error.")
+      error = WorkdirLocked(f"workdir {workdir}: process 0 stopped on its lock; see its error.")
   if error is not None:
     raise error
 
