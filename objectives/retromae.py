@@ -151,7 +151,8 @@ class RetroMAE(mlm.MaskedLM):
     params = super().init(mlm_rng, batch)
     B, L = batch["input_ids"].shape
     x_BLH = jnp.zeros((B, L, self.model_config.hidden_size))
-    decoder = self.decoder_module.init(decoder_rng, x_BLH, x_BLH, jnp.ones((B, 1, L, L), bool))
+    decoder = self.decoder_module.init(decoder_rng, x_BLH, x_BLH, jnp.ones((B, 1, L, L), bool),
+                                       batch["positions"])
     return {**params, "decoder": decoder["params"]}
 
   def export_extras(self, out_dir, params):
@@ -181,7 +182,7 @@ class RetroMAE(mlm.MaskedLM):
     kv_BLH = jnp.where(sentence_slots(seg, pos)[..., None], hidden_BLH.astype(query_BLH.dtype),
                        embed(ids, None, kv_rng))
     out_BLH = self.decoder_module.apply({"params": params["decoder"]}, query_BLH, kv_BLH,
-                                        mask_BLL[:, None], deterministic=not train,
+                                        mask_BLL[:, None], pos, deterministic=not train,
                                         rngs={"dropout": layer_rng})
     return self.head_module.apply({"params": params["mlm_head"]}, out_BLH,
                                   enc.word_embedding_table(params["encoder"]))

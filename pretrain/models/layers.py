@@ -1,0 +1,146 @@
+"""The encoder's annotated building blocks: initialisers, norms, dense layers and the MLP.
+
+Every parameter carries T5X-style logical axis names ("vocab", "embed", "heads", "kv", "mlp")
+so the training code can shard it with axis rules. Functions that create modules (`norm`,
+`dense`, `mlp`) are called inside a parent's compact method: the modules they make are the
+parent's children, under the names given.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pretrain.models.encoder_config import EncoderConfig
+
+Array = jax.Array
+
+
+def init(config: EncoderConfig, names):
+  """normal(initializer_range) init (BERT's) annotated with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def zeros(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def constrain(x: Array, last_axis: str = "embed") -> Array:
+  """Sharding hint; a no-op unless the caller activated logical axis rules."""
+  return nn.with_logical_constraint(x, ("batch", "length", last_axis))
+
+
+def layer_norm(config: EncoderConfig, name: str, use_bias: bool = True) -> nn.LayerNorm:
+  """BERT's LayerNorm (with bias unless `use_bias` is False).
+
+  use_fast_variance=False computes E[(x - mean)^2] like torch, which keeps the export exact even
+  when activations have a large mean.
+  """
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps,
+      dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+      use_fast_variance=False,
+      use_bias=use_bias,
+      scale_init=ones(("embed",)),
+      bias_init=zeros(("embed",)),
+      name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale (+ bias with norm_bias), computed in float32."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    scale = self.param("scale", ones(("embed",)), (x.shape[-1],), param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.layer_norm_eps)
+    y = y * scale.astype(jnp.float32)
+    if cfg.norm_bias:
+      y = y + self.param("bias", zeros(("embed",)), (x.shape[-1],), param_dtype).astype(jnp.float32)
+    return y.astype(jnp.dtype(cfg.dtype))
+
+
+def norm(config: EncoderConfig, name: str) -> nn.Module:
+  """The model's norm: `config.norm` with or without bias (`config.norm_bias`)."""
+  if config.norm == "rmsnorm":
+    return RMSNorm(config, name=name)
+  return layer_norm(config, name, use_bias=config.norm_bias)
+
+
+def dense(config: EncoderConfig, features: int, axes, name: str) -> nn.Dense:
+  """A Dense layer (bias unless `config.use_bias` is False) with annotated kernel and bias."""
+  return nn.Dense(
+      features,
+      use_bias=config.use_bias,
+      dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+      kernel_init=init(config, axes),
+      bias_init=zeros(axes[-1:]),
+      name=name)
+
+
+class Einsum(nn.Module):
+  """A dense layer over several axes with its kernel created at its true rank.
+
+  flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks the
+  logical-axis constraint of a 3-D kernel as soon as a mesh and axis rules are active. The bias
+  covers the output axes: the last one when it is "embed", else all but the first.
+  """
+
+  config: EncoderConfig
+  equation: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    out_axes = self.kernel_axes[-1:] if self.kernel_axes[-1] == "embed" else self.kernel_axes[1:]
+    out_shape = self.kernel_shape[-len(out_axes):]
+    kernel = self.param("kernel", init(cfg, self.kernel_axes), self.kernel_shape, param_dtype)
+    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    if cfg.use_bias:
+      y = y + self.param("bias", zeros(out_axes), out_shape, param_dtype).astype(dtype)
+    return y
+
+
+def activation(name: str):
+  """Exact erf GELU (HF "gelu", also ModernBERT's hidden_activation) or SiLU (HF "silu")."""
+  if name == "silu":
+    return nn.silu
+  return lambda x: nn.gelu(x, approximate=False)
+
+
+def mlp(config: EncoderConfig, x_BLH: Array, *, deterministic: bool) -> Array:
+  """The MLP sub-block without residual: `intermediate`, activation, `output`, dropout.
+
+  "gelu": intermediate/{kernel [H, F], bias [F]} -> GELU (BERT's).
+  "geglu" / "swiglu": intermediate/{kernel [H, 2, F], bias [2, F]} gives input and gate (the two
+  halves of ModernBERT's Wi, in that order), then act(input) * gate with GELU / SiLU. The pair
+  axis is unnamed so that tensor parallelism splits both halves alike over "mlp".
+  Then output/{kernel [F, H], bias [H]} and hidden dropout.
+  """
+  cfg = config
+  if cfg.gated:
+    h_BL2F = Einsum(cfg, "blh,hgf->blgf", (cfg.hidden_size, 2, cfg.mlp_dim),
+                    ("embed", None, "mlp"), name="intermediate")(x_BLH)
+    h_BL2F = nn.with_logical_constraint(h_BL2F, ("batch", "length", None, "mlp"))
+    act = activation("silu" if cfg.mlp == "swiglu" else "gelu")
+    h_BLF = act(h_BL2F[:, :, 0]) * h_BL2F[:, :, 1]
+  else:
+    h_BLF = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x_BLH)
+    h_BLF = activation("gelu")(h_BLF)
+  h_BLF = constrain(h_BLF, "mlp")
+  h_BLH = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h_BLF)
+  return nn.Dropout(cfg.dropout_rate)(h_BLH, deterministic=deterministic)
