@@ -34,6 +34,12 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # "stop" the run naming the step and the metric, or "skip" the update and count it.
 NONFINITE_MODES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
+# config.model's architecture choices: pretrain.models.encoder_config's (a test holds them equal;
+# configs imports only objectives).
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "geglu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+MLM_HEADS = ("bert", "modernbert")
 TOKENIZER_TYPES = ("unigram", "bpe")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -91,7 +97,28 @@ def model_config(size):
   return ml_collections.ConfigDict(dict(
       num_layers=num_layers, hidden_size=hidden, num_heads=heads, mlp_dim=mlp,
       max_len=512, dropout_rate=0.1, dtype="float32",
-      embedding_size=0))  # 0: as wide as hidden_size; else projected to it (ELECTRA-small: 128)
+      embedding_size=0,  # 0: as wide as hidden_size; else projected to it (ELECTRA-small: 128)
+      # The architecture: BERT's by default; ModernBERT is position=rope, rope_theta=160000,
+      # mlp=geglu, pre_norm=True, norm_bias=False, use_bias=False, type_vocab_size=0,
+      # local_window=128, mlm_head=modernbert, layer_norm_eps=1e-5 (exported as
+      # ModernBertForMaskedLM; other mixes export only the Flax params).
+      position="learned",       # POSITIONS: learned absolute table, or rotary (no table; longer
+                                # inputs than trained on degrade more gracefully)
+      rope_theta=10000.0,       # rotary base of global layers
+      rope_local_theta=10000.0,  # rotary base of local (windowed) layers
+      mlp="gelu",               # MLPS: gated variants (geglu, swiglu) train better per FLOP
+      pre_norm=False,           # norm before each sub-block: stabler training of deep stacks
+      norm="layernorm",         # NORMS
+      norm_bias=True,           # bias in the norms
+      use_bias=True,            # bias in attention, MLP and head dense layers
+      type_vocab_size=2,        # token-type rows; 0: none (sentence pairs are not pretrained)
+      layer_norm_eps=1e-12,     # of every norm (BERT 1e-12, ModernBERT 1e-5)
+      local_window=0,           # > 0: sliding-window attention (|i - j| <= window // 2) in the
+                                # layers that are not global: cheaper long sequences
+      global_every=3,           # with local_window: layer i is global iff i % global_every == 0
+      mlm_head="bert",          # MLM_HEADS: "modernbert" normalises with the model's norm
+      vocab_multiple=1))        # pad the embedding rows to a multiple (64: faster matmuls);
+                                # padded ids are never predicted
 
 
 def base_config():
@@ -165,6 +192,19 @@ def validate(config):
            (o.mask_token_rate, o.random_token_rate), "two rates >= 0 whose sum is <= 1")
   require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
+  for key, allowed in (("position", POSITIONS), ("mlp", MLPS), ("norm", NORMS),
+                       ("mlm_head", MLM_HEADS)):
+    require(m[key] in allowed, f"model.{key}", m[key], ", ".join(allowed))
+  require(m.position != "rope" or (m.hidden_size // m.num_heads) % 2 == 0, "model.position",
+           m.position, f"learned (rope needs an even head size, got hidden_size / num_heads = "
+           f"{m.hidden_size // m.num_heads})")
+  for key in ("rope_theta", "rope_local_theta"):
+    require(m[key] > 1, f"model.{key}", m[key], "> 1")
+  for key in ("type_vocab_size", "local_window"):
+    require(m[key] >= 0, f"model.{key}", m[key], ">= 0 (0: none)")
+  for key in ("global_every", "vocab_multiple"):
+    require(m[key] >= 1, f"model.{key}", m[key], "a positive integer")
+  require(m.layer_norm_eps > 0, "model.layer_norm_eps", m.layer_norm_eps, "> 0")
   registry.validate(config)
   require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))

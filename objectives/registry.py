@@ -5,6 +5,8 @@ Each objective module defines `CONFIG` (its own `config.objective` keys with def
 `validate(config)` runs the checks of the objective (or the components) the run uses.
 `build(config, tokenizer, resources)` is how every caller makes an objective from a run config.
 """
+import dataclasses
+
 from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
                         retromae)
 from pretrain.models import encoder as enc
@@ -67,13 +69,22 @@ def needs(objective_config) -> frozenset:
   return frozenset().union(*(cls.needs(objective_config) for cls in _classes(objective_config)))
 
 
+# `config.model` keys that are EncoderConfig fields of the same name (and meaning).
+ARCHITECTURE_KEYS = ("position", "rope_theta", "rope_local_theta", "mlp", "pre_norm", "norm",
+                     "norm_bias", "use_bias", "type_vocab_size", "layer_norm_eps", "local_window",
+                     "global_every", "mlm_head", "vocab_multiple")
+
+
 def encoder_config(model_config, vocab_size) -> enc.EncoderConfig:
   """The `EncoderConfig` of a run config's `model` block."""
   m = model_config
+  # The architecture keys, with EncoderConfig's defaults for configs saved before they existed.
+  defaults = {f.name: f.default for f in dataclasses.fields(enc.EncoderConfig)}
+  options = {key: m.get(key, defaults[key]) for key in ARCHITECTURE_KEYS}
   return enc.EncoderConfig(
       vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
-      dtype=m.dtype, embedding_size=m.get("embedding_size", 0) or None)
+      dtype=m.dtype, embedding_size=m.get("embedding_size", 0) or None, **options)
 
 
 def build(config, tokenizer, resources: base.Resources = base.Resources()):
