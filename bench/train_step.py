@@ -1,7 +1,8 @@
 """Train-step throughput and model FLOPs utilisation (MFU) of our MLM step on this machine.
 
   python bench/train_step.py [--configs=demo,small] [--seq_lens=128] [--batch=32] [--repeats=5]
-                             [--vocab=16000] [--dtype=float32|bfloat16] [--peak_tflops=X]
+                             [--archs=bert,modern] [--vocab=16000] [--dtype=float32|bfloat16]
+                             [--peak_tflops=X]
                              [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--json]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
@@ -61,15 +62,18 @@ def _timed(fn):
 
 def flops_per_token(m, vocab, seq_len, mask_rate):
   """Training FLOPs per token: 3 x forward (forward + backward)."""
-  layer = 2 * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.mlp_dim) + 4 * seq_len * m.hidden_size
+  mlp_matrices = 2 if m.mlp == "gelu" else 3  # a gated MLP's input projection is twice as wide
+  layer = (2 * (4 * m.hidden_size**2 + mlp_matrices * m.hidden_size * m.mlp_dim)
+           + 4 * seq_len * m.hidden_size)
   slots = masking.max_predictions(seq_len, mask_rate) / seq_len
   head = slots * 2 * (m.hidden_size**2 + m.hidden_size * vocab)
   return 3 * (m.num_layers * layer + head)
 
 
 def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
-          rng_impl="threefry2x32"):
-  c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab}")
+          rng_impl="threefry2x32", arch="bert"):
+  c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab},"
+                      f"arch={arch}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
   objective = registry.build(c, _Vocab(vocab))
@@ -121,29 +125,32 @@ def main():
                       help="Datasheet peak in TFLOP/s; 0 measures a matmul peak instead.")
   parser.add_argument("--rng_impl", default="threefry2x32", choices=common.RNG_IMPLS,
                       help="config.rng_impl: the generator behind dropout and masking bits.")
+  parser.add_argument("--archs", default="bert",
+                      help="configs/demo.py:arch= values (configs/modernbert.py ARCHITECTURES)")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   peak = args.peak_tflops * 1e12 or matmul_peak(dtype=jnp.dtype(args.dtype))
   if not args.json:
     print(f"devices: {jax.devices()}; {'given' if args.peak_tflops else 'measured'} {args.dtype} "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'config':<8}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}{'tokens/s':>11}"
-          f"{'MFU':>7}")
-  for size in args.configs.split(","):
-    for seq_len in map(int, args.seq_lens.split(",")):
-      compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
-                                          args.vocab, args.dtype, args.rng_impl)
-      if args.json:
-        print(json.dumps(dict(
-            framework="ours", size=size, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
-            dtype=args.dtype, device=str(jax.devices()[0].device_kind), compile_s=compile_s,
-            step_s=step_s, tokens_per_s=tps, mfu=mfu, peak_flops=peak,
-            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            device_peak_mib=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
-            / 2**20)), flush=True)
-      else:
-        print(f"{size:<8}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}{tps:>11,.0f}"
-              f"{mfu:>7.1%}", flush=True)
+    print(f"{'config':<8}{'arch':<9}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}"
+          f"{'tokens/s':>11}{'MFU':>7}")
+  runs = [(size, arch, seq_len) for size in args.configs.split(",")
+          for arch in args.archs.split(",") for seq_len in map(int, args.seq_lens.split(","))]
+  for size, arch, seq_len in runs:
+    compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
+                                        args.vocab, args.dtype, args.rng_impl, arch)
+    if args.json:
+      print(json.dumps(dict(
+          framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
+          dtype=args.dtype, device=str(jax.devices()[0].device_kind), compile_s=compile_s,
+          step_s=step_s, tokens_per_s=tps, mfu=mfu, peak_flops=peak,
+          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          device_peak_mib=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+          / 2**20)), flush=True)
+    else:
+      print(f"{size:<8}{arch:<9}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}"
+            f"{tps:>11,.0f}{mfu:>7.1%}", flush=True)
 
 
 if __name__ == "__main__":

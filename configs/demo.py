@@ -6,16 +6,19 @@
 
 `size=tiny` with a small vocabulary is what the tests use. `objective=` swaps the objective and
 keeps everything else (model, data, optimizer), which is what comparisons between objectives need;
-electra, rts, crts and slm take their corruption rates from configs/electra.py.
+electra, rts, crts and slm take their corruption rates from configs/electra.py. `arch=` swaps the
+architecture the same way (configs/modernbert.py's ARCHITECTURES: bert, rope, geglu, prenorm,
+modern).
 """
-from configs import common, electra
+from configs import common, electra, modernbert
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", steps=600, vocab_size=16000, batch_size=8, seq_len=128,
-                       whole_word=False, objective="mlm")
+                       whole_word=False, objective="mlm", arch="bert")
   c = common.base_config()
   c.model = common.model_config(a.size)
+  c.model.update(modernbert.architecture(a.arch, c.model.mlp_dim))
   c.model.max_len = max(512, a.seq_len)
   # Minutes of CPU: more, smaller steps and no dropout leave the unigram plateau sooner (the
   # README's demo section compares the two).
