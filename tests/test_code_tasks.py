@@ -4,7 +4,7 @@ import ast
 import pytest
 
 from pretrain.data import python_code
-from pretrain.finetune import code_tasks
+from pretrain.finetune import bug_tasks, code_tasks
 from pretrain.data.corpora import python_stdlib
 
 SOURCE = '''\ufeffimport os
@@ -128,3 +128,124 @@ def test_finetune_splits_keep_train_dev_and_test_files_apart():
   assert (queries, candidates, relevant) == code_tasks.docstring_retrieval(max_files=150)
   with pytest.raises(ValueError, match="built-in tasks: exception_type"):
     code_tasks.finetune_splits("sentiment")
+
+
+# --- CuBERT's bug tasks --------------------------------------------------------------------------
+
+BUGGY_SOURCE = '''def f(a, b, *rest, key=None):
+    global g
+    c = a - b
+    d = [x for x in rest]
+    def inner(y):
+        return y - c
+    if c < a and b:
+        return c ** 2 - a - b
+    g = "%s" % a
+    return a in d or key is None
+'''
+
+
+def _scalars(node):
+  return type(node), [(k, v) for k, v in ast.iter_fields(node)
+                      if not isinstance(v, (ast.AST, list))]
+
+
+def _changed_nodes(before, after):
+  """(before, after) node pairs that differ in their type or own non-node fields (same shape)."""
+  a, b = list(ast.walk(before)), list(ast.walk(after))
+  assert len(a) == len(b)
+  return [(x, y) for x, y in zip(a, b) if _scalars(x) != _scalars(y)]
+
+
+def _swap(tree, index):
+  """A copy of `tree` with the operands of its `index`-th node (ast.walk order) exchanged."""
+  import copy  # pylint: disable=import-outside-toplevel
+  tree = copy.deepcopy(tree)
+  node = list(ast.walk(tree))[index]
+  if isinstance(node, ast.BinOp):
+    node.left, node.right = node.right, node.left
+  else:
+    node.left, node.comparators = node.comparators[0], [node.left]
+  return tree
+
+
+def check_bug_pair(task, correct, buggy):
+  """The buggy text is the correct one with exactly the edit its label says."""
+  assert (correct["label"], buggy["label"]) == (0, 1) and correct["edit"] is None
+  assert correct["path"] == buggy["path"] and correct["qualname"] == buggy["qualname"]
+  before, after = ast.parse(correct["text"]), ast.parse(buggy["text"])  # Both parse.
+  edit = buggy["edit"]
+  assert buggy["text"][edit["start"]:edit["end"]] == edit["after"] != edit["before"]
+  if task == "swapped_operands":
+    sites = [i for i, n in enumerate(ast.walk(before))
+             if (isinstance(n, ast.BinOp) and isinstance(n.op, bug_tasks.NONCOMMUTATIVE))
+             or (isinstance(n, ast.Compare) and len(n.ops) == 1
+                 and isinstance(n.ops[0], bug_tasks.ORDERED_COMPARISONS))]
+    swapped = [i for i in sites if ast.dump(_swap(before, i)) == ast.dump(after)]
+    assert len(swapped) == 1, (correct["text"], buggy["text"])
+    node = list(ast.walk(before))[swapped[0]]
+    assert not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod)
+                and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str))
+    return
+  (old, new), = _changed_nodes(before, after)
+  if task == "variable_misuse":
+    assert isinstance(old, ast.Name) and isinstance(old.ctx, ast.Load)
+    assert (old.id, new.id) == (edit["before"], edit["after"])
+    bound, loads = bug_tasks.local_variables(before.body[0])
+    assert old in loads and new.id in bound  # A use of a local, replaced by another local.
+  else:
+    kinds = [k for k, ops in bug_tasks.OPERATOR_KINDS.items() if type(old) in ops]
+    assert type(old) is not type(new) and kinds and type(new) in bug_tasks.OPERATOR_KINDS[kinds[0]]
+    assert (bug_tasks.SYMBOLS[type(old)], bug_tasks.SYMBOLS[type(new)]) == (
+        edit["before"], edit["after"])
+
+
+def test_each_bug_edit_is_the_one_its_label_says():
+  files = [("m.py", BUGGY_SOURCE)]
+  src = bug_tasks.parse_function(BUGGY_SOURCE)
+  bound, loads = bug_tasks.local_variables(src.func)
+  # Parameters and assigned names; not the global, the comprehension's or the inner def's names.
+  assert bound == {"a": 1, "b": 1, "rest": 1, "key": 1, "c": 3, "d": 4}
+  assert "c" not in {n.id for n in loads if n.lineno == 6}
+  for task in bug_tasks.BUG_TASKS:
+    for seed in range(6):
+      correct, buggy = [e for e in bug_tasks.bug_examples(task, files, seed=seed)
+                        if e["qualname"] == "f"]
+      assert correct["text"] == BUGGY_SOURCE
+      check_bug_pair(task, correct, buggy)
+      # `(c ** 2 - a) - b` cannot swap without parentheses; `"%s" % a` is no arithmetic.
+      assert buggy["edit"]["before"] not in ("c ** 2 - a - b", '"%s" % a', "%")
+
+
+def test_bug_tasks_on_held_out_files_are_balanced_checked_and_deterministic():
+  files = python_code.heldout_files("heldout", max_files=100)
+  for task in bug_tasks.BUG_TASKS:
+    examples = bug_tasks.bug_examples(task, files)
+    assert len(examples) >= 40 and [e["label"] for e in examples] == [0, 1] * (len(examples) // 2)
+    for correct, buggy in zip(examples[::2], examples[1::2]):
+      check_bug_pair(task, correct, buggy)
+    assert bug_tasks.bug_examples(task, files) == examples
+    # Drawn per function: a file's examples do not depend on the other files read.
+    one = [e for e in examples if e["path"] == files[0][0]]
+    assert bug_tasks.bug_examples(task, files[:1]) == one
+    assert bug_tasks.bug_examples(task, files, seed=1) != examples
+    capped = bug_tasks.bug_examples(task, files, max_functions=10)
+    assert len(capped) == 20 and all(e in examples for e in capped)
+
+
+def test_bug_task_splits_test_on_held_out_files_only():
+  heldout = python_code.heldout_files("heldout", max_files=100)
+  names = {p for p, _ in heldout}
+  for task in bug_tasks.BUG_TASKS:
+    d = code_tasks.finetune_splits(task, max_files=100, seed=3)
+    assert d["label_names"] == ["correct", "buggy"]
+    assert d["test"] == [{"text": e["text"], "text_b": "", "label": e["label"]}
+                         for e in bug_tasks.bug_examples(task, heldout, seed=5)]
+    train_files, dev_files = code_tasks.split_train_dev(
+        python_code.heldout_files("train", max_files=100), 0.1)
+    assert not names & {p for p, _ in train_files + dev_files}
+    assert len(d["train"]) == len(bug_tasks.bug_examples(
+        task, train_files, seed=3, max_functions=code_tasks.MAX_BUG_TRAIN_FUNCTIONS))
+    for split in ("train", "dev", "test"):
+      labels = [r["label"] for r in d[split]]
+      assert labels == [0, 1] * (len(labels) // 2) and labels

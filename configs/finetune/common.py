@@ -8,7 +8,8 @@ import ml_collections
 
 from configs import common
 
-SOURCES = ("exception_type", "docstring_match", "docstring_retrieval", "files", "tfds")
+SOURCES = ("exception_type", "docstring_match", "docstring_retrieval", "variable_misuse",
+           "swapped_operands", "wrong_binary_operator", "files", "tfds")
 HEADS = ("sequence", "token", "biencoder")
 POOLINGS = ("cls", "mean")
 
@@ -33,6 +34,7 @@ def base_config():
   ))
   c.data = ml_collections.ConfigDict(dict(
       source="files",        # exception_type | docstring_match | docstring_retrieval | files | tfds
+                             # | variable_misuse | swapped_operands | wrong_binary_operator
       name="",               # tfds: catalog name, e.g. glue/sst2
       data_dir="data/tfds",  # tfds: where the prepared dataset is
       train="", dev="", test="",  # files: comma-separated .jsonl/.csv globs; tfds: split names

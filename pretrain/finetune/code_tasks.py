@@ -14,7 +14,10 @@ Tasks:
   * `docstring_retrieval` (over `python_code.function_pairs`): docstring -> own function code
     (retrieval among all held-out functions; also the docstring-match pairs);
   * `exception_examples`: the exception name of an `except Name:` clause,
-    masked, predicted among the most frequent types.
+    masked, predicted among the most frequent types;
+  * `variable_misuse`, `swapped_operands`, `wrong_binary_operator`
+    (`pretrain.finetune.bug_tasks`): CuBERT's synthetic bugs, each function
+    once as it is and once with one edit; classify correct / buggy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import textwrap
 
 from pretrain.data import python_code
+from pretrain.finetune import bug_tasks
 
 MASK = "[MASK]"  # Literal placeholder; `tasks` maps it to the tokenizer's mask id.
 DEFAULT_NUM_EXCEPTION_CLASSES = 20
@@ -156,7 +160,11 @@ def exception_examples(files, num_classes: int = DEFAULT_NUM_EXCEPTION_CLASSES,
 
 # --- Fine-tuning splits ------------------------------------------------------------------------
 
-FINETUNE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval")
+FINETUNE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval",
+                  *bug_tasks.BUG_TASKS)
+# Bug tasks: functions kept per split (by hash; the held-out test split keeps every function).
+MAX_BUG_TRAIN_FUNCTIONS = 10_000
+MAX_BUG_DEV_FUNCTIONS = 250
 
 
 def hash_unit(key: str) -> float:
@@ -218,13 +226,22 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
   train/dev: the pretraining train files, split by path hash (`split_train_dev`); test: the
   held-out files. exception_type: {"text", "text_b": "", "label"} with labels fixed by the
   train split; docstring_match: {"text": docstring, "text_b": code, "label": 1 own / 0 other};
-  docstring_retrieval: train {"query", "doc"}, dev/test `retrieval_triple`s.
+  docstring_retrieval: train {"query", "doc"}, dev/test `retrieval_triple`s; the bug tasks
+  (`bug_tasks.BUG_TASKS`): {"text": function, "text_b": "", "label": 0 correct / 1 buggy}, at
+  most MAX_BUG_TRAIN_FUNCTIONS / MAX_BUG_DEV_FUNCTIONS functions (two rows each) in train / dev.
   """
   if task not in FINETUNE_TASKS:
     raise ValueError(f"Unknown task {task!r}; built-in tasks: {', '.join(FINETUNE_TASKS)}.")
   train_files, dev_files = split_train_dev(
       python_code.heldout_files("train", validation_fraction, max_files=max_files), dev_fraction)
   test_files = python_code.heldout_files("heldout", validation_fraction, max_files=max_files)
+  if task in bug_tasks.BUG_TASKS:
+    def rows(files, offset, cap=None):
+      return [{"text": e["text"], "text_b": "", "label": e["label"]}
+              for e in bug_tasks.bug_examples(task, files, seed + offset, cap)]
+    return {"train": rows(train_files, 0, MAX_BUG_TRAIN_FUNCTIONS),
+            "dev": rows(dev_files, 1, MAX_BUG_DEV_FUNCTIONS), "test": rows(test_files, 2),
+            "label_names": list(bug_tasks.LABEL_NAMES)}
   if task == "exception_type":
     train = exception_examples(train_files, num_classes)
     labels = labels_of(train)

@@ -11,6 +11,9 @@ Sources (`data_config.source`):
                        another function's (one of each per documented function);
   docstring_retrieval  (docstring, code) pairs for a bi-encoder; dev/test are retrieval sets
                        (every query against every function of the split);
+  variable_misuse, swapped_operands, wrong_binary_operator
+                       CuBERT's synthetic bugs: each function as it is (label 0) and with one
+                       edit (label 1), `pretrain.finetune.bug_tasks`;
   files                local .jsonl / .csv files (`train`, `dev`, `test`: comma-separated globs);
   tfds                 a prepared TFDS dataset by catalog name (`name`, e.g. "glue/sst2"), with
                        `train` / `dev` / `test` as split names.
