@@ -30,6 +30,7 @@ FLOORS = {
     "pretrain.main": 5,
     "pretrain.export": 5,
     "pretrain.report": 5,
+    "pretrain.benchmark": 5,
     "pretrain.cli": 5,
     "pretrain.finetune.__main__": 5,
     "pretrain.data.prepare": 5,
