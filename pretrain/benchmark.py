@@ -65,8 +65,9 @@ def parse_tasks(value: str) -> list[str]:
   names = [t.strip() for t in value.split(",") if t.strip()]
   unknown = [t for t in names if t not in TASKS]
   if unknown or not names:
-    raise ConfigError(f"--tasks={value!r}: {'unknown task ' + repr(unknown[0]) if unknown else 'no task'}; "
-                      f"choose from {', '.join(TASKS)} (comma-separated).")
+    what = f"unknown task {unknown[0]!r}" if unknown else "no task"
+    raise ConfigError(f"--tasks={value!r}: {what}; choose from {', '.join(TASKS)} "
+                      "(comma-separated).")
   return [t for t in TASKS if t in names]
 
 
