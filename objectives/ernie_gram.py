@@ -176,7 +176,9 @@ class ErnieGram(base.EncoderObjective):
     self.num_ngrams = config.ngram_vocab_size
     self.shape_fields = ("objective.ngram_vocab_size", "objective.ngram_relation") + (
         ("objective.generator_size_fraction",) if config.ngram_relation else ())
-    joint = dataclasses.replace(model_config, vocab_size=model_config.vocab_size + self.num_ngrams)
+    # The joint vocabulary is unpadded: n-gram g is id V + g (a padded token table is cut to V).
+    joint = dataclasses.replace(model_config, vocab_size=model_config.vocab_size + self.num_ngrams,
+                                vocab_multiple=1)
     self.head_module = enc.MlmHead(joint)
     self.token_head_module = enc.MlmHead(model_config)
     if resources.lexicon is not None:
@@ -184,7 +186,8 @@ class ErnieGram(base.EncoderObjective):
     if config.ngram_relation:
       gen = electra.generator_config(model_config, config.generator_size_fraction)
       self.generator_module = enc.Encoder(gen)
-      self.generator_head = enc.MlmHead(dataclasses.replace(gen, vocab_size=joint.vocab_size))
+      self.generator_head = enc.MlmHead(dataclasses.replace(gen, vocab_size=joint.vocab_size,
+                                                            vocab_multiple=1))
       self.rtd_head = detection.DiscriminatorHead(model_config)
 
   # --- Data ------------------------------------------------------------------------------------
@@ -220,14 +223,17 @@ class ErnieGram(base.EncoderObjective):
     return params
 
   def joint_table(self, params):
-    """[V + G, E]: word embeddings, then n-gram embeddings."""
-    return jnp.concatenate([enc.word_embedding_table(params["encoder"]),
-                            nn.unbox(params["ngram_embeddings"]["embedding"])], 0)
+    """[V + G, E]: word embeddings (without padded rows), then n-gram embeddings."""
+    words = enc.word_embedding_table(params["encoder"])[:self.model_config.vocab_size]
+    return jnp.concatenate([words, nn.unbox(params["ngram_embeddings"]["embedding"])], 0)
 
   def token_head(self, params):
-    """The joint head restricted to the token rows: a plain BERT MLM head (what is exported)."""
-    head = params["mlm_head"]
-    return {**head, "bias": nn.unbox(head["bias"])[:self.model_config.vocab_size]}
+    """The joint head restricted to the token rows: a plain BERT MLM head (what is exported);
+    the bias of padded token rows (`vocab_multiple`) is 0, and they are never predicted."""
+    head, cfg = params["mlm_head"], self.model_config
+    bias = nn.unbox(head["bias"])[:cfg.vocab_size]
+    pad = jnp.zeros((cfg.padded_vocab_size - cfg.vocab_size,), bias.dtype)
+    return {**head, "bias": jnp.concatenate([bias, pad]) if pad.size else bias}
 
   def token_logits(self, params, hidden_BMH):
     return self.token_head_module.apply({"params": self.token_head(params)}, hidden_BMH,

@@ -197,7 +197,8 @@ class MlmHead(nn.Module):
   ``use_bias``. mlm_head="bert": the norm is BERT's LayerNorm with bias; "modernbert": the model's
   norm (``norm``, ``norm_bias``), as in HF ``ModernBertPredictionHead`` + ``decoder``. With
   ``vocab_multiple`` the logits of the padded rows are cut off: the output has ``vocab_size``
-  columns, so no loss, argmax or sample can ever pick a padded id.
+  columns, so no loss, argmax or sample can ever pick a padded id (the table may also be given
+  without its padded rows).
   """
 
   config: EncoderConfig
@@ -207,17 +208,19 @@ class MlmHead(nn.Module):
     """Returns float32 logits [B, M, vocab_size] (float32 so the softmax loss is stable)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    rows = cfg.padded_vocab_size
-    if embedding_VH.shape != (rows, cfg.embed_dim):
+    rows = embedding_VH.shape[0]  # The table may come without its padded rows.
+    if rows not in (cfg.vocab_size, cfg.padded_vocab_size) or embedding_VH.shape[1:] != (
+        cfg.embed_dim,):
       raise ValueError(
           f"MlmHead expects the word-embedding table of shape "
-          f"({rows}, {cfg.embed_dim}), got {embedding_VH.shape}")
+          f"({cfg.padded_vocab_size}, {cfg.embed_dim}), got {embedding_VH.shape}")
     x_BME = layers.dense(cfg, cfg.embed_dim, ("embed", "mlp"), "dense")(hidden_BMH)
     x_BME = layers.activation("gelu")(x_BME)
     norm = (layers.layer_norm(cfg, "LayerNorm") if cfg.mlm_head == "bert"
             else layers.norm(cfg, "LayerNorm"))
     x_BME = norm(x_BME)
-    bias_V = self.param("bias", layers.zeros(("vocab",)), (rows,), jnp.dtype(cfg.param_dtype))
+    bias_V = self.param("bias", layers.zeros(("vocab",)), (cfg.padded_vocab_size,),
+                        jnp.dtype(cfg.param_dtype))[:rows]
     logits_BMV = jnp.einsum("bme,ve->bmv", x_BME.astype(dtype), embedding_VH.astype(dtype),
                             preferred_element_type=jnp.float32)
     logits_BMV = add_vocab_bias(logits_BMV, bias_V.astype(jnp.float32))
