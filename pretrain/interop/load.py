@@ -100,7 +100,8 @@ def read_export(path: str) -> tuple[EncoderConfig, dict]:
 
 def load_encoder(path: str, step: Optional[int] = None, what: str = "model path") -> Pretrained:
   """The encoder at `path`: a pretraining workdir (its latest checkpoint, or `step`), our export
-  dir, or a Hugging Face BERT / ELECTRA / RoBERTa dir; errors name `what` (the config key)."""
+  dir, or a Hugging Face BERT / ELECTRA / RoBERTa / ModernBERT dir; errors name `what` (the config
+  key)."""
   if not path:
     raise FileNotFoundError(f"{what} is empty; give a pretraining workdir, a pretrain.export "
                             "directory or a Hugging Face model directory.")

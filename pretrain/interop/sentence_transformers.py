@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain.interop import hf_bert
+from pretrain.interop import hf_bert, hf_modernbert
 from pretrain.data import hf_tokenizer
 from pretrain.models import encoder as enc, pooling as pooling_lib
 
@@ -133,13 +133,23 @@ def write(out_dir, encoder_params, model_config, tokenizer, *, pooling="mean", n
   """A directory that `SentenceTransformer(out_dir)` loads offline and that embeds like `embed`.
 
   The transformer is our Hugging Face BERT export (BertModel, or BertForMaskedLM with
-  `mlm_head_params`); the tokenizer is ours or the third-party one we trained with.
+  `mlm_head_params`), or with ModernBERT's options our ModernBERT export (ModernBertModel /
+  ModernBertForMaskedLM); the tokenizer is ours or the third-party one we trained with.
   """
   max_seq_length = max_seq_length or model_config.max_len
   if not 2 < max_seq_length <= model_config.max_len:
     raise ValueError(f"max_seq_length {max_seq_length} must be in (2, {model_config.max_len}] "
                      "(the encoder's position embeddings).")
-  hf_bert.write_hf_model(out_dir, encoder_params, mlm_head_params, model_config)
+  architecture, why = hf_modernbert.hf_architecture(model_config)
+  if architecture is None:
+    raise ValueError(f"sentence-transformers loads a Hugging Face model, and none holds this "
+                     f"encoder ({why}).")
+  if architecture == "modernbert":
+    hf_modernbert.write_hf_model(out_dir, encoder_params, mlm_head_params, model_config)
+  else:
+    hf_bert.write_hf_model(out_dir, encoder_params,
+                           hf_modernbert.padded_head(mlm_head_params, model_config),
+                           hf_modernbert.unpadded_view(model_config))
   hf_tokenizer.save_hf(tokenizer, out_dir, model_max_length=max_seq_length)
   write_module_files(out_dir, model_config.hidden_size, pooling=pooling, normalize=normalize,
                      max_seq_length=max_seq_length)
