@@ -21,8 +21,15 @@ MESHES = {
 }
 
 
-def _config(tiny_config):
+# Every ModernBERT option of the encoder (tests/test_modern_encoder.py), the vocabulary padded.
+MODERN = dict(position="rope", rope_theta=160000.0, mlp="geglu", pre_norm=True, norm_bias=False,
+              use_bias=False, type_vocab_size=0, layer_norm_eps=1e-5, local_window=8,
+              global_every=3, mlm_head="modernbert", vocab_multiple=64)
+
+
+def _config(tiny_config, **model):
   tiny_config.model.dropout_rate = 0.0
+  tiny_config.model.update(model)
   tiny_config.optimizer.warmup_steps = 0
   return tiny_config
 
@@ -59,6 +66,23 @@ def one_device_losses():
 def test_sharded_losses_match_one_device(tiny_config, one_device_losses, name):
   sharded, _ = _losses(_config(tiny_config), MESHES[name], jax.devices())
   np.testing.assert_allclose(sharded, one_device_losses, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def modern_one_device_losses():
+  return _losses(_config(make_tiny_config(), **MODERN), {"data": 1, "fsdp": 1, "tensor": 1},
+                 jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("name", ["fsdp", "tensor"])
+def test_modern_encoder_sharded_losses_match_one_device(tiny_config, modern_one_device_losses,
+                                                        name):
+  sharded, state = _losses(_config(tiny_config, **MODERN), MESHES[name], jax.devices())
+  np.testing.assert_allclose(sharded, modern_one_device_losses, rtol=1e-5)
+  # The gated MLP's pair axis is unnamed, its width follows "mlp"; the padded table "vocab".
+  kernel = state.params["encoder"]["layer_1"]["intermediate"]["kernel"]
+  assert kernel.shape == (64, 2, 256) and tuple(kernel.sharding.spec) == ("fsdp", None, "tensor")
+  assert state.params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape == (512, 64)
 
 
 def test_parameter_partition_specs_are_golden(tiny_config):
