@@ -176,7 +176,7 @@ def test_a_local_layer_sees_its_window_inside_its_segment_only():
   x = np.random.default_rng(0).normal(size=(1, 14, H)).astype(np.float32)
   variables = layer.init(jax.random.key(0), x, mask, pos, deterministic=True)
   f = lambda x_LH: layer.apply(variables, x_LH[None], mask, pos, deterministic=True)[0]  # noqa: E731
-  dep = np.asarray(jnp.abs(jax.jacfwd(f)(jnp.asarray(x[0]))).max(axis=(1, 3)))
+  dep = np.asarray(jnp.abs(jax.jit(jax.jacfwd(f))(jnp.asarray(x[0]))).max(axis=(1, 3)))
   visible = (seg[0][:, None] == seg[0][None, :]) & (np.abs(pos[0][:, None] - pos[0][None]) <= 2)
   assert (dep[visible] > 1e-6).all() and (dep[~visible] == 0).all()
   assert not visible[0, 3] and not visible[5, 6]  # beyond the window; across documents
