@@ -11,6 +11,7 @@ Nothing is pickled: safetensors, msgpack and JSON only.
 """
 import dataclasses
 import json
+import os
 
 import flax.serialization
 from absl import flags
@@ -170,7 +171,10 @@ def main(argv):
   console.quiet(f["verbosity"].present)
   out = export(f.workdir, f.out, f.step, f.overwrite, pooling=f.pooling, normalize=f.normalize,
                max_seq_length=f.max_seq_length)
-  print(f"Exported {f.workdir} to {out} (Hugging Face BertForMaskedLM + tokenizer, Flax msgpack).")
+  with open(os.path.join(out, files.CONFIG_FILE if os.path.isfile(
+      os.path.join(out, files.CONFIG_FILE)) else files.ENCODER_CONFIG_FILE), encoding="utf-8") as c:
+    written = json.load(c).get("architectures", ["no Hugging Face model: Flax params only"])
+  print(f"Exported {f.workdir} to {out} ({', '.join(written)} + tokenizer, Flax msgpack).")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 # objective reads never blocks a resume.
 SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.mlp_dim",
                 "model.max_len", "model.embedding_size", "data.tokenizer.vocab_size",
-                "objective.name")
+                "objective.name",
+                # The architecture: most change parameter shapes; the rest (RoPE bases, windows)
+                # change what the weights mean. A context extension is a new run (init_from).
+                "model.position", "model.rope_theta", "model.rope_local_theta", "model.mlp",
+                "model.pre_norm", "model.norm", "model.norm_bias", "model.use_bias",
+                "model.type_vocab_size", "model.layer_norm_eps", "model.local_window",
+                "model.global_every", "model.mlm_head", "model.vocab_multiple")
 
 # Config keys that decide what the data iterator's saved position means (it counts rows of this
 # shape): resuming with others would not continue the same data order.
