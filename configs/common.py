@@ -169,6 +169,26 @@ def base_config():
   return c
 
 
+def validate_optimizer(opt, steps, batch_size):
+  """The `config.optimizer` checks that pretraining and fine-tuning share."""
+  require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
+  require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
+  require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+  require(0 <= opt.end_learning_rate_factor <= 1, "optimizer.end_learning_rate_factor",
+          opt.end_learning_rate_factor, "0 <= factor <= 1")
+  require(opt.decay_shape in DECAY_SHAPES, "optimizer.decay_shape", opt.decay_shape,
+          ", ".join(DECAY_SHAPES))
+  require(0 < opt.decay_fraction <= 1, "optimizer.decay_fraction", opt.decay_fraction, "0 < f <= 1")
+  if opt.schedule == "wsd" and steps > 0:
+    decay = max(1, round(opt.decay_fraction * steps))  # optimizer.wsd_decay_steps
+    require(opt.warmup_steps + decay <= steps, "optimizer.decay_fraction", opt.decay_fraction,
+            f"0 < f <= 1 with optimizer.warmup_steps + round(f x train.steps) <= train.steps "
+            f"({opt.warmup_steps} + {decay} > {steps} here)")
+  require(opt.grad_accum_steps >= 1 and batch_size % opt.grad_accum_steps == 0,
+          "optimizer.grad_accum_steps", opt.grad_accum_steps,
+          f"a divisor of data.batch_size={batch_size}")
+
+
 def validate(config):
   """Checks values that a locked ConfigDict cannot; raises naming the key and the allowed values."""
   m, d, o, opt, t = config.model, config.data, config.objective, config.optimizer, config.train
@@ -207,22 +227,7 @@ def validate(config):
   require(m.layer_norm_eps > 0, "model.layer_norm_eps", m.layer_norm_eps, "> 0")
   registry.validate(config)
   require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
-  require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))
-  require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
-  require(0 <= opt.warmup_steps, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
-  require(0 <= opt.end_learning_rate_factor <= 1, "optimizer.end_learning_rate_factor",
-          opt.end_learning_rate_factor, "0 <= factor <= 1")
-  require(opt.decay_shape in DECAY_SHAPES, "optimizer.decay_shape", opt.decay_shape,
-          ", ".join(DECAY_SHAPES))
-  require(0 < opt.decay_fraction <= 1, "optimizer.decay_fraction", opt.decay_fraction, "0 < f <= 1")
-  if opt.schedule == "wsd" and t.steps > 0:
-    decay = max(1, round(opt.decay_fraction * t.steps))  # optimizer.wsd_decay_steps
-    require(opt.warmup_steps + decay <= t.steps, "optimizer.decay_fraction", opt.decay_fraction,
-            f"0 < f <= 1 with optimizer.warmup_steps + round(f x train.steps) <= train.steps "
-            f"({opt.warmup_steps} + {decay} > {t.steps} here)")
-  require(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps", opt.grad_accum_steps, ">= 1")
-  require(d.batch_size % opt.grad_accum_steps == 0, "optimizer.grad_accum_steps",
-           opt.grad_accum_steps, f"a divisor of data.batch_size={d.batch_size}")
+  validate_optimizer(opt, t.steps, d.batch_size)
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")

@@ -110,13 +110,8 @@ def validate(config):
   require(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction,
           "0 < f < 1")
   require(0 < d.dev_fraction < 1, "data.dev_fraction", d.dev_fraction, "0 < f < 1")
-  require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "> 0")
-  require(o.schedule in common.SCHEDULES, "optimizer.schedule", o.schedule,
-          ", ".join(common.SCHEDULES))
+  common.validate_optimizer(o, tr.steps, d.batch_size)
   require(0 < o.layer_decay <= 1, "optimizer.layer_decay", o.layer_decay, "0 < decay <= 1")
-  require(o.grad_accum_steps >= 1 and d.batch_size % o.grad_accum_steps == 0,
-          "optimizer.grad_accum_steps", o.grad_accum_steps,
-          f"a divisor of data.batch_size={d.batch_size}")
   require(tr.steps >= 0, "train.steps", tr.steps,
           ">= 0 (0: evaluate only, e.g. zero-shot retrieval)")
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
