@@ -9,6 +9,7 @@ inputs or state (ValueError and OSError with their own messages: a missing file,
 locked workdir, ...). The line reads `error: <what, where, the fix>`; with `--verbosity=1` (or any
 `--verbosity`) the traceback comes first. Any other exception is a bug and keeps its traceback.
 """
+import os
 import re
 import sys
 import traceback
@@ -31,11 +32,32 @@ _REWRITES = (
     (r"^--(\w+)=None: Flag --\1 must have a value other than None\.$",
      r"--\1 is required; give --\1=<value> (--helpshort lists the flags)."),
     (r"^Missing value for flag (--\S+)$", r"\1 has no value; write \1=<value>."),
+    (r"^(--\S+?)=(.*): (?:invalid literal for|could not convert string to) (int|float)\b.*$",
+     r"\1=\2: not a valid \3; give the key a value of its type (\3)."),
 )
 
 
 def _verbose(argv):
-  return any(re.match(r"--?(verbosity|v)(=|$)", a) for a in argv)
+  """Whether `--verbosity=N` (or `-v=N`) with N >= 1 is among `argv`."""
+  for arg in argv:
+    match = re.match(r"--?(?:verbosity|v)=(-?\d+)$", arg)
+    if match and int(match.group(1)) >= 1:
+      return True
+  return False
+
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raised_outside(error):
+  """'file:line' where `error` was raised when that is not the project's own code (a library's
+  error, perhaps a bug of ours), else None."""
+  frames = traceback.extract_tb(error.__traceback__)
+  if not frames:
+    return None
+  last = frames[-1]
+  ours = last.filename.startswith(_PROJECT) and "site-packages" not in last.filename
+  return None if ours else f"{os.path.basename(last.filename)}:{last.lineno}"
 
 
 def one_line(error):
@@ -121,6 +143,9 @@ def guarded(main, extra_args=False):
       fail(e, USAGE, _verbose(sys.argv))
     except INPUT_ERRORS as e:
       logging.flush()
+      where = _raised_outside(e)
+      if where and not _verbose(sys.argv):
+        e = RuntimeError(f"{one_line(e)} (raised in {where}; --verbosity=1 shows the traceback)")
       fail(e, FAILED, _verbose(sys.argv))
   return wrapped
 

@@ -18,7 +18,7 @@ from configs import common
 from pretrain.data import ngrams, pairs, pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.interop import files, hf_read, load
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
-                               run as run_lib, state as state_lib, step as step_lib)
+                               run as run_lib, state as state_lib, step as step_lib, workdir_lock)
 
 
 def make_dataset(objective, resources, source, tokenizer, **kwargs):
@@ -35,7 +35,7 @@ def train_and_evaluate(config, workdir):
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   # --- Setup -------------------------------------------------------------------------------
   common.validate(config)
-  _check_init_from(config.init_from)
+  _check_init_from(config)
   t0 = time.perf_counter()
   d, t = config.data, config.train
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size})
@@ -57,8 +57,7 @@ def train_and_evaluate(config, workdir):
                                      objective.example_batch(d.seq_len)))
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl), 3)
   run_lib.open_workdir(run, objective, tx, d.seq_len)
-  if jax.process_index() == 0:
-    checkpointing.copy_tokenizer(tokenizer.model_path, workdir)
+  workdir_lock.in_process_0(checkpointing.copy_tokenizer, tokenizer.model_path, workdir)
 
   # --- State: resume > init_from > scratch ---------------------------------------------------
   def init_params(params, param_shardings):
@@ -110,13 +109,36 @@ def _take_padded(iterator, n, data_config, process_count, example):
     yield batch
 
 
-def _check_init_from(path):
-  """Before anything runs: `init_from` names a workdir or a Hugging Face directory."""
-  if path and not (load.is_workdir(path) or os.path.isfile(os.path.join(path, files.CONFIG_FILE))):
+# What `init_from` of a workdir needs to match: the keys that decide parameter shapes (RoPE bases
+# and windows may change: that is a context extension; a rotary model has no position table).
+_NOT_SHAPES = ("model.rope_theta", "model.rope_local_theta", "model.local_window",
+               "model.global_every", "model.layer_norm_eps")
+
+
+def _check_init_from(config):
+  """Before anything runs or is written: `init_from` names a Hugging Face directory, or a
+  pretraining workdir whose model has this run's shapes."""
+  path = config.init_from
+  if not path or os.path.isfile(os.path.join(path, files.CONFIG_FILE)):
+    return
+  if not load.is_workdir(path):
     raise FileNotFoundError(
         f"config.init_from={path!r} is neither a pretraining workdir (no "
         f"{checkpointing.CHECKPOINTS_DIR}/) nor a Hugging Face directory (no {files.CONFIG_FILE}); "
         "check the path, or leave it empty to start from scratch.")
+  mngr = checkpointing.read_manager(path, "config.init_from")
+  saved = checkpointing.saved_config(mngr, checkpointing.pick_step(mngr, what="config.init_from"))
+  if "task" in saved:
+    raise ValueError(f"config.init_from={path!r} is a fine-tuning workdir; give the pretraining "
+                     "workdir (or export) it started from.")
+  skip = _NOT_SHAPES + (("model.max_len",) if config.model.position == "rope" else ())
+  fields = [f for f in checkpointing.SHAPE_FIELDS if f not in skip]
+  try:
+    checkpointing.check_compatible(saved, config, path, fields)
+  except ValueError as e:
+    raise ValueError(f"config.init_from: {e.args[0].split(' Use --config')[0]} Starting from it "
+                     "needs the same model shape: use its values, or leave config.init_from "
+                     "empty.") from None
 
 
 def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):

@@ -7,6 +7,7 @@ README's Reliability table lists them (BAD_INPUTS_REPORT=<file> appends each cas
 line to <file>, from which the table is written). Most stop before anything compiles.
 """
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -30,6 +31,7 @@ class Env:
   tmp: str
   corpus: str
   workdir: str  # a copy of a trained pretraining workdir, in tmp
+  held: list = dataclasses.field(default_factory=list)  # lock files held during the case
 
   def data(self):
     return e2e.flags(pathlib.Path(self.corpus))
@@ -51,10 +53,14 @@ def _w(env):
 
 
 def _lock(env, host, pid, workdir=None):
+  """Holds `workdir`'s lock as a run on `host` with `pid` would (until the case ends)."""
   workdir = workdir or env.workdir
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "run.lock"), "w") as f:
     json.dump({"host": host, "pid": pid, "started": "2026-01-01 00:00:00"}, f)
+  fd = os.open(os.path.join(workdir, "run.lock"), os.O_RDONLY)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  env.held.append(fd)
 
 
 def _ft(env):
@@ -70,6 +76,22 @@ def _rows(env, name, bad=None, n=20):
   for i, line in (bad or {}).items():
     lines[i] = line
   _file(env, name, b"\n".join(lines) + b"\n")
+
+
+def _append(env, name, content):
+  with open(os.path.join(env.workdir, name), "ab") as f:
+    f.write(content)
+
+
+def _finetune_workdir(env):
+  """A directory shaped like a fine-tuning workdir: checkpoints whose config has a `task`."""
+  step = os.path.join(env.tmp, "ft", "checkpoints", "1")
+  shutil.copytree(os.path.join(env.workdir, "checkpoints", "50"), step)
+  config_file = os.path.join(step, "config", "metadata")
+  with open(config_file, encoding="utf-8") as f:
+    config = json.load(f)
+  with open(config_file, "w", encoding="utf-8") as f:
+    json.dump({**config, "task": {"head": "sequence"}}, f)
 
 
 def _file(env, name, content):
@@ -134,11 +156,20 @@ CASES = [
          lambda e: [*e.data(), f"--workdir={e.workdir}"], 1, ("in use by pid", "run.lock"),
          setup=lambda e: _lock(e, socket.gethostname(), os.getpid())),
     Case("workdir locked from another host", "pretrain.main",
-         lambda e: [*e.data(), f"--workdir={e.workdir}"], 1, ("other-host", "delete"),
+         lambda e: [*e.data(), f"--workdir={e.workdir}"], 1, ("pid 1234 on host other-host",),
          setup=lambda e: _lock(e, "other-host", 1234)),
     Case("workdir that cannot be created", "pretrain.main",
-         lambda e: [*e.data(), f"--workdir={e.tmp}/a_file/run"], 1,
-         ("cannot create workdir", "a_file"), setup=lambda e: _file(e, "a_file", b"x")),
+         lambda e: [*e.data(), f"--workdir={e.tmp}/a_file/run", f"--config.data.data_dir={e.tmp}/tfds"],
+         1, ("cannot create or write workdir", "a_file"), setup=lambda e: _file(e, "a_file", b"x")),
+    Case("init_from a model of another shape", "pretrain.main",
+         lambda e: [*e.data(), _w(e), f"--config.init_from={e.workdir}", "--config.model.mlp_dim=128"],
+         1, ("config.init_from", "model.mlp_dim=256")),
+    Case("init_from a fine-tuning workdir", "pretrain.main",
+         lambda e: [*e.data(), _w(e), f"--config.init_from={e.tmp}/ft"], 1,
+         ("config.init_from", "fine-tuning workdir"), setup=lambda e: _finetune_workdir(e)),
+    Case("report of a cut metrics line", "pretrain.report",
+         lambda e: [f"--workdir={e.workdir}"], 1, ("metrics.jsonl:", "not JSON"),
+         setup=lambda e: _append(e, "metrics.jsonl", b'{"step": 2, "mlm_lo\n{}\n')),
     Case("resume with another sequence length", "pretrain.main",
          lambda e: [*e.data(), f"--workdir={e.workdir}", "--config.data.seq_len=32"], 1,
          ("data.seq_len=64", "init_from")),
@@ -262,8 +293,12 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, corpus, train
   before, corpus_before = _tree(tmp_path), _tree(corpus)
   run_env = {**e2e.env(), "XLA_FLAGS": e2e.CHEAP_COMPILE +
              f" --xla_force_host_platform_device_count={case.devices}"}
-  proc = subprocess.run([sys.executable, "-m", case.module, *case.args(env)], cwd=ROOT,
-                        env=run_env, capture_output=True, text=True, timeout=300)
+  try:
+    proc = subprocess.run([sys.executable, "-m", case.module, *case.args(env)], cwd=ROOT,
+                          env=run_env, capture_output=True, text=True, timeout=300)
+  finally:
+    for fd in env.held:
+      os.close(fd)
   lines = proc.stderr.strip().splitlines()
   last = lines[-1] if lines else ""
   assert proc.returncode == case.status, (proc.returncode, proc.stderr[-3000:])
@@ -282,3 +317,13 @@ def test_the_readme_lists_every_case():
     readme = f.read()
   missing = [c.name for c in CASES if f"| {c.name} |" not in readme]
   assert not missing, f"README's bad-input table lacks: {missing}"
+
+
+def test_a_cut_last_metrics_line_is_dropped_on_resume_and_a_bad_one_named(tmp_path):
+  from pretrain.training import metrics  # pylint: disable=import-outside-toplevel
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+  metrics.MetricWriter(str(tmp_path)).truncate_after(5)  # what a resumed run does first
+  assert metrics.read_jsonl(str(tmp_path)) == [{"step": 1, "loss": 2.0}]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+    metrics.MetricWriter(str(tmp_path)).truncate_after(5)

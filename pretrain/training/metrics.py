@@ -26,8 +26,8 @@ class MetricWriter:
     """Drops rows logged after `step`, so a resumed run's log reads like an uninterrupted one."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    rows = [json.dumps(r) + "\n" for r in read_jsonl(os.path.dirname(self.path) or ".",
+                                                   drop_truncated_last=True) if r["step"] <= step]
     with open(self.path + ".tmp", "w") as f:
       f.writelines(rows)
     os.replace(self.path + ".tmp", self.path)
@@ -51,9 +51,22 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(workdir, drop_truncated_last=False):
+  """The rows of `<workdir>/metrics.jsonl`; a line that is not JSON is an error naming it, except
+  a last line cut short (a run killed mid-write) when `drop_truncated_last`."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError as e:
+      if drop_truncated_last and i == len(lines) - 1 and not line.endswith("\n"):
+        logging.warning("Dropped the cut-short last line %d of %s.", n, path)
+        break
+      raise ValueError(f"{path}:{n}: not JSON ({e}); delete or repair that line.") from None
+  return rows
 
 
 class Throughput:

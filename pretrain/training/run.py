@@ -1,8 +1,8 @@
 """The run set-up that pretraining and fine-tuning share, in the order they use it.
 
-  run = start(config, workdir, batch_sizes)          # preemption watch, mesh, rules
+  run = start(config, workdir, batch_sizes)          # lock, preemption watch, mesh, rules
   ... tokenizer, data, model: the caller's ...
-  open_workdir(run, model, tx, seq_len)              # placement, lock, metrics, Orbax
+  open_workdir(run, model, tx, seq_len)              # placement, metrics, Orbax
   state, shardings = restore_or_init(run, ...)       # resume > init_params(fresh) > fresh
   step_fn = compile_step(run, model, tx, ...)        # jit with shardings and donation
   state, logged = train(run, state, step_fn, ...)    # pretrain/training/loop.py
@@ -50,10 +50,10 @@ def check_batch_divides(batch_size, batch_sharding, key="data.batch_size"):
 
 
 def start(config, workdir, batch_sizes: dict[str, int]) -> Run:
-  """Watches for SIGTERM first (a SIGTERM during set-up still ends cleanly), then builds the mesh
-  and checks that every batch size in `batch_sizes` ({config key: size}) divides over it; a
-  workdir that another run holds stops it here, before any work."""
-  workdir_lock.check(workdir)
+  """Locks the workdir (a second run on it stops here, before any work), watches for SIGTERM
+  (a SIGTERM during set-up still ends cleanly), then builds the mesh and checks that every batch
+  size in `batch_sizes` ({config key: size}) divides over it."""
+  workdir_lock.acquire(workdir)
   preempted = loop.watch_for_preemption()
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.axis_rules)
@@ -65,11 +65,10 @@ def start(config, workdir, batch_sizes: dict[str, int]) -> Run:
 
 def open_workdir(run: Run, model, tx, seq_len) -> None:
   """Places the train state of `model` on the mesh (a dimension the mesh cannot split stops here),
-  then locks the workdir and opens the metric files and the checkpoint manager: the first writes
-  into the workdir, so they come after every check of the config, the data and the model."""
+  then opens the metric files and the checkpoint manager: the first writes into the workdir
+  besides its lock, so they come after every check of the config, the data and the model."""
   run.target, run.shardings = state_lib.abstract_state(model, tx, seq_len, run.mesh, run.rules)
   sharding.assert_sufficiently_sharded(run.target.params, run.mesh)
-  workdir_lock.acquire(run.workdir)
   run.writer = metrics_lib.MetricWriter(run.workdir, enabled=jax.process_index() == 0)
   run.mngr = checkpointing.manager(run.workdir, run.config.train)
 

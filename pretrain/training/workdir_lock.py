@@ -1,15 +1,19 @@
-"""One run per workdir: a lock file holding its owner's host and pid.
+"""One run per workdir: an OS lock on `<workdir>/run.lock`, which also says who holds it.
 
-  check(workdir)      # early, writes nothing: stops a second run before it does any work
-  acquire(workdir)    # before the first write into the workdir; released at exit
-  release(workdir)
+  acquire(workdir)    # at run start, before any work: a second run stops here at once
+  release(workdir)    # at the end (and at exit)
 
-The lock is `<workdir>/run.lock` (JSON: host, pid, started). A lock whose pid no longer runs on
-this host is stale (the run was killed): it is taken over with a warning, so rerunning a killed
-command resumes. A lock held from another host cannot be checked from here: the error says how to
-clear it. Multi-host runs take it once, in process 0, and every process stops if it is held.
+The lock is `flock` on the file, held for the whole run: the kernel drops it when the process
+dies however it dies, so a killed run never leaves a stale lock, and a requeued job on another
+node of a shared filesystem with lock support (NFSv4, Lustre, GPFS) takes it as soon as the old
+one is gone. The file's JSON (host, pid, start time) only names the holder in the error.
+Multi-host runs take it once, in process 0, and every process stops when that fails. A workdir
+that acquire() had to create is removed again at release() if the run wrote nothing else into it.
+Object-store paths (`gs://`) cannot be locked: those runs are not protected.
 """
 import atexit
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -17,11 +21,12 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
 LOCK_FILE = "run.lock"
+
+_HELD = {}  # workdir -> the open lock file's descriptor
+_CREATED = {}  # workdir -> the topmost directory acquire() created for it
 
 
 class WorkdirLocked(RuntimeError):
@@ -29,136 +34,110 @@ class WorkdirLocked(RuntimeError):
 
 
 def _path(workdir):
-  return epath.Path(workdir) / LOCK_FILE
+  return os.path.join(os.fspath(workdir), LOCK_FILE)
 
 
-def _alive(pid):
+def _holder(fd):
+  """'pid P on host H (started T)' from the lock file's JSON, or what is known of it."""
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Another user's process.
-    return True
-  return True
+    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+  except (OSError, ValueError):
+    info = None
+  if not isinstance(info, dict) or "pid" not in info:
+    return "another run (its lock file names no holder yet)"
+  return f"pid {info.get('pid')} on host {info.get('host')} (started {info.get('started')})"
 
 
-def _holder(workdir):
-  """The lock's {host, pid, started}, or None when there is none; unreadable JSON counts as held
-  by an unknown run."""
-  path = _path(workdir)
-  try:
-    text = path.read_text()
-  except (FileNotFoundError, NotADirectoryError):  # No lock, or no such directory yet.
-    return None
-  try:
-    return json.loads(text)
-  except ValueError:
-    return {"host": "?", "pid": -1, "started": "?"}
-
-
-def _refusal(workdir, holder):
-  """The error for a live (or uncheckable) holder, or None when the lock is stale here."""
-  host, pid, started = holder.get("host"), holder.get("pid"), holder.get("started")
-  lock = _path(workdir)
-  if host == socket.gethostname() and isinstance(pid, int) and pid > 0:
-    if pid == os.getpid() or not _alive(pid):
-      return None
-    return WorkdirLocked(
-        f"workdir {workdir} is in use by pid {pid} on this host (started {started}; {lock}): "
-        f"wait for that run to end or stop it, or choose another --workdir.")
-  return WorkdirLocked(
-      f"workdir {workdir} is locked by pid {pid} on host {host} (started {started}; {lock}); if "
-      f"no run on {host} uses it any more, delete {lock} and rerun, or choose another --workdir.")
-
-
-def _check_here(workdir):
-  holder = _holder(workdir)
-  if holder is not None:
-    error = _refusal(workdir, holder)
-    if error is not None:
-      raise error
-
-
-def check(workdir):
-  """Raises WorkdirLocked when a live run holds `workdir`; writes nothing."""
-  _in_process_0(_check_here, workdir)
-
-
-def _write_new(path, text):
-  """Creates `path` only if it does not exist (O_EXCL where the filesystem is local)."""
-  if "://" in os.fspath(path):
-    if path.exists():
-      raise FileExistsError(os.fspath(path))
-    path.write_text(text)
-    return
-  fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-
-
-# Workdirs that acquire() created: release() removes them again when nothing else was written.
-_CREATED = set()
+def _topmost_missing(path):
+  """The highest ancestor of `path` (or itself) that does not exist, or None."""
+  missing = None
+  while path and not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
 
 
 def _acquire_here(workdir):
-  path = _path(workdir)
-  if not path.parent.exists():
-    _CREATED.add(os.fspath(workdir))
+  workdir = os.fspath(workdir)
+  if workdir in _HELD or "://" in workdir:
+    return  # Held already by this process (a second run in one process), or unlockable.
+  created = _topmost_missing(os.path.abspath(workdir))
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(_path(workdir), os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
-    raise OSError(f"cannot create workdir {workdir} ({e.strerror or e}); choose a --workdir "
-                  "you can write to.") from None
-  text = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-  for _ in range(2):
-    try:
-      _write_new(path, text)
-      break
-    except FileExistsError:
-      holder = _holder(workdir)
-      error = _refusal(workdir, holder or {})
-      if holder is not None and error is not None:
-        raise error from None
-      if holder is not None:
-        logging.warning("Taking over the stale lock of pid %s (no longer running) in %s.",
-                        holder.get("pid"), workdir)
-        path.unlink(missing_ok=True)
-    except OSError as e:
-      raise OSError(f"cannot write in workdir {workdir} ({e.strerror or e}); choose a --workdir "
-                    "you can write to.") from None
-  else:
-    raise WorkdirLocked(f"workdir {workdir}: another run took {path} at the same moment.")
+    raise OSError(f"cannot create or write workdir {workdir} ({e.strerror or e}); choose a "
+                  "--workdir you can write to.") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = _holder(fd)
+    os.close(fd)
+    _remove_created(workdir, created)
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise WorkdirLocked(
+          f"workdir {workdir} is in use by {holder} ({_path(workdir)}): wait for that run to "
+          "end or stop it, or choose another --workdir.") from None
+    raise OSError(f"cannot lock {_path(workdir)} ({e.strerror or e}): the filesystem has no "
+                  "file locks; choose a --workdir on one that has.") from None
+  info = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, json.dumps(info).encode(), 0)
+  _HELD[workdir] = fd
+  if created:
+    _CREATED[workdir] = created
   atexit.register(release, workdir)
 
 
-def acquire(workdir):
-  """Takes the lock in process 0; every process raises when it is held."""
-  _in_process_0(_acquire_here, workdir)
+def _remove_created(workdir, created):
+  """Removes the directories from `workdir` up to `created` while they are empty."""
+  path = os.path.abspath(workdir)
+  while created and path.startswith(created):
+    try:
+      os.rmdir(path)  # Only an empty directory: never a file of the user's.
+    except OSError:
+      return
+    if path == created:
+      return
+    path = os.path.dirname(path)
 
 
-def _in_process_0(fn, workdir):
-  """Runs `fn(workdir)` in process 0 only (the other processes of a run are not other runs);
-  when it raises, every process raises, so none is left waiting in a collective."""
+def in_process_0(fn, *args):
+  """`fn(*args)` in process 0 only; when it raises, every process raises (process 0 its own
+  error), so none is left waiting in a collective."""
   error = None
   if jax.process_index() == 0:
     try:
-      fn(workdir)
-    except (OSError, WorkdirLocked) as e:
+      fn(*args)
+    except Exception as e:  # pylint: disable=broad-except  # re-raised below, on every process
       error = e
   if jax.process_count() > 1:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if failed and error is None:
-      error = WorkdirLocked(f"workdir {workdir}: process 0 stopped on its lock; see its error.")
+      raise RuntimeError(f"process 0 stopped in {fn.__name__}; see its error.")
   if error is not None:
     raise error
 
 
+def acquire(workdir):
+  """Locks `workdir` for this run (process 0); raises WorkdirLocked when another run holds it."""
+  in_process_0(_acquire_here, workdir)
+
+
 def release(workdir):
-  """Removes the lock if this process holds it (idempotent)."""
-  holder = _holder(workdir)
-  if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-    _path(workdir).unlink(missing_ok=True)
-    if os.fspath(workdir) in _CREATED and not any(epath.Path(workdir).iterdir()):
-      epath.Path(workdir).rmdir()  # A run that stopped before writing leaves no directory.
-    _CREATED.discard(os.fspath(workdir))
+  """Drops the lock if this process holds it (idempotent) and removes a workdir it created
+  for the lock that holds nothing else."""
+  workdir = os.fspath(workdir)
+  fd = _HELD.pop(workdir, None)
+  if fd is None:
+    return
+  created = _CREATED.pop(workdir, None)
+  try:
+    os.unlink(_path(workdir))
+  except OSError:
+    pass
+  os.close(fd)
+  _remove_created(workdir, created)
