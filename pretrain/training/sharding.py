@@ -62,7 +62,7 @@ def check_divisible(boxed_tree, shardings):
   neither the config key nor the mesh axis): raises naming both and the fix."""
   is_leaf = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
   leaves = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_leaf)[0]
-  for (path, leaf), named in zip(leaves, jax.tree.leaves(shardings)):
+  for (path, leaf), named in zip(leaves, jax.tree.leaves(shardings), strict=True):
     names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
     shape = np.shape(leaf.value if isinstance(leaf, nn.Partitioned) else leaf)
     for dim, (size, axes) in enumerate(zip(shape, named.spec)):
