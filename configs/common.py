@@ -169,6 +169,13 @@ def base_config():
   return c
 
 
+def short_run_cadence(train, steps):
+  """`config.train` for a short run of `steps` steps (the demo sizes): about ten log
+  lines, three evaluations and three checkpoints."""
+  train.update(steps=steps, log_every=max(1, min(20, steps // 10)), eval_every=max(1, steps // 3),
+               eval_batches=8, checkpoint_every=max(1, steps // 3))
+
+
 def validate_optimizer(opt, steps, batch_size):
   """The `config.optimizer` checks that pretraining and fine-tuning share."""
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, ", ".join(SCHEDULES))

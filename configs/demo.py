@@ -33,9 +33,5 @@ def get_config(arg=None):
     c.objective.mask_token_rate, c.objective.random_token_rate = electra.CORRUPTION[a.objective]
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = a.steps // 10
-  c.train.steps = a.steps
-  c.train.log_every = max(1, min(20, a.steps // 10))
-  c.train.eval_every = max(1, a.steps // 3)
-  c.train.eval_batches = 8
-  c.train.checkpoint_every = max(1, a.steps // 3)
+  common.short_run_cadence(c.train, a.steps)
   return c

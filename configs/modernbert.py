@@ -84,9 +84,5 @@ def get_config(arg=None):
       learning_rate=lr * (0.5 if a.extend else 1.0), schedule="wsd", decay_shape="1-sqrt",
       decay_fraction=0.5 if a.extend else 0.1, warmup_steps=a.steps // (20 if a.extend else 10),
       weight_decay=1e-5, b1=0.9, b2=0.98, eps=1e-6)
-  c.train.steps = a.steps
-  c.train.log_every = max(1, min(20, a.steps // 10))
-  c.train.eval_every = max(1, a.steps // 3)
-  c.train.eval_batches = 8
-  c.train.checkpoint_every = max(1, a.steps // 3)
+  common.short_run_cadence(c.train, a.steps)
   return c
