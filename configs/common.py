@@ -34,6 +34,10 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # "stop" the run naming the step and the metric, or "skip" the update and count it.
 NONFINITE_MODES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
+# train.probe_tasks: pretrain.probes.TASKS (a test holds them equal; configs imports only
+# objectives).
+PROBE_TASKS = ("exception_type", "docstring_match", "variable_misuse", "swapped_operands",
+               "wrong_binary_operator", "docstring_retrieval")
 # config.model's architecture choices: pretrain.models.encoder_config's (a test holds them equal;
 # configs imports only objectives).
 POSITIONS = ("learned", "rope")
@@ -161,7 +165,13 @@ def base_config():
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=20, eval_every=200, eval_batches=10,
       checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True,
-      nonfinite="stop"))         # NONFINITE_MODES: stop the run, or skip such updates
+      nonfinite="stop",          # NONFINITE_MODES: stop the run, or skip such updates
+      # > 0: the downstream curve, every probe_every steps (a multiple of eval_every) and at the
+      # end: linear probes on frozen features and zero-shot retrieval on the held-out stdlib
+      # files (pretrain/probes.py), probe_rows examples per split and candidates, from the
+      # first probe_max_files files (0: all; tests use a few).
+      probe_every=0, probe_tasks="exception_type,docstring_retrieval", probe_rows=1000,
+      probe_max_files=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.init_from = ""               # a workdir, or a Hugging Face BERT dir, to start from when the
@@ -238,6 +248,13 @@ def validate(config):
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require(t[key] > 0, f"train.{key}", t[key], "a positive integer")
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+  require(t.probe_every >= 0 and t.probe_every % t.eval_every == 0, "train.probe_every",
+          t.probe_every, f"0 (off) or a multiple of train.eval_every={t.eval_every}")
+  probe_tasks = [s.strip() for s in t.probe_tasks.split(",")]
+  require(not t.probe_every or (probe_tasks and set(probe_tasks) <= set(PROBE_TASKS)),
+          "train.probe_tasks", t.probe_tasks, "comma-separated, of " + ", ".join(PROBE_TASKS))
+  require(t.probe_rows >= 8, "train.probe_rows", t.probe_rows, ">= 8")
+  require(t.probe_max_files >= 0, "train.probe_max_files", t.probe_max_files, ">= 0 (0: all)")
   require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", t.nonfinite, ", ".join(NONFINITE_MODES))
   for axis in MESH_AXES:
     require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],

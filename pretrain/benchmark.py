@@ -1,7 +1,7 @@
 """A CuBERT-style benchmark of one model (Kanade et al. 2020), as one command.
 
   python -m pretrain.benchmark --model=exports/demo [--tasks=swapped_operands,docstring_retrieval]
-      [--quick] [--json=bench.json] [--workdir=workdir/benchmark/demo]
+      [--probe] [--quick] [--json=bench.json] [--workdir=workdir/benchmark/demo]
 
 --model is a pretraining workdir, a pretrain.export directory or a Hugging Face directory. Every
 classification task (configs/finetune/<task>.py: exception_type, docstring_match,
@@ -14,7 +14,9 @@ function, pretrain/retrieval.py) next to BM25; mlm is the masked-token accuracy 
 MLM head on the held-out files (a workdir or export; a Hugging Face directory is skipped with a
 note). One table (task, metric, n, model, control, gain, reference, standard error) is printed and,
 with --json, written as JSON. --quick: tiny budgets (100 stdlib files, 6 steps of 8 rows of 64
-tokens, 16 MLM rows) for smoke tests; its numbers mean nothing.
+tokens, 16 MLM rows) for smoke tests; its numbers mean nothing. --probe scores the
+classification tasks with linear probes on frozen features instead (pretrain/probes.py: at most
+2,000 training rows, every test row, 256 tokens; minutes instead of hours, nothing fine-tuned).
 """
 from __future__ import annotations
 
@@ -28,16 +30,14 @@ import jax
 from absl import flags
 
 from objectives.checks import ConfigError
-from pretrain import cli, console, retrieval
+from pretrain import cli, console, probes, retrieval
 from pretrain.data import python_code
 from pretrain.finetune import bench_scores, code_tasks, heldout_mlm, task_tokenizer, tasks
 from pretrain.finetune import train as finetune_train
 from pretrain.interop import load
 from pretrain.models import pooling
 
-CLASSIFICATION = ("exception_type", "docstring_match", "variable_misuse", "swapped_operands",
-                  "wrong_binary_operator")
-RETRIEVAL, MLM = "docstring_retrieval", "mlm"
+CLASSIFICATION, RETRIEVAL, MLM = probes.CLASSIFICATION, probes.RETRIEVAL, "mlm"
 TASKS = CLASSIFICATION + (RETRIEVAL, MLM)
 
 
@@ -56,6 +56,8 @@ class Budget:
 FULL = Budget()
 QUICK = Budget(steps=6, batch_size=8, seq_len=64, max_files=100, retrieval_max_len=64,
                mlm_rows=16, mlm_seq_len=64)
+PROBE_FULL = probes.ProbeBudget()
+PROBE_QUICK = probes.ProbeBudget(max_train=48, max_dev=16, max_test=48, seq_len=64, max_files=100)
 
 
 # --- Inputs -------------------------------------------------------------------------------------
@@ -168,6 +170,22 @@ def classification_row(task, init, workdir, budget, seed, cache_dir) -> bench_sc
                                    m["test_majority_accuracy"], "majority class")
 
 
+def probe_row(task, model: Model, budget: probes.ProbeBudget, seed, cache_dir) -> bench_scores.Row:
+  """A classification task as a linear probe on frozen features, of the model and its control."""
+  data = probes.load_task(task, budget, seed=seed, cache_dir=cache_dir)
+  tok = probes.as_task_tokenizer(model.bundle.tokenizer)
+  control = random_bundle(model.bundle, seed).params
+  scores = [probes.probe(jax.tree.map(jax.numpy.asarray, params), model.bundle.config, tok, data,
+                         budget.seq_len)
+            for params in (model.bundle.params, control)]
+  note = (f"linear probe on frozen mean-pooled features, {len(data.train)} training rows, "
+          f"{min(budget.seq_len, model.bundle.config.max_len)} tokens")
+  return bench_scores.accuracy_row(task, len(data.test), scores[0]["test_accuracy"],
+                                   scores[1]["test_accuracy"],
+                                   probes.majority_accuracy(data.train, data.test),
+                                   "majority class", note)
+
+
 # --- Zero-shot retrieval and MLM ----------------------------------------------------------------
 
 def random_bundle(bundle: retrieval.EncoderBundle, seed: int) -> retrieval.EncoderBundle:
@@ -214,7 +232,8 @@ def mlm_row(model: Model, budget: Budget, seed: int) -> bench_scores.Row:
 
 def run_benchmark(model_path: str, task_names=TASKS, *, quick: bool = False, workdir: str = "",
                   json_path: str = "", seed: int = 0, pooler: str = "mean",
-                  cache_dir: str = "data/code_tasks") -> list[bench_scores.Row]:
+                  cache_dir: str = "data/code_tasks", probe: bool = False
+                  ) -> list[bench_scores.Row]:
   """Every row of the benchmark of `model_path` over `task_names`; prints the table and writes
   `json_path` (when given). Bad inputs raise before anything is written."""
   workdir = workdir or default_workdir(model_path)
@@ -228,7 +247,9 @@ def run_benchmark(model_path: str, task_names=TASKS, *, quick: bool = False, wor
   for task in task_names:
     t0 = time.perf_counter()
     print(f"--- {task}", flush=True)
-    if task in CLASSIFICATION:
+    if task in CLASSIFICATION and probe:
+      rows.append(probe_row(task, model, PROBE_QUICK if quick else PROBE_FULL, seed, cache_dir))
+    elif task in CLASSIFICATION:
       rows.append(classification_row(task, init, workdir, budget, seed, cache_dir))
     elif task == RETRIEVAL:
       rows.append(retrieval_row(model, budget, seed, pooler))
@@ -239,7 +260,9 @@ def run_benchmark(model_path: str, task_names=TASKS, *, quick: bool = False, wor
   print(text, flush=True)
   if json_path:
     about = {"model": model_path, "quick": quick, "seed": seed, "pooler": pooler,
-             "budget": dataclasses.asdict(budget), "workdir": workdir}
+             "probe": probe, "budget": dataclasses.asdict(budget), "workdir": workdir}
+    if probe:
+      about["probe_budget"] = dataclasses.asdict(PROBE_QUICK if quick else PROBE_FULL)
     with open(json_path, "w", encoding="utf-8") as f:
       f.write(bench_scores.to_json(rows, **about) + "\n")
   return rows
@@ -251,7 +274,8 @@ def main(argv):
   console.quiet(f["verbosity"].present)
   jax.config.update("jax_threefry_partitionable", True)
   run_benchmark(f.model, parse_tasks(f.tasks), quick=f.quick, workdir=f.workdir,
-                json_path=f.json, seed=f.seed, pooler=f.pooler, cache_dir=f.cache_dir)
+                json_path=f.json, seed=f.seed, pooler=f.pooler, cache_dir=f.cache_dir,
+                probe=f.probe)
 
 
 def define_flags():
@@ -259,6 +283,8 @@ def define_flags():
                       "Hugging Face model directory.")
   flags.DEFINE_string("tasks", ",".join(TASKS), "Comma-separated, of " + ", ".join(TASKS) + ".")
   flags.DEFINE_bool("quick", False, "Tiny budgets (100 files, 6 fine-tuning steps): a smoke test.")
+  flags.DEFINE_bool("probe", False, "Score the classification tasks with linear probes on "
+                    "frozen features instead of fine-tuning (seconds, not hours).")
   flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
   flags.DEFINE_string("workdir", "", "Where the fine-tuning runs go (default "
                       "workdir/benchmark/<model's directory name>).")

@@ -15,6 +15,7 @@ from absl import logging
 
 from objectives import registry
 from configs import common
+from pretrain import probes
 from pretrain.data import ngrams, pairs, pipeline, sources, tokenizer as tokenizer_lib
 from pretrain.interop import files, hf_read, load
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
@@ -78,24 +79,57 @@ def train_and_evaluate(config, workdir):
   eval_batches = [run_lib.to_device(run, b) for b in eval_batches]
   final = {}
 
+  suite = probe_suite(config, objective, tokenizer)
+
   def run_eval(step, state):
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-      result = step_lib.evaluate(eval_fn, state, eval_batches, eval_rng)
+    result = {}
+    if eval_batches:
+      with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        result = step_lib.evaluate(eval_fn, state, eval_batches, eval_rng)
+    if suite is not None and (step % t.probe_every == 0 or step == t.steps):
+      result.update(suite(gathered(objective.encoder(state.params))))
     run.writer.write(step, result)
     metrics_lib.console_line(step, t.steps, result)
     return result
 
-  if start == 0 and eval_batches:
+  evaluate = run_eval if eval_batches or suite is not None else None
+  if start == 0 and evaluate is not None:
     final.update(run_eval(0, state))
   logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)
 
   # --- Loop and finish ------------------------------------------------------------------------
   state, logged = run_lib.train(run, state, step_fn, train_iter, rng, start_step=start,
                                 tokens_per_step=d.batch_size * d.seq_len,
-                                evaluate=run_eval if eval_batches else None)
+                                evaluate=evaluate)
   final.update(logged)
   run_lib.finish(run)
   return final
+
+
+def probe_suite(config, objective, tokenizer):
+  """The downstream probes run with the evaluations (`train.probe_every` > 0), else None."""
+  t, d = config.train, config.data
+  if not t.probe_every:
+    return None
+  budget = probes.ProbeBudget(max_train=t.probe_rows, max_dev=max(1, t.probe_rows // 4),
+                              max_test=t.probe_rows, seq_len=min(128, config.model.max_len),
+                              max_candidates=t.probe_rows, max_files=t.probe_max_files)
+  # The held-out stdlib files are this corpus's validation split when it is the stdlib corpus.
+  fraction = d.validation_fraction if d.name == "python_stdlib" else 0.05
+  started = time.perf_counter()
+  suite = probes.ProbeSuite([s.strip() for s in t.probe_tasks.split(",")],
+                            objective.model_config, tokenizer, budget, seed=config.seed,
+                            validation_fraction=fraction)
+  logging.info("Probe data built in %.1fs.", time.perf_counter() - started)
+  return suite
+
+
+def gathered(tree):
+  """Every process's copy of a sharded tree (the probes run the same on each process)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _take_padded(iterator, n, data_config, process_count, example):

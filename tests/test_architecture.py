@@ -26,6 +26,7 @@ FLOORS = {
     "pretrain.interop": 2,
     "pretrain.finetune": 3,
     "pretrain.retrieval": 4,
+    "pretrain.probes": 4,
     "pretrain.train": 4,
     "pretrain.main": 5,
     "pretrain.export": 5,

@@ -161,3 +161,17 @@ def test_quick_benchmark_of_a_tiny_export_and_its_rerun(tiny_export, tmp_path):
   bad = e2e.run("pretrain.benchmark", *flags, "--tasks=swapped", check=False)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
       "error: --tasks='swapped': unknown task 'swapped'")
+
+
+def test_probe_benchmark_scores_frozen_features_of_model_and_control(tiny_export, tmp_path):
+  out = tmp_path / "probe.json"
+  proc = e2e.run("pretrain.benchmark", f"--model={tiny_export}", "--quick", "--probe",
+                 f"--workdir={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'cache'}",
+                 "--tasks=docstring_match,variable_misuse", f"--json={out}")
+  data = json.loads(out.read_text())
+  assert data["probe"] and data["probe_budget"]["max_train"] == benchmark.PROBE_QUICK.max_train
+  for row in data["rows"]:
+    assert row["n"] == benchmark.PROBE_QUICK.max_test and "linear probe" in row["note"]
+    assert 0 <= row["model"] <= 1 and 0 <= row["control"] <= 1 and row["reference"] <= 0.75
+  assert not (tmp_path / "runs").exists()  # Probes fine-tune nothing.
+  assert "| docstring_match | accuracy | 48 |" in proc.stdout

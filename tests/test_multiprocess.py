@@ -23,7 +23,9 @@ def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):
   config = demo.get_config("size=tiny,vocab_size=400,steps=8,batch_size=16,seq_len=64")
   config.data.update(name="local_text", paths=str(corpus / "code.jsonl"), data_dir=str(corpus / "tfds"),
                      validation_fraction=0.2)
-  config.train.update(checkpoint_every=2, eval_every=4, eval_batches=2, log_every=2)
+  config.train.update(checkpoint_every=2, eval_every=4, eval_batches=2, log_every=2,
+                      probe_every=4, probe_tasks="docstring_retrieval", probe_rows=64,
+                      probe_max_files=100)
   config.mesh.update(data=2, fsdp=4, tensor=1)
   # Cheap compilation, as in conftest: each process compiles more than it runs.
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -52,3 +54,7 @@ def test_two_processes_train_checkpoint_and_resume(corpus, tmp_path):
   assert [r["step"] for r in rows if "mlm_loss" in r] == [2, 4, 6, 8]
   # The second call resumed at step 4 instead of starting again (which would re-evaluate step 0).
   assert [r["step"] for r in rows if "eval_mlm_loss" in r] == [0, 4, 8]
+  # The probe gathers the sharded encoder onto every process: both score the same.
+  assert [r["step"] for r in rows if "probe_docstring_retrieval_mrr" in r] == [0, 4, 8]
+  mrr = [r["second"]["probe_docstring_retrieval_mrr"] for r in results]
+  assert mrr[0] == mrr[1] and 0 < mrr[0] <= 1

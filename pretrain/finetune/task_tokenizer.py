@@ -78,13 +78,17 @@ def _named_special_tokens(model_dir: str) -> dict:
   return names
 
 
+def from_sentencepiece(tok) -> TaskTokenizer:
+  """Our sentencepiece tokenizer (pretrain.data.tokenizer) with its reserved special ids."""
+  return TaskTokenizer(tok, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID, tokenizer_lib.PAD_ID,
+                       tokenizer_lib.MASK_ID, tok.vocab_size)
+
+
 def load_task_tokenizer(model_dir: str) -> TaskTokenizer:
   """The tokenizer of an init directory: spm.model (ours) first, else tokenizer.json."""
   spm_path = os.path.join(model_dir, tokenizer_lib.SPM_FILE)
   if os.path.isfile(spm_path):
-    tok = tokenizer_lib.load(spm_path)
-    return TaskTokenizer(tok, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
-                         tokenizer_lib.PAD_ID, tokenizer_lib.MASK_ID, tok.vocab_size)
+    return from_sentencepiece(tokenizer_lib.load(spm_path))
   json_path = os.path.join(model_dir, tokenizer_lib.HF_FILE)
   if not os.path.isfile(json_path):
     raise FileNotFoundError(
