@@ -20,12 +20,13 @@ VARIANTS = ("retromae", "dupmae")
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="dupmae", size="demo", steps=600, vocab_size=16000,
                        batch_size=8, seq_len=128, learning_rate=1e-3, mask_rate=0.3,
-                       decoder_mask_rate=0.5, bow_weight=0.1, whole_word=True)
+                       decoder_mask_rate=0.5, bow_weight=0.1, whole_word=True, arch="bert")
   if a.variant not in VARIANTS:
     raise ValueError(f"Unknown variant {a.variant!r} for configs/dupmae.py; allowed: "
                      f"{', '.join(VARIANTS)}.")
   c = demo.get_config(f"size={a.size},steps={a.steps},vocab_size={a.vocab_size},"
-                      f"batch_size={a.batch_size},seq_len={a.seq_len},whole_word={a.whole_word}")
+                      f"batch_size={a.batch_size},seq_len={a.seq_len},arch={a.arch},"
+                      f"whole_word={a.whole_word}")
   c.objective.update(name=a.variant, mask_rate=a.mask_rate, decoder_mask_rate=a.decoder_mask_rate,
                      bow_weight=a.bow_weight)
   c.optimizer.learning_rate = a.learning_rate

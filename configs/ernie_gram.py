@@ -21,9 +21,10 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", steps=600, vocab_size=16000, batch_size=8, seq_len=128,
                        ngram_vocab_size=8000, max_n=3, min_count=5, score="t_test",
                        comprehensive=True, relation=False, generator_fraction=0.25,
-                       rtd_weight=50.0)
+                       rtd_weight=50.0,
+                       arch="bert")
   c = demo.get_config(f"size={a.size},steps={a.steps},vocab_size={a.vocab_size},"
-                      f"batch_size={a.batch_size},seq_len={a.seq_len}")
+                      f"batch_size={a.batch_size},seq_len={a.seq_len},arch={a.arch}")
   c.objective.update(name="ernie_gram", ngram_vocab_size=a.ngram_vocab_size, ngram_max_n=a.max_n,
                      ngram_min_count=a.min_count, ngram_score=a.score,
                      ngram_comprehensive=a.comprehensive, ngram_relation=a.relation,

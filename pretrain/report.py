@@ -13,13 +13,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining workdir.")
 _EXPORT = flags.DEFINE_string("export", None, "An export directory to point at.")
 
 
+def _only(row, prefix):
+  return {k: v for k, v in row.items() if k == "step" or k.startswith(prefix)}
+
+
 def summary(workdir):
-  """{first eval row, last eval row, median tokens/s} from the workdir's metrics.jsonl."""
+  """{first and last eval rows, first and last probe rows, median tokens/s} from the workdir's
+  metrics.jsonl."""
   rows = metrics_lib.read_jsonl(workdir)
-  evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+  evals = [_only(r, "eval_") for r in rows if any(k.startswith("eval_") for k in r)]
+  probed = [_only(r, "probe_") for r in rows if any(k.startswith("probe_") for k in r)]
   speeds = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
   return {"first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None,
+          "first_probe": probed[0] if probed else None,
+          "last_probe": probed[-1] if probed else None,
           "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None}
+
+
+def suite_table(first, last):
+  """The downstream probes at the first (step 0: random init) and the last evaluation."""
+  lines = [f"| probe (held-out stdlib files) | step {first['step']} | step {last['step']} | gain |",
+           "|---|---|---|---|"]
+  for key in (k for k in last if k != "step"):
+    before = first.get(key)
+    gain = f"{last[key] - before:+.3f}" if before is not None else "-"
+    lines.append(f"| {key[len('probe_'):]} | "
+                 + (f"{before:.3f}" if before is not None else "-") + f" | {last[key]:.3f} | {gain} |")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -36,6 +56,9 @@ def main(argv):
   if s["first_eval"]:
     print(f"Evaluation at step {s['first_eval']['step']}: {fmt(s['first_eval'])}")
     print(f"Evaluation at step {s['last_eval']['step']}: {fmt(s['last_eval'])}")
+  if s["first_probe"] and s["last_probe"]["step"] != s["first_probe"]["step"]:
+    print("Downstream probes (frozen features; step 0 is the random-init control):")
+    print(suite_table(s["first_probe"], s["last_probe"]))
   if s["median_tokens_per_s"]:
     print(f"Training throughput (median over log points): {s['median_tokens_per_s']:,.0f} tokens/s")
   print(f"Checkpoints:  {os.path.join(_WORKDIR.value, 'checkpoints')}")

@@ -103,3 +103,15 @@ def train_config(corpus):
   c.train.update(eval_every=3, eval_batches=1, async_checkpointing=False, probe_every=6,
                  probe_rows=32, probe_max_files=100)
   return c
+
+
+def test_the_report_prints_the_probes_against_step_0(tmp_path):
+  from pretrain import report  # pylint: disable=import-outside-toplevel
+  rows = [{"step": 0, "eval_mlm_accuracy": 0.0, "probe_exception_type_accuracy": 0.2},
+          {"step": 10, "mlm_loss": 3.0, "tokens_per_s": 100.0},
+          {"step": 20, "eval_mlm_accuracy": 0.3, "probe_exception_type_accuracy": 0.45}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = report.summary(str(tmp_path))
+  assert s["last_eval"] == {"step": 20, "eval_mlm_accuracy": 0.3}  # No probe keys in it.
+  table = report.suite_table(s["first_probe"], s["last_probe"])
+  assert table.splitlines()[2] == "| exception_type_accuracy | 0.200 | 0.450 | +0.250 |"
