@@ -61,7 +61,13 @@ class DiscriminatorHead(nn.Module):
 
 
 def detection_loss_and_metrics(logits_BL, replaced_BL, weights_BL):
-  """Mean sigmoid cross-entropy over weighted tokens; accuracy, precision, recall of "replaced"."""
+  """Mean sigmoid cross-entropy over weighted tokens; accuracy, precision, recall of "replaced";
+  the mean predicted probability of "replaced" on replaced and on original tokens.
+
+  Early in training a detector can rank replaced tokens above originals (its loss falls below
+  the prior's, H(replaced_fraction)) long before any probability crosses 0.5: precision and
+  recall at that threshold stay 0 then, and the two mean probabilities show the separation.
+  """
   logits = logits_BL.astype(jnp.float32)
   weights = weights_BL.astype(jnp.float32)
   bce = optax.sigmoid_binary_cross_entropy(logits, replaced_BL.astype(jnp.float32))
@@ -73,6 +79,8 @@ def detection_loss_and_metrics(logits_BL, replaced_BL, weights_BL):
       "disc_precision": base.mean_metric(replaced_BL, weights * predicted),
       "disc_recall": base.mean_metric(predicted, weights * replaced_BL),
       "replaced_fraction": base.mean_metric(replaced_BL, weights),
+      "disc_prob_replaced": base.mean_metric(jax.nn.sigmoid(logits), weights * replaced_BL),
+      "disc_prob_original": base.mean_metric(jax.nn.sigmoid(logits), weights * ~replaced_BL),
   }
 
 

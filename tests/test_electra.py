@@ -444,3 +444,20 @@ def test_export_matches_transformers(setup, tmp_path):
   diff = np.abs(gen_logits - ref)[real].max()
   print(f"ElectraForMaskedLM logits max|diff|: {diff:.3g}")
   assert np.abs(ref).max() > 1.0 and diff < 1e-4
+
+
+def test_detection_metrics_match_their_closed_forms():
+  from objectives import detection  # pylint: disable=import-outside-toplevel
+  logits = np.array([[2.0, -1.0, 0.5, -3.0, 9.0]], np.float32)
+  replaced = np.array([[True, False, True, False, True]])
+  weights = np.array([[1, 1, 1, 1, 0]], np.float32)  # The last token is padding.
+  loss, m = detection.detection_loss_and_metrics(logits, replaced, weights)
+  p = 1 / (1 + np.exp(-logits[0, :4]))
+  y = replaced[0, :4]
+  bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+  np.testing.assert_allclose(float(loss), bce.mean(), rtol=1e-6)
+  value = lambda k: float(m[k][0]) / float(m[k][1])  # noqa: E731
+  np.testing.assert_allclose(value("disc_prob_replaced"), p[y].mean(), rtol=1e-6)
+  np.testing.assert_allclose(value("disc_prob_original"), p[~y].mean(), rtol=1e-6)
+  assert value("disc_precision") == 1.0 and value("disc_recall") == 1.0  # 2.0 and 0.5 > 0.
+  assert value("replaced_fraction") == 0.5
