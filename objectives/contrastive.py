@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from objectives import base, checks, views
+from objectives import base, checks, grad_cache, views
 from objectives.contrastive_losses import (default_dims, default_starbucks, ema, enqueue,
                                            guide_masks, info_nce, kl_rows, moco_logits, nest)
 from pretrain.data import pairs
@@ -88,6 +88,8 @@ CONFIG = dict(
     kl_weight=1.0,               # 2dmse, starbucks
     guide="",                    # GISTEmbed guide model directory ("" = none)
     guide_pooler="auto",         # auto (pooler.json / sentence-transformers config, else mean)
+    grad_cache_chunk=0,          # > 0: GradCache, embeddings in chunks of this many rows of the
+                                 # global batch (objectives/grad_cache.py); 0: all at once
 )
 
 
@@ -141,6 +143,10 @@ def validate_config(config):
       ", ".join(GUIDE_POOLERS))
   req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
       "'' or an existing model directory (an export or a Hugging Face BERT dir)")
+  batch = config.data.batch_size
+  req(o.grad_cache_chunk >= 0 and (not o.grad_cache_chunk or batch % o.grad_cache_chunk == 0),
+      "objective.grad_cache_chunk", o.grad_cache_chunk,
+      f"0 (off) or a divisor of data.batch_size={batch}")
 
 
 # --- The objective ------------------------------------------------------------------------------
@@ -173,8 +179,8 @@ class Contrastive(base.EncoderObjective):
     self.dims = tuple(config.matryoshka_dims) or default_dims(self.dim)
     self.starbucks = (tuple(zip(config.starbucks_layers, config.starbucks_dims))
                       or default_starbucks(model_config.num_layers, self.dim))
-    self.all_layers = (self.pooler_config.needs_all_layers
-                       or config.nesting in ("2dmse", "starbucks"))
+    self.nests_layers = config.nesting in ("2dmse", "starbucks")
+    self.all_layers = self.pooler_config.needs_all_layers or self.nests_layers
     self.guide = resources.guide
     if config.guide and self.guide is None:
       raise ValueError(f"objective.guide={config.guide!r}: the entry point builds the guide "
@@ -276,6 +282,15 @@ class Contrastive(base.EncoderObjective):
       states = jnp.take(jnp.stack(layers), layer, axis=0)
     return self.pooler_module.apply({"params": pooler_params}, states, rows["segment_ids"], layers)
 
+  def embeddings(self, encoder_params, pooler_params, rows, rng, train):
+    """[B, K, D]: the pooled embeddings of every layer (K = layers + 1, 0 the embedding layer's)
+    when the nesting reads layers, else of the last (K = 1); in GradCache chunks when set."""
+    def embed(r, key):
+      layers = self.hidden(encoder_params, r, key, train)
+      picked = range(len(layers)) if self.nests_layers else (None,)
+      return jnp.stack([self.pool(pooler_params, layers, r, layer) for layer in picked], 1)
+    return grad_cache.chunked(embed, rows, rng, self.config.grad_cache_chunk)
+
   def guide_embed(self, guide_params, rows):
     g = self.guide
     layers = enc.Encoder(g.model_config).apply(
@@ -290,8 +305,8 @@ class Contrastive(base.EncoderObjective):
     view_rng, q_rng, d_rng, nest_rng = jax.random.split(rng, 4)
     q_rows, d_rows = self.views(view_rng, batch)
     valid = (q_rows["segment_ids"][:, 0] > 0) & (d_rows["segment_ids"][:, 0] > 0)
-    q_layers = self.hidden(params["encoder"], q_rows, q_rng, train)
     q_pooler = params.get("pooler", {})
+    q_emb = self.embeddings(params["encoder"], q_pooler, q_rows, q_rng, train)
     new_state, metrics = state, {}
     if self.moco:
       own = jax.lax.stop_gradient({k: params[k] for k in state["key_params"]})
@@ -299,20 +314,28 @@ class Contrastive(base.EncoderObjective):
              else jax.tree.map(lambda k, p: jnp.where(state["key_initialized"], k, p),
                                state["key_params"], own))
       key = jax.lax.stop_gradient(key)
-      d_layers, d_pooler = self.hidden(key["encoder"], d_rows, d_rng, train), key.get("pooler", {})
+      d_emb = self.embeddings(key["encoder"], key.get("pooler", {}), d_rows, d_rng, train)
     else:
-      d_layers, d_pooler = self.hidden(params["encoder"], d_rows, d_rng, train), q_pooler
+      d_emb = self.embeddings(params["encoder"], q_pooler, d_rows, d_rng, train)
     masks = (None, None)
     if self.guide is not None:
       guide = jax.lax.stop_gradient(state["guide"])
-      masks = guide_masks(self.guide_embed(guide, q_rows), self.guide_embed(guide, d_rows))
+      embed = lambda rows, _: self.guide_embed(guide, rows)  # noqa: E731
+      masks = guide_masks(*(grad_cache.chunked(embed, rows, rng, c.grad_cache_chunk, remat=False)
+                            for rows in (q_rows, d_rows)))
       off_diagonal = (valid[:, None] & valid[None, :]) & ~jnp.eye(len(valid), dtype=bool)
       metrics["guide_masked_fraction"] = base.mean_metric(masks[0], off_diagonal)
 
+    def layer_of(emb_BKD, layer):
+      """The [B, D] embeddings of transformer layer `layer` (None: the last; traced ok)."""
+      if layer is None or isinstance(layer, int):
+        return emb_BKD[:, -1 if layer is None else layer]
+      return jnp.take(emb_BKD, layer, axis=1)
+
     def scores(layer, dim):
       """(loss, logits, accuracy metric) of the embeddings of `layer` truncated to `dim`."""
-      q = nest(self.pool(q_pooler, q_layers, q_rows, layer), dim, c.normalize)
-      d = nest(self.pool(d_pooler, d_layers, d_rows, layer), dim, c.normalize)
+      q = nest(layer_of(q_emb, layer), dim, c.normalize)
+      d = nest(layer_of(d_emb, layer), dim, c.normalize)
       if self.moco:
         logits = moco_logits(q, d, nest(state["queue"], dim, c.normalize), c.temperature)
         ce = jax.nn.logsumexp(logits, -1) - logits[:, 0]
@@ -358,7 +381,7 @@ class Contrastive(base.EncoderObjective):
     metrics.update(contrastive_loss=(main * weights.sum(), weights.sum()),
                    contrastive_accuracy=accuracy, total_loss=base.mean_metric(total, jnp.ones(())))
     if self.moco and train:
-      k_full = jax.lax.stop_gradient(self.pool(d_pooler, d_layers, d_rows))
+      k_full = jax.lax.stop_gradient(layer_of(d_emb, None))
       queue, ptr = enqueue(state["queue"], state["queue_ptr"], k_full)
       new_state = {**state, "key_params": key, "key_initialized": jnp.ones((), bool),
                    "queue": queue, "queue_ptr": ptr}
