@@ -132,9 +132,14 @@ def base_config():
   c.rng_impl = "threefry2x32"    # RNG_IMPLS
   c.model = model_config("demo")
   c.data = ml_collections.ConfigDict(dict(
-      name="python_stdlib",      # local builders: python_stdlib, local_text; or any TFDS catalog name
+      name="python_stdlib",      # local builders: python_stdlib, local_text; pair_files (the
+                                 # contrastive view=files); or any TFDS catalog name
       data_dir="data/tfds",      # where TFDS datasets are built or found
-      paths="",                  # local_text: comma-separated globs of .txt/.jsonl files
+      paths="",                  # local_text: comma-separated globs of .txt/.jsonl files;
+                                 # pair_files: of .jsonl/.csv/.parquet pair files
+      pair_fields="",            # pair_files: "query,positive[,negatives]" ("": detected)
+      query_prefix="",           # pair_files: prepended to every query ("query: ", an instruction)
+      doc_prefix="",             # pair_files: prepended to every positive and negative
       text_feature="text",
       validation_fraction=0.05,
       train_split="train",

@@ -5,8 +5,12 @@ One objective, `contrastive`, whose parts are chosen by `config.objective`:
 - view (`pretrain.data.pairs`): `crop` (Contriever: two random crops of a chunk, each of ratio
   U(crop_ratio_min, crop_ratio_max) with token deletion, made on device by `objectives.views`),
   `docstring` (docstring <-> function body), `same_file` (a function <-> another function of
-  its file), `ict` (ORQA's Inverse Cloze Task over lines or sentences). One shared encoder and
-  pooler embed both sides (ORQA trains two encoders; we share one).
+  its file), `ict` (ORQA's Inverse Cloze Task over lines or sentences), `files` (the rows of
+  pair files, `data.name=pair_files`, with `num_negatives` hard negatives each). One shared
+  encoder and pooler embed both sides (ORQA trains two encoders; we share one).
+- hard negatives (view=files): the B x k negatives join the B positives as candidates of every
+  query (sentence-transformers' MultipleNegativesRankingLoss, FlagEmbedding); the guide masks
+  them by the same rule; the symmetric direction scores documents against the queries only.
 - loss: `infonce`: scores q_i . d_j / temperature over the GLOBAL batch, CE with the diagonal as
   the labels (`symmetric`: the mean of both directions). Under jit the [B, D] embeddings are global
   arrays sharded over ("data", "fsdp"); q @ d.T is the all-device computation (XLA gathers), so
@@ -45,22 +49,18 @@ XLA computes), the trained encoder costs 6 N B (Lq + Ld) FLOPs; MoCo replaces th
 costs 6 N B seq_len plus its head.
 """
 import functools
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from objectives import base, checks, grad_cache, views
+from objectives import base, grad_cache, views
+from objectives.contrastive_checks import validate_config
 from objectives.contrastive_losses import (default_dims, default_starbucks, ema, enqueue,
                                            guide_masks, info_nce, kl_rows, moco_logits, nest)
 from pretrain.data import pairs
 from pretrain.models import encoder as enc, poolers
-
-LOSSES = ("infonce", "moco")
-NESTINGS = ("none", "matryoshka", "2dmse", "starbucks")
-GUIDE_POOLERS = ("auto", "cls", "mean")
 
 CONFIG = dict(
     view="crop",                 # crop, docstring, same_file, ict
@@ -88,65 +88,11 @@ CONFIG = dict(
     kl_weight=1.0,               # 2dmse, starbucks
     guide="",                    # GISTEmbed guide model directory ("" = none)
     guide_pooler="auto",         # auto (pooler.json / sentence-transformers config, else mean)
+    num_negatives=0,             # view=files: hard negatives per query, scored next to every
+                                 # in-batch candidate (and every other query's negatives)
     grad_cache_chunk=0,          # > 0: GradCache, embeddings in chunks of this many rows of the
                                  # global batch (objectives/grad_cache.py); 0: all at once
 )
-
-
-def validate_config(config):
-  o, m = config.objective, config.model
-  if o.name != "contrastive":
-    return
-  req = checks.require
-  req(o.view in pairs.VIEWS, "objective.view", o.view, ", ".join(pairs.VIEWS))
-  req(0 < o.crop_ratio_min <= o.crop_ratio_max <= 1, "objective.crop_ratio_min",
-      (o.crop_ratio_min, o.crop_ratio_max), "0 < crop_ratio_min <= crop_ratio_max <= 1")
-  req(0 <= o.token_deletion < 1, "objective.token_deletion", o.token_deletion, "0 <= p < 1")
-  req(3 <= o.query_len <= m.max_len, "objective.query_len", o.query_len,
-      f"3 <= query_len <= model.max_len={m.max_len}")
-  req(0 <= o.ict_remove_rate <= 1, "objective.ict_remove_rate", o.ict_remove_rate, "0 <= p <= 1")
-  req(o.ict_unit in pairs.ICT_UNITS, "objective.ict_unit", o.ict_unit, ", ".join(pairs.ICT_UNITS))
-  req(o.contrastive_loss in LOSSES, "objective.contrastive_loss", o.contrastive_loss,
-      ", ".join(LOSSES))
-  req(o.temperature > 0, "objective.temperature", o.temperature, "> 0")
-  req(o.pooler in poolers.KINDS, "objective.pooler", o.pooler, ", ".join(poolers.KINDS))
-  req(o.pooler_latents >= 1, "objective.pooler_latents", o.pooler_latents, ">= 1")
-  req(o.pooler not in ("latent", "multilayer") or m.hidden_size % o.pooler_heads == 0,
-      "objective.pooler_heads", o.pooler_heads, f"a divisor of model.hidden_size={m.hidden_size}")
-  req(o.projection_dim >= 0, "objective.projection_dim", o.projection_dim, ">= 0 (0: none)")
-  dim = o.projection_dim or m.hidden_size
-  if o.contrastive_loss == "moco":
-    req(0 <= o.moco_momentum < 1, "objective.moco_momentum", o.moco_momentum, "0 <= m < 1")
-    req(o.queue_size > 0 and o.queue_size % config.data.batch_size == 0, "objective.queue_size",
-        o.queue_size, f"a positive multiple of the global batch data.batch_size="
-        f"{config.data.batch_size} (each step writes one whole batch of keys into the queue)")
-    req(not o.symmetric, "objective.symmetric", o.symmetric,
-        "False with moco (keys carry no gradient)")
-    req(o.nesting in ("none", "matryoshka"), "objective.nesting", o.nesting,
-        "none or matryoshka with moco (queued keys have no per-layer embeddings)")
-    req(not o.guide, "objective.guide", o.guide,
-        "'' with moco (the guide cannot score queued keys); use contrastive_loss=infonce")
-  req(o.nesting in NESTINGS, "objective.nesting", o.nesting, ", ".join(NESTINGS))
-  req(all(0 < d <= dim for d in o.matryoshka_dims), "objective.matryoshka_dims",
-      o.matryoshka_dims, f"dimensions in 1..{dim} (the embedding size)")
-  if o.nesting in ("2dmse", "starbucks"):
-    req(o.pooler != "multilayer", "objective.pooler", o.pooler,
-        f"cls, mean or latent with nesting={o.nesting} (one layer's states are pooled)")
-    req(m.num_layers >= 2, "model.num_layers", m.num_layers, f">= 2 for nesting={o.nesting}")
-  req(len(o.starbucks_layers) == len(o.starbucks_dims)
-      and all(1 <= l <= m.num_layers for l in o.starbucks_layers)
-      and all(0 < d <= dim for d in o.starbucks_dims), "objective.starbucks_layers",
-      (o.starbucks_layers, o.starbucks_dims),
-      f"two lists of equal length: layers in 1..{m.num_layers}, dims in 1..{dim}")
-  req(o.kl_weight >= 0, "objective.kl_weight", o.kl_weight, ">= 0")
-  req(o.guide_pooler in GUIDE_POOLERS, "objective.guide_pooler", o.guide_pooler,
-      ", ".join(GUIDE_POOLERS))
-  req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
-      "'' or an existing model directory (an export or a Hugging Face BERT dir)")
-  batch = config.data.batch_size
-  req(o.grad_cache_chunk >= 0 and (not o.grad_cache_chunk or batch % o.grad_cache_chunk == 0),
-      "objective.grad_cache_chunk", o.grad_cache_chunk,
-      f"0 (off) or a divisor of data.batch_size={batch}")
 
 
 # --- The objective ------------------------------------------------------------------------------
@@ -163,7 +109,7 @@ class Contrastive(base.EncoderObjective):
 
   def __init__(self, config, model_config: enc.EncoderConfig, tokenizer, resources=base.Resources()):
     super().__init__(config, model_config, tokenizer, resources)
-    self.features = pairs.features(config.view)
+    self.features = pairs.features(config.view, config.num_negatives)
     self.pooler_config = poolers.PoolerConfig(
         kind=config.pooler, hidden_size=model_config.hidden_size,
         num_layers=model_config.num_layers, num_latents=config.pooler_latents,
@@ -193,14 +139,14 @@ class Contrastive(base.EncoderObjective):
 
   # --- Data ---
   def example_batch(self, seq_len):
-    lengths = {k: (self.config.query_len if k.startswith("query") else seq_len)
-               for k in self.features}
+    lengths = pairs.lengths(self.features, seq_len, self.config.query_len,
+                            self.config.num_negatives)
     return {k: jnp.ones((1, n), jnp.int32) for k, n in lengths.items()}
 
   def dataset_options(self):
     c = self.config
     return dict(view=c.view, query_len=c.query_len, ict_remove_rate=c.ict_remove_rate,
-                ict_unit=c.ict_unit)
+                ict_unit=c.ict_unit, num_negatives=c.num_negatives)
 
   def views(self, rng, batch):
     """(query rows, document rows): dicts of ids, segment ids, positions."""
@@ -210,6 +156,15 @@ class Contrastive(base.EncoderObjective):
                              deletion=c.token_deletion)
     return tuple({"input_ids": batch[f"{p}_ids"], "segment_ids": batch[f"{p}_segment_ids"],
                   "positions": batch[f"{p}_positions"]} for p in ("query", "doc"))
+
+  def negatives(self, batch):
+    """The hard negatives' rows, [B * k, seq_len] each (row b * k + j: query b's j-th), or None."""
+    k = self.config.num_negatives
+    if not k:
+      return None
+    return {key: batch[f"neg_{name}"].reshape(-1, batch[f"neg_{name}"].shape[1] // k)
+            for key, name in (("input_ids", "ids"), ("segment_ids", "segment_ids"),
+                              ("positions", "positions"))}
 
   # --- Parameters and state ---
   def init(self, rng, batch):
@@ -304,6 +259,7 @@ class Contrastive(base.EncoderObjective):
     c = self.config
     view_rng, q_rng, d_rng, nest_rng = jax.random.split(rng, 4)
     q_rows, d_rows = self.views(view_rng, batch)
+    n_rows = self.negatives(batch)
     valid = (q_rows["segment_ids"][:, 0] > 0) & (d_rows["segment_ids"][:, 0] > 0)
     q_pooler = params.get("pooler", {})
     q_emb = self.embeddings(params["encoder"], q_pooler, q_rows, q_rng, train)
@@ -317,13 +273,22 @@ class Contrastive(base.EncoderObjective):
       d_emb = self.embeddings(key["encoder"], key.get("pooler", {}), d_rows, d_rng, train)
     else:
       d_emb = self.embeddings(params["encoder"], q_pooler, d_rows, d_rng, train)
+    # Candidates: the B positives, then the B x k hard negatives (every query scores them all).
+    cand_emb, cand_valid = d_emb, valid
+    if n_rows is not None:
+      n_emb = self.embeddings(params["encoder"], q_pooler, n_rows,
+                              jax.random.fold_in(d_rng, 1), train)
+      cand_emb = jnp.concatenate([d_emb, n_emb])
+      cand_valid = jnp.concatenate([valid, n_rows["segment_ids"][:, 0] > 0])
     masks = (None, None)
     if self.guide is not None:
       guide = jax.lax.stop_gradient(state["guide"])
       embed = lambda rows, _: self.guide_embed(guide, rows)  # noqa: E731
-      masks = guide_masks(*(grad_cache.chunked(embed, rows, rng, c.grad_cache_chunk, remat=False)
-                            for rows in (q_rows, d_rows)))
-      off_diagonal = (valid[:, None] & valid[None, :]) & ~jnp.eye(len(valid), dtype=bool)
+      gq, gd, *gn = (grad_cache.chunked(embed, rows, rng, c.grad_cache_chunk, remat=False)
+                     for rows in (q_rows, d_rows) + ((n_rows,) if n_rows is not None else ()))
+      masks = (guide_masks(gq, jnp.concatenate([gd, *gn]))[0], guide_masks(gq, gd)[1])
+      off_diagonal = ((valid[:, None] & cand_valid[None, :])
+                      & ~jnp.eye(len(valid), len(cand_valid), dtype=bool))
       metrics["guide_masked_fraction"] = base.mean_metric(masks[0], off_diagonal)
 
     def layer_of(emb_BKD, layer):
@@ -335,14 +300,15 @@ class Contrastive(base.EncoderObjective):
     def scores(layer, dim):
       """(loss, logits, accuracy metric) of the embeddings of `layer` truncated to `dim`."""
       q = nest(layer_of(q_emb, layer), dim, c.normalize)
-      d = nest(layer_of(d_emb, layer), dim, c.normalize)
+      candidates = nest(layer_of(cand_emb, layer), dim, c.normalize)
+      d = candidates[:len(valid)]  # The positives.
       if self.moco:
         logits = moco_logits(q, d, nest(state["queue"], dim, c.normalize), c.temperature)
         ce = jax.nn.logsumexp(logits, -1) - logits[:, 0]
         weights = valid.astype(jnp.float32)
         loss = jnp.sum(ce * weights) / jnp.maximum(weights.sum(), 1.0)
         return loss, logits, base.mean_metric(jnp.argmax(logits, -1) == 0, weights)
-      loss, logits, accuracy = info_nce(q, d, valid, c.temperature, masks[0])
+      loss, logits, accuracy = info_nce(q, candidates, valid, c.temperature, masks[0], cand_valid)
       if c.symmetric:
         loss_t, _, _ = info_nce(d, q, valid, c.temperature, masks[1])
         loss = 0.5 * (loss + loss_t)

@@ -27,17 +27,20 @@ def default_starbucks(num_layers, dim):
   return tuple((l, max(min(8, dim), dim >> (num_layers - l))) for l in range(1, num_layers + 1))
 
 
-def info_nce(q_BD, d_BD, valid_B, temperature, masked_BB=None):
-  """Mean CE of softmax over in-batch candidates (label: the diagonal), and the [B, B] logits.
+def info_nce(q_BD, d_CD, valid_B, temperature, masked_BC=None, valid_C=None):
+  """Mean CE of softmax over in-batch candidates (label: the diagonal), and the [B, C] logits.
 
-  Rows and columns of invalid (padding) rows are left out; `masked_BB` removes candidates.
+  Candidates are the B positives, then any further rows (hard negatives: C = B + B k), with
+  `valid_C` (default `valid_B`). Rows and columns of invalid (padding) rows are left out;
+  `masked_BC` removes candidates.
   """
-  logits = jnp.einsum("bd,cd->bc", q_BD.astype(jnp.float32), d_BD.astype(jnp.float32))
+  logits = jnp.einsum("bd,cd->bc", q_BD.astype(jnp.float32), d_CD.astype(jnp.float32))
   logits = logits / temperature
-  keep = valid_B[:, None] & valid_B[None, :]
-  if masked_BB is not None:
-    keep &= ~masked_BB
-  keep |= jnp.eye(len(valid_B), dtype=bool)  # the positive is always a candidate
+  b, c = logits.shape
+  keep = valid_B[:, None] & (valid_B if valid_C is None else valid_C)[None, :]
+  if masked_BC is not None:
+    keep &= ~masked_BC
+  keep |= jnp.eye(b, c, dtype=bool)  # the positive is always a candidate
   logits = jnp.where(keep, logits, NEG)
   ce = jax.nn.logsumexp(logits, -1) - jnp.diagonal(logits)
   correct = jnp.argmax(logits, -1) == jnp.arange(len(valid_B))

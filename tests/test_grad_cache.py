@@ -93,3 +93,10 @@ def test_gradients_equal_with_the_guide_masking_candidates(hf_dir):  # noqa: F81
 def test_a_chunk_that_does_not_divide_the_batch_is_a_config_error():
   with pytest.raises(ConfigError, match="objective.grad_cache_chunk"):
     _config("", grad_cache_chunk=3)
+
+
+def test_gradients_equal_with_hard_negatives_on_8_devices():
+  from tests.test_pair_files import _files_config, _negative_batch  # pylint: disable=import-outside-toplevel
+  config = _files_config(2)
+  config.data.batch_size = 16
+  _compare(config, _negative_batch(5, b=16), EIGHT, chunk=8)

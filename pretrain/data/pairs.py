@@ -18,6 +18,11 @@ Views (`view=`):
   same_file  a function <-> another function of the same file, drawn at random (a file with
              fewer than two functions gives nothing); docstrings removed as above.
   Functions whose code is only the `def` line once the docstring is gone are left out.
+  files      the rows of pair files (`data.name=pair_files`, pretrain/data/pair_files.py): the
+             query, one of its positives (drawn per use) and, with num_negatives = k > 0, k of
+             its hard negatives (drawn without replacement; a row with fewer gets empty rows,
+             which the objective masks out) as {"neg_ids", "neg_segment_ids", "neg_positions"}
+             [local_batch, k * seq_len] (row-major: negative j is columns j*seq_len ...).
   ict        Inverse Cloze Task (ORQA): the document is cut into blocks of whole lines (or
              sentences) of at most seq_len - 2 tokens; per block a random line of at least
              MIN_QUERY_TOKENS tokens is the query and is removed from the block with probability
@@ -42,19 +47,28 @@ import numpy as np
 
 from pretrain.data import pipeline, python_code, tokenizer as tokenizer_lib
 
-VIEWS = ("crop", "docstring", "same_file", "ict")
+VIEWS = ("crop", "docstring", "same_file", "ict", "files")
 ICT_UNITS = ("line", "sentence")
 MIN_QUERY_TOKENS = 4
 CHUNK_KEYS = ("input_ids", "segment_ids", "positions")
 PAIR_KEYS = ("query_ids", "query_segment_ids", "query_positions",
              "doc_ids", "doc_segment_ids", "doc_positions")
+NEG_KEYS = ("neg_ids", "neg_segment_ids", "neg_positions")
 # CPython 3.11's ast.parse is not thread-safe (concurrent calls fail with "AST constructor
 # recursion depth mismatch"), and grain maps in threads: parsing takes turns, tokenizing does not.
 _AST_LOCK = threading.Lock()
 
 
-def features(view: str) -> tuple[str, ...]:
-  return CHUNK_KEYS if view == "crop" else PAIR_KEYS
+def features(view: str, num_negatives: int = 0) -> tuple[str, ...]:
+  if view == "crop":
+    return CHUNK_KEYS
+  return PAIR_KEYS + (NEG_KEYS if view == "files" and num_negatives else ())
+
+
+def lengths(keys, seq_len: int, query_len: int, num_negatives: int) -> dict:
+  """Row length per feature: queries query_len, documents seq_len, negatives k x seq_len."""
+  return {k: query_len if k.startswith("query") else
+          num_negatives * seq_len if k.startswith("neg") else seq_len for k in keys}
 
 
 def _has_body(code: str) -> bool:
@@ -106,8 +120,8 @@ class Examples:
   """Document text -> dict of [n, ...] int32 arrays (a grain random-map callable)."""
 
   def __init__(self, tokenizer, view: str, seq_len: int, query_len: int,
-               ict_remove_rate: float, ict_unit: str):
-    self.tokenizer, self.view = tokenizer, view
+               ict_remove_rate: float, ict_unit: str, num_negatives: int = 0):
+    self.tokenizer, self.view, self.num_negatives = tokenizer, view, num_negatives
     self.seq_len, self.query_len = seq_len, query_len
     self.ict_remove_rate, self.ict_unit = ict_remove_rate, ict_unit
     self.cls_id, self.sep_id = special_ids(tokenizer)
@@ -125,6 +139,8 @@ class Examples:
       return dict(zip(CHUNK_KEYS, rows(chunks, self.seq_len, self.cls_id, self.sep_id)))
     if self.view == "ict":
       return self._ict(text, rng)
+    if self.view == "files":
+      return self._file_row(text, rng)
     with _AST_LOCK:
       funcs = python_code.function_pairs([("", text)])
     funcs = [f for f in funcs if _has_body(f["code"])]
@@ -138,6 +154,18 @@ class Examples:
     texts = [q for q, _ in chosen] + [d for _, d in chosen]
     ids = _encode_all(self.tokenizer, texts)
     return self._pairs(ids[:len(chosen)], ids[len(chosen):])
+
+  def _file_row(self, row, rng: np.random.Generator) -> dict:
+    """One pair-file row (a pair_files.PairRow) as one example, with its hard negatives."""
+    k = self.num_negatives
+    negs = [row.neg[i] for i in sorted(rng.permutation(len(row.neg))[:k])] if k else []
+    ids = _encode_all(self.tokenizer, [row.query, row.pos[rng.integers(len(row.pos))], *negs])
+    out = self._pairs(ids[:1], ids[1:2])
+    if k:
+      n = np.zeros((3, k, self.seq_len), np.int32)  # Missing negatives stay empty rows.
+      n[:, :len(negs)] = rows(ids[2:], self.seq_len, self.cls_id, self.sep_id)
+      out.update(zip(NEG_KEYS, n.reshape(3, 1, k * self.seq_len)))
+    return out
 
   def _ict(self, text: str, rng: np.random.Generator) -> dict:
     body = self.seq_len - 2
@@ -264,7 +292,7 @@ def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
                  num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, ict_remove_rate: float = 0.9,
                  ict_unit: str = "line", num_threads: int | None = None,
-                 segment_rows: int | None = None) -> grain.IterDataset:
+                 segment_rows: int | None = None, num_negatives: int = 0) -> grain.IterDataset:
   """Batches of `view` examples from `source` (document texts); `iter(ds)` is checkpointable.
 
   `batch_size` is global; each process reads its own documents (process_index::process_count).
@@ -285,15 +313,15 @@ def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.random_map(Examples(tokenizer, view, seq_len, query_len, ict_remove_rate, ict_unit),
-                     seed=seed)
+  ds = ds.random_map(Examples(tokenizer, view, seq_len, query_len, ict_remove_rate, ict_unit,
+                              num_negatives), seed=seed)
   threads = num_threads if num_threads is not None else min(16, os.cpu_count() or 1)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(8, 4 * threads)))
-  keys = features(view)
-  lengths = {k: (query_len if k.startswith("query") else seq_len) for k in keys}
+  keys = features(view, num_negatives)
   return _ExampleIterDataset(
-      it, view=view, keys=keys, lengths=lengths, local_batch=local_batch, seed=seed,
+      it, view=view, keys=keys, lengths=lengths(keys, seq_len, query_len, num_negatives),
+      local_batch=local_batch, seed=seed,
       shuffle=shuffle, segment_rows=segment_rows or max(16 * local_batch, 256),
       max_empty_documents=max(len(source) // process_count, 1),
       pad_last=num_epochs is not None)

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from pretrain.data import pair_files
 from pretrain.data.corpora import local_text, python_stdlib
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ def _local_builder(data_config) -> tfds.core.DatasetBuilder:
                               file_format="array_record")
 
 
+def check_corpus(data_config) -> None:
+  """Reads (and builds, for a local corpus) the data, so that its errors come first."""
+  if data_config.name == pair_files.NAME:
+    open_source(data_config, data_config.get("train_split", "train") or "train")
+  else:
+    get_builder(data_config)
+
+
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for `data.name` (building local corpora).
 
@@ -132,6 +141,9 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
   command that prepares it, since nothing is downloaded here.
   """
   name = data_config.name
+  if name == pair_files.NAME:
+    raise ValueError("data.name=pair_files is read directly from data.paths; it has no TFDS "
+                     "builder to prepare.")
   if name in LOCAL_CORPORA:
     builder = _local_builder(data_config)
     if not builder.is_prepared():
@@ -196,6 +208,8 @@ def dataset_id(data_config) -> str:
   local_text corpora with different files must not share them.
   """
   name = data_config.name
+  if name == pair_files.NAME:
+    return pair_files.dataset_id(data_config)
   if name in LOCAL_CORPORA:
     config = _local_builder(data_config).builder_config
     return f"{name}/{config.name}"
@@ -242,6 +256,8 @@ def open_source(data_config, split: str) -> TextSource:
   Raises a ValueError naming the available splits / features when the
   requested one does not exist.
   """
+  if data_config.name == pair_files.NAME:
+    return pair_files.open_split(data_config, split)
   builder = get_builder(data_config)
   splits = sorted(builder.info.splits.keys())
   if split.split("[", 1)[0] not in splits:
@@ -278,7 +294,8 @@ def iter_texts(data_config, split: str,
   crosses the cap is cut at the cap.
   """
   budget = max_bytes if max_bytes and max_bytes > 0 else None
-  for text in open_source(data_config, split):
+  source = open_source(data_config, split)
+  for text in (source.texts() if isinstance(source, pair_files.PairSource) else source):
     if budget is not None:
       data = text.encode("utf-8")
       if len(data) >= budget:

@@ -307,7 +307,7 @@ def load_or_train(data_config) -> Tokenizer:
         os.path.dirname(os.path.abspath(path)),
         *(("data.tokenizer.path", "set --config.data.tokenizer.path to a file in a "
            "writable directory") if explicit else ("data.data_dir",)))
-    sources.get_builder(data_config)  # The corpus first: its errors leave no tokenizer dir.
+    sources.check_corpus(data_config)  # The corpus first: its errors leave no tokenizer dir.
     with sources.tidy_on_failure(f"{path}.lock"):
       with sources.file_lock(f"{path}.lock"):  # One trainer per shared path.
         if not os.path.exists(path):

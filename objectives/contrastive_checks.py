@@ -1,0 +1,74 @@
+"""The contrastive objective's config checks (objectives/contrastive.py), one `require` each."""
+import os
+
+from objectives import checks
+from pretrain.data import pair_files, pairs
+from pretrain.models import poolers
+
+LOSSES = ("infonce", "moco")
+NESTINGS = ("none", "matryoshka", "2dmse", "starbucks")
+GUIDE_POOLERS = ("auto", "cls", "mean")
+
+
+def validate_config(config):
+  o, m = config.objective, config.model
+  if o.name != "contrastive":
+    return
+  req = checks.require
+  req(o.view in pairs.VIEWS, "objective.view", o.view, ", ".join(pairs.VIEWS))
+  req(0 < o.crop_ratio_min <= o.crop_ratio_max <= 1, "objective.crop_ratio_min",
+      (o.crop_ratio_min, o.crop_ratio_max), "0 < crop_ratio_min <= crop_ratio_max <= 1")
+  req(0 <= o.token_deletion < 1, "objective.token_deletion", o.token_deletion, "0 <= p < 1")
+  req(3 <= o.query_len <= m.max_len, "objective.query_len", o.query_len,
+      f"3 <= query_len <= model.max_len={m.max_len}")
+  req(0 <= o.ict_remove_rate <= 1, "objective.ict_remove_rate", o.ict_remove_rate, "0 <= p <= 1")
+  req(o.ict_unit in pairs.ICT_UNITS, "objective.ict_unit", o.ict_unit, ", ".join(pairs.ICT_UNITS))
+  req(o.contrastive_loss in LOSSES, "objective.contrastive_loss", o.contrastive_loss,
+      ", ".join(LOSSES))
+  req(o.temperature > 0, "objective.temperature", o.temperature, "> 0")
+  req(o.pooler in poolers.KINDS, "objective.pooler", o.pooler, ", ".join(poolers.KINDS))
+  req(o.pooler_latents >= 1, "objective.pooler_latents", o.pooler_latents, ">= 1")
+  req(o.pooler not in ("latent", "multilayer") or m.hidden_size % o.pooler_heads == 0,
+      "objective.pooler_heads", o.pooler_heads, f"a divisor of model.hidden_size={m.hidden_size}")
+  req(o.projection_dim >= 0, "objective.projection_dim", o.projection_dim, ">= 0 (0: none)")
+  dim = o.projection_dim or m.hidden_size
+  if o.contrastive_loss == "moco":
+    req(0 <= o.moco_momentum < 1, "objective.moco_momentum", o.moco_momentum, "0 <= m < 1")
+    req(o.queue_size > 0 and o.queue_size % config.data.batch_size == 0, "objective.queue_size",
+        o.queue_size, f"a positive multiple of the global batch data.batch_size="
+        f"{config.data.batch_size} (each step writes one whole batch of keys into the queue)")
+    req(not o.symmetric, "objective.symmetric", o.symmetric,
+        "False with moco (keys carry no gradient)")
+    req(o.nesting in ("none", "matryoshka"), "objective.nesting", o.nesting,
+        "none or matryoshka with moco (queued keys have no per-layer embeddings)")
+    req(not o.guide, "objective.guide", o.guide,
+        "'' with moco (the guide cannot score queued keys); use contrastive_loss=infonce")
+  req(o.nesting in NESTINGS, "objective.nesting", o.nesting, ", ".join(NESTINGS))
+  req(all(0 < d <= dim for d in o.matryoshka_dims), "objective.matryoshka_dims",
+      o.matryoshka_dims, f"dimensions in 1..{dim} (the embedding size)")
+  if o.nesting in ("2dmse", "starbucks"):
+    req(o.pooler != "multilayer", "objective.pooler", o.pooler,
+        f"cls, mean or latent with nesting={o.nesting} (one layer's states are pooled)")
+    req(m.num_layers >= 2, "model.num_layers", m.num_layers, f">= 2 for nesting={o.nesting}")
+  req(len(o.starbucks_layers) == len(o.starbucks_dims)
+      and all(1 <= l <= m.num_layers for l in o.starbucks_layers)
+      and all(0 < d <= dim for d in o.starbucks_dims), "objective.starbucks_layers",
+      (o.starbucks_layers, o.starbucks_dims),
+      f"two lists of equal length: layers in 1..{m.num_layers}, dims in 1..{dim}")
+  req(o.kl_weight >= 0, "objective.kl_weight", o.kl_weight, ">= 0")
+  req(o.guide_pooler in GUIDE_POOLERS, "objective.guide_pooler", o.guide_pooler,
+      ", ".join(GUIDE_POOLERS))
+  req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
+      "'' or an existing model directory (an export or a Hugging Face BERT dir)")
+  files = config.data.name == pair_files.NAME
+  req((o.view == "files") == files, "objective.view", o.view,
+      "files with data.name=pair_files (and only then)" if files or o.view == "files" else "")
+  req(o.num_negatives >= 0 and (not o.num_negatives or o.view == "files"),
+      "objective.num_negatives", o.num_negatives,
+      "0, or hard negatives per query with view=files (pair files with negatives)")
+  req(not o.num_negatives or o.contrastive_loss == "infonce", "objective.contrastive_loss",
+      o.contrastive_loss, "infonce with hard negatives (num_negatives > 0)")
+  batch = config.data.batch_size
+  req(o.grad_cache_chunk >= 0 and (not o.grad_cache_chunk or batch % o.grad_cache_chunk == 0),
+      "objective.grad_cache_chunk", o.grad_cache_chunk,
+      f"0 (off) or a divisor of data.batch_size={batch}")
