@@ -20,9 +20,11 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+DEMO_CONFIG ?= configs/cpu_recipe.py
+
 demo: $(VENV)/.base
-	$(BIN)/python -m pretrain.data.prepare --config=configs/demo.py
-	$(BIN)/python -m pretrain.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+	$(BIN)/python -m pretrain.data.prepare --config=$(DEMO_CONFIG)
+	$(BIN)/python -m pretrain.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_WORKDIR)
 	$(BIN)/python -m pretrain.export --workdir=$(DEMO_WORKDIR) --out=$(DEMO_EXPORT) --overwrite
 	$(BIN)/python -m pretrain.report --workdir=$(DEMO_WORKDIR) --export=$(DEMO_EXPORT)
 
