@@ -175,3 +175,15 @@ def test_probe_benchmark_scores_frozen_features_of_model_and_control(tiny_export
     assert 0 <= row["model"] <= 1 and 0 <= row["control"] <= 1 and row["reference"] <= 0.75
   assert not (tmp_path / "runs").exists()  # Probes fine-tune nothing.
   assert "| docstring_match | accuracy | 48 |" in proc.stdout
+
+
+def test_probe_benchmark_of_a_hugging_face_directory(tmp_path):
+  from configs import code_pairs  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "minilm.json"
+  proc = e2e.run("pretrain.benchmark", f"--model={code_pairs.minilm_dir()}", "--quick", "--probe",
+                 f"--cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'runs'}",
+                 "--tasks=docstring_retrieval,mlm", f"--json={out}")
+  retrieved, mlm = json.loads(out.read_text())["rows"]
+  # A trained sentence encoder retrieves docstrings -> code far better than its random init.
+  assert retrieved["model"] > retrieved["control"] + 0.1, proc.stdout[-2000:]
+  assert mlm["model"] is None and "Hugging Face directory" in mlm["note"]
