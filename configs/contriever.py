@@ -3,6 +3,7 @@
   python -m pretrain.main --config=configs/contriever.py --workdir=workdir/contriever
   python -m pretrain.main --config=configs/contriever.py:loss=moco,queue_size=1024 --workdir=W
   python -m pretrain.main --config=configs/contriever.py:view=ict --workdir=workdir/ict
+  python -m pretrain.main --config=configs/contriever.py:view=ccp,loss=moco --workdir=workdir/ccp
   python -m pretrain.main --config=configs/contriever.py:nesting=starbucks,normalize=True ...
   python -m pretrain.main --config=configs/contriever.py --workdir=W \
       --config.init_from=exports/demo      # continue from the MLM demo's export
@@ -11,7 +12,9 @@ Everything but the objective, the batch and the learning rate is configs/demo.py
 data, schedule), so runs compare with the MLM demo at equal settings. Per view the defaults follow
 the papers: crop = Contriever (crops of U(0.1, 0.5) of the chunk, token deletion 0.1, mean
 pooling, dot product, temperature 0.05; MoCo momentum 0.9995); ict = ORQA (query line removed from
-its block with probability 0.9, [CLS] -> dense(128) -> LayerNorm, temperature 1, query length 64).
+its block with probability 0.9, [CLS] -> dense(128) -> LayerNorm, temperature 1, query length 64);
+ccp = CCP (a line or sentence and another within 2 of it; with loss=moco the memory bank; the
+query side's embeddings batch-normalised, the paper's asymmetric batch norm).
 What differs from the papers: the chunk is data.seq_len tokens (Contriever: 256; ORQA blocks: 288),
 the batch is 32 (Contriever: 2048) and the MoCo queue 4096 by default (Contriever: 131,072), the
 learning rate is 5e-4 from scratch (Contriever: 5e-5 from BERT; pass learning_rate=5e-5 with an
@@ -26,6 +29,7 @@ VIEW_DEFAULTS = {
     "ict": ("cls", 128, True, 1.0, 64),
     "docstring": ("mean", 0, False, 0.05, 64),
     "same_file": ("mean", 0, False, 0.05, 128),
+    "ccp": ("mean", 0, False, 0.05, 64),
 }
 
 
@@ -54,4 +58,7 @@ def get_config(arg=None):
                        normalize=False, symmetric=False, temperature=0.0, size="demo", steps=600,
                        vocab_size=16000, batch_size=32, seq_len=128, learning_rate=5e-4,
                        queue_size=0, moco_momentum=0.9995)
-  return build(a, ("crop", "ict"))
+  c = build(a, ("crop", "ict", "ccp"))
+  if a.view == "ccp":  # CCP: a memory bank (MoCo's queue) and the asymmetric batch norm.
+    c.objective.query_batch_norm = True
+  return c

@@ -6,7 +6,11 @@ One objective, `contrastive`, whose parts are chosen by `config.objective`:
   U(crop_ratio_min, crop_ratio_max) with token deletion, made on device by `objectives.views`),
   `docstring` (docstring <-> function body), `same_file` (a function <-> another function of
   its file), `ict` (ORQA's Inverse Cloze Task over lines or sentences), `files` (the rows of
-  pair files, `data.name=pair_files`, with `num_negatives` hard negatives each). One shared
+  pair files, `data.name=pair_files`, with `num_negatives` hard negatives each), `ccp` (CCP,
+  Wu et al. 2022: a line or sentence and one within `ccp_window` of it; ours vs the paper: one
+  memory bank (MoCo's queue) instead of one per language, and the asymmetric batch norm
+  (`query_batch_norm`) is a plain standardisation of the query embeddings over the global
+  batch, without affine parameters or running statistics, in training and evaluation). One shared
   encoder and pooler embed both sides (ORQA trains two encoders; we share one).
 - hard negatives (view=files): the B x k negatives join the B positives as candidates of every
   query (sentence-transformers' MultipleNegativesRankingLoss, FlagEmbedding); the guide masks
@@ -57,8 +61,9 @@ import numpy as np
 
 from objectives import base, grad_cache, views
 from objectives.contrastive_checks import validate_config
-from objectives.contrastive_losses import (default_dims, default_starbucks, ema, enqueue,
-                                           guide_masks, info_nce, kl_rows, moco_logits, nest)
+from objectives.contrastive_losses import (batch_standardize, default_dims, default_starbucks,
+                                           ema, enqueue, guide_masks, info_nce, kl_rows,
+                                           moco_logits, nest)
 from pretrain.data import pairs
 from pretrain.models import encoder as enc, poolers
 
@@ -88,6 +93,9 @@ CONFIG = dict(
     kl_weight=1.0,               # 2dmse, starbucks
     guide="",                    # GISTEmbed guide model directory ("" = none)
     guide_pooler="auto",         # auto (pooler.json / sentence-transformers config, else mean)
+    ccp_window=2,                # ccp: the context unit is within this many of the centre
+    query_batch_norm=False,      # CCP's asymmetric batch norm: standardise the query side's
+                                 # embeddings over the batch (keys/documents untouched)
     num_negatives=0,             # view=files: hard negatives per query, scored next to every
                                  # in-batch candidate (and every other query's negatives)
     grad_cache_chunk=0,          # > 0: GradCache, embeddings in chunks of this many rows of the
@@ -146,7 +154,7 @@ class Contrastive(base.EncoderObjective):
   def dataset_options(self):
     c = self.config
     return dict(view=c.view, query_len=c.query_len, ict_remove_rate=c.ict_remove_rate,
-                ict_unit=c.ict_unit, num_negatives=c.num_negatives)
+                ict_unit=c.ict_unit, num_negatives=c.num_negatives, ccp_window=c.ccp_window)
 
   def views(self, rng, batch):
     """(query rows, document rows): dicts of ids, segment ids, positions."""
@@ -263,6 +271,8 @@ class Contrastive(base.EncoderObjective):
     valid = (q_rows["segment_ids"][:, 0] > 0) & (d_rows["segment_ids"][:, 0] > 0)
     q_pooler = params.get("pooler", {})
     q_emb = self.embeddings(params["encoder"], q_pooler, q_rows, q_rng, train)
+    if c.query_batch_norm:
+      q_emb = batch_standardize(q_emb, valid)
     new_state, metrics = state, {}
     if self.moco:
       own = jax.lax.stop_gradient({k: params[k] for k in state["key_params"]})

@@ -60,6 +60,7 @@ def validate_config(config):
       ", ".join(GUIDE_POOLERS))
   req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
       "'' or an existing model directory (an export or a Hugging Face BERT dir)")
+  req(o.ccp_window >= 1, "objective.ccp_window", o.ccp_window, ">= 1 (units on either side)")
   files = config.data.name == pair_files.NAME
   req((o.view == "files") == files, "objective.view", o.view,
       "files with data.name=pair_files (and only then)" if files or o.view == "files" else "")

@@ -93,3 +93,14 @@ def guide_masks(gq_BD, gd_BD):
   sim = gq_BD @ gd_BD.T
   positive = jnp.diagonal(sim)
   return sim > positive[:, None], sim.T > positive[:, None]
+
+
+def batch_standardize(x_BKD, valid_B, eps=1e-5):
+  """Batch normalisation without affine parameters or running statistics: each dimension
+  standardised by its mean and variance over the valid rows of the (global) batch. CCP applies
+  it to one side only, against collapse through information leaking between the two sides."""
+  w = valid_B.astype(jnp.float32)[:, None, None]
+  count = jnp.maximum(w.sum(), 1.0)
+  mean = jnp.sum(x_BKD * w, 0) / count
+  var = jnp.sum(jnp.square(x_BKD - mean) * w, 0) / count
+  return (x_BKD - mean) * jax.lax.rsqrt(var + eps)

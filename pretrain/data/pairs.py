@@ -18,6 +18,10 @@ Views (`view=`):
   same_file  a function <-> another function of the same file, drawn at random (a file with
              fewer than two functions gives nothing); docstrings removed as above.
   Functions whose code is only the `def` line once the docstring is gone are left out.
+  ccp        contrastive context prediction (Wu et al. 2022): the document's lines (or sentences,
+             `ict_unit`) of at least MIN_QUERY_TOKENS tokens are centres; each is paired with a
+             unit drawn from the `ccp_window` units on either side of it (the paper's window
+             around the centre sentence), each side cut at seq_len.
   files      the rows of pair files (`data.name=pair_files`, pretrain/data/pair_files.py): the
              query, one of its positives (drawn per use) and, with num_negatives = k > 0, k of
              its hard negatives (drawn without replacement; a row with fewer gets empty rows,
@@ -47,7 +51,7 @@ import numpy as np
 
 from pretrain.data import pipeline, python_code, tokenizer as tokenizer_lib
 
-VIEWS = ("crop", "docstring", "same_file", "ict", "files")
+VIEWS = ("crop", "docstring", "same_file", "ict", "files", "ccp")
 ICT_UNITS = ("line", "sentence")
 MIN_QUERY_TOKENS = 4
 CHUNK_KEYS = ("input_ids", "segment_ids", "positions")
@@ -120,8 +124,10 @@ class Examples:
   """Document text -> dict of [n, ...] int32 arrays (a grain random-map callable)."""
 
   def __init__(self, tokenizer, view: str, seq_len: int, query_len: int,
-               ict_remove_rate: float, ict_unit: str, num_negatives: int = 0):
+               ict_remove_rate: float, ict_unit: str, num_negatives: int = 0,
+               ccp_window: int = 2):
     self.tokenizer, self.view, self.num_negatives = tokenizer, view, num_negatives
+    self.ccp_window = ccp_window
     self.seq_len, self.query_len = seq_len, query_len
     self.ict_remove_rate, self.ict_unit = ict_remove_rate, ict_unit
     self.cls_id, self.sep_id = special_ids(tokenizer)
@@ -141,6 +147,8 @@ class Examples:
       return self._ict(text, rng)
     if self.view == "files":
       return self._file_row(text, rng)
+    if self.view == "ccp":
+      return self._ccp(text, rng)
     with _AST_LOCK:
       funcs = python_code.function_pairs([("", text)])
     funcs = [f for f in funcs if _has_body(f["code"])]
@@ -166,6 +174,17 @@ class Examples:
       n[:, :len(negs)] = rows(ids[2:], self.seq_len, self.cls_id, self.sep_id)
       out.update(zip(NEG_KEYS, n.reshape(3, 1, k * self.seq_len)))
     return out
+
+  def _ccp(self, text: str, rng: np.random.Generator) -> dict:
+    units = [u for u in _encode_all(self.tokenizer, _units(text, self.ict_unit))
+             if len(u) >= MIN_QUERY_TOKENS]
+    w, queries, contexts = self.ccp_window, [], []
+    for i, centre in enumerate(units):
+      around = [j for j in range(max(0, i - w), min(len(units), i + w + 1)) if j != i]
+      if around:
+        queries.append(centre)
+        contexts.append(units[around[rng.integers(len(around))]])
+    return self._pairs(queries, contexts)
 
   def _ict(self, text: str, rng: np.random.Generator) -> dict:
     body = self.seq_len - 2
@@ -292,7 +311,8 @@ def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
                  num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, ict_remove_rate: float = 0.9,
                  ict_unit: str = "line", num_threads: int | None = None,
-                 segment_rows: int | None = None, num_negatives: int = 0) -> grain.IterDataset:
+                 segment_rows: int | None = None, num_negatives: int = 0,
+                 ccp_window: int = 2) -> grain.IterDataset:
   """Batches of `view` examples from `source` (document texts); `iter(ds)` is checkpointable.
 
   `batch_size` is global; each process reads its own documents (process_index::process_count).
@@ -314,7 +334,7 @@ def make_dataset(source, tokenizer, *, view: str, seq_len: int, query_len: int,
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.random_map(Examples(tokenizer, view, seq_len, query_len, ict_remove_rate, ict_unit,
-                              num_negatives), seed=seed)
+                              num_negatives, ccp_window), seed=seed)
   threads = num_threads if num_threads is not None else min(16, os.cpu_count() or 1)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(8, 4 * threads)))
