@@ -8,7 +8,7 @@ Each objective module defines `CONFIG` (its own `config.objective` keys with def
 import dataclasses
 
 from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
-                        retromae)
+                        prop, retromae)
 from pretrain.models import encoder as enc
 
 REGISTRY = {
@@ -22,10 +22,11 @@ REGISTRY = {
     "dupmae": retromae.DupMAE,
     "ernie_gram": ernie_gram.ErnieGram,
     "contrastive": contrastive.Contrastive,
+    "prop": prop.Prop,
 }
 NAMES = tuple(REGISTRY)
 COMPONENTS = tuple(n for n in NAMES if n != "combined")  # what `combined` may combine
-CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive)
+CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive, prop)
 Resources = base.Resources
 
 
