@@ -35,12 +35,21 @@ RUNS = {
     "ernie_gram": "configs/ernie_gram.py:arch={arch}",
     "retromae": "configs/dupmae.py:variant=retromae,arch={arch}",
     "dupmae": "configs/dupmae.py:variant=dupmae,arch={arch}",
+    "prop": "configs/prop.py:arch={arch}",
     "modern": "configs/demo.py:arch=modern",
 }
-PROBES = ("probe_exception_type_accuracy", "probe_docstring_match_accuracy",
-          "probe_docstring_retrieval_mrr")
-SCORES = ("eval_mlm_accuracy",) + PROBES
+PROBE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval")
 CONTROL = "random init (step 0)"
+
+
+def scores_of(probe_tasks):
+  """The scores read from each run: validation MLM accuracy, then each probe's."""
+  return ("eval_mlm_accuracy",) + tuple(
+      f"probe_{t}_mrr" if t == "docstring_retrieval" else f"probe_{t}_accuracy" for t in probe_tasks)
+
+
+SCORES = scores_of(PROBE_TASKS)
+PROBES = SCORES[1:]
 
 
 def label(score):
@@ -65,7 +74,7 @@ def pretrain(spec, steps, path, seed, points, probe_rows, extra_flags):
   equal_compute.run("-m", "pretrain.main", f"--config={equal_compute.with_args(spec, steps=steps)}",
                     f"--workdir={path}", f"--config.seed={seed}", f"--config.data.seed={seed}",
                     f"--config.train.eval_every={every}", f"--config.train.probe_every={every}",
-                    "--config.train.probe_tasks=exception_type,docstring_match,docstring_retrieval",
+                    f"--config.train.probe_tasks={','.join(t for t in PROBE_TASKS)}",
                     f"--config.train.probe_rows={probe_rows}", *extra_flags)
 
 
@@ -133,6 +142,8 @@ def plot(curves, plan, path):
 
 
 def main():
+  # The probe tasks are one choice per invocation, read by every helper above.
+  global PROBE_TASKS, SCORES, PROBES  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", default="workdir/suite")
   parser.add_argument("--runs", default="mlm,electra", help="the first is the budget's unit; of "
@@ -144,9 +155,14 @@ def main():
                       "size=tiny,vocab_size=400 (a smoke test)")
   parser.add_argument("--points", type=int, default=4, help="probe evaluations before the last")
   parser.add_argument("--probe_rows", type=int, default=1000)
+  parser.add_argument("--probe_tasks", default=",".join(PROBE_TASKS),
+                      help="train.probe_tasks of every run")
   parser.add_argument("--plot", default="", help="write the learning curves to this PNG")
   parser.add_argument("--out", default="", help="also write the table and JSON here (.md, .json)")
   args, extra_flags = parser.parse_known_args()
+  PROBE_TASKS = tuple(t for t in args.probe_tasks.split(",") if t)
+  SCORES = scores_of(PROBE_TASKS)
+  PROBES = SCORES[1:]
   names = [n for n in args.runs.split(",") if n]
   seeds = [int(s) for s in args.seeds.split(",") if s]
   if not names or set(names) - set(RUNS) or not seeds or args.points < 1:
