@@ -176,7 +176,11 @@ def base_config():
       # files (pretrain/probes.py), probe_rows examples per split and candidates, from the
       # first probe_max_files files (0: all; tests use a few).
       probe_every=0, probe_tasks="exception_type,docstring_retrieval", probe_rows=1000,
-      probe_max_files=0))
+      probe_max_files=0,
+      peak_tflops=0.0,           # the MFU's peak per device; 0: the device table, or the measured
+                                 # matmul rate on CPU (pretrain/training/flops.py)
+      profile_steps=""))         # "START:END": a jax.profiler trace of those steps in
+                                 # <workdir>/profile (TensorBoard's profile tab or Perfetto)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = DEFAULT_AXIS_RULES
   c.init_from = ""               # a workdir, or a Hugging Face BERT dir, to start from when the
@@ -260,6 +264,11 @@ def validate(config):
           "train.probe_tasks", t.probe_tasks, "comma-separated, of " + ", ".join(PROBE_TASKS))
   require(t.probe_rows >= 8, "train.probe_rows", t.probe_rows, ">= 8")
   require(t.probe_max_files >= 0, "train.probe_max_files", t.probe_max_files, ">= 0 (0: all)")
+  require(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, ">= 0 (0: automatic)")
+  span = t.profile_steps.split(":")
+  require(not t.profile_steps or (len(span) == 2 and all(p.isdigit() for p in span)
+                                  and 0 < int(span[0]) < int(span[1])), "train.profile_steps",
+          t.profile_steps, "'' or START:END with 0 < START < END (steps START..END-1)")
   require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", t.nonfinite, ", ".join(NONFINITE_MODES))
   for axis in MESH_AXES:
     require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],

@@ -5,17 +5,20 @@ asynchronous, no per-step host sync), a non-finite step never reaches a checkpoi
 (`train.nonfinite`), and SIGTERM (what TPU VMs and SLURM send before they take a machine) saves
 the current step and stops cleanly, every process at the same step.
 """
+from __future__ import annotations
+
 import functools
 import math
 import signal
 import threading
+import time
 
 import flax.linen as nn
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pretrain.training import metrics as metrics_lib, nonfinite as nonfinite_lib
+from pretrain.training import flops as flops_lib, metrics as metrics_lib, nonfinite as nonfinite_lib
 
 
 def watch_for_preemption():
@@ -48,31 +51,66 @@ def log_scalars(writer, throughput, train_config, step, scalars):
   scalars = nonfinite_lib.check(step, scalars, train_config.nonfinite, train_config.log_every)
   if train_config.nonfinite == "stop":
     check_finite(step, scalars)
-  tokens_per_s, eta = throughput.update(step)
-  writer.write(step, {**scalars, "tokens_per_s": tokens_per_s})
-  metrics_lib.console_line(step, train_config.steps, scalars, tokens_per_s, eta)
+  speed, eta = throughput.update(step)
+  writer.write(step, {**scalars, **speed})
+  metrics_lib.console_line(step, train_config.steps, scalars, speed, eta)
   writer.flush()
   return scalars
 
 
+def profile_range(value: str) -> tuple[int, int] | None:
+  """train.profile_steps "START:END" -> (START, END); "" -> None."""
+  if not value:
+    return None
+  start, _, end = value.partition(":")
+  return int(start), int(end)
+
+
+class Timed:
+  """Adds the seconds a block takes to a Throughput's lost time."""
+
+  def __init__(self, throughput):
+    self.throughput = throughput
+
+  def __enter__(self):
+    self.start = time.perf_counter()
+
+  def __exit__(self, *exc):
+    self.throughput.lose(time.perf_counter() - self.start)
+
+
 def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step, writer, mesh,
-        rules, preempted, save, evaluate=None):
+        rules, preempted, save, evaluate=None, profile_dir=""):
   """Steps start + 1 .. train_config.steps; returns (state, last logged and evaluated metrics).
 
   `step_fn(state, batch, rng) -> (state, scalars)`; `next_batch()` gives the next device batch;
   `save(step, state)` checkpoints; `evaluate(step, state) -> dict` runs every eval_every steps and
   at the last step (its results join the returned metrics). The loop stops early, after saving,
-  when `preempted` is reached.
+  when `preempted` is reached. Every log line carries tokens/s, MFU and goodput
+  (`metrics_lib.Throughput`); `train.profile_steps="START:END"` traces steps START..END-1 with
+  jax.profiler into `profile_dir`.
   """
   t = train_config
-  log = functools.partial(log_scalars, writer, metrics_lib.Throughput(tokens_per_step, t.steps,
-                                                                      start), t)
+  peak, _ = flops_lib.machine_peak_flops(t.get("peak_tflops", 0.0))
+  throughput = metrics_lib.Throughput(tokens_per_step, t.steps, start, peak_flops=peak)
+  log = functools.partial(log_scalars, writer, throughput, t)
+  profile = profile_range(t.get("profile_steps", ""))
   final = {}
   pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
   for step in range(start + 1, t.steps + 1):
-    batch = next_batch()
+    with Timed(throughput):
+      batch = next_batch()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      if step == start + 1:
+        throughput.flops_per_step = flops_lib.step_flops(step_fn, state, batch, rng)
+      if profile and step == profile[0] and profile_dir:
+        jax.profiler.start_trace(profile_dir)
       state, scalars = step_fn(state, batch, rng)
+      if profile and step == profile[1] - 1 and profile_dir:
+        with Timed(throughput):
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        logging.info("Wrote the profile of steps %d..%d to %s.", profile[0], step, profile_dir)
     if pending is not None:
       log(*pending)
       pending = None
@@ -82,11 +120,13 @@ def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step
       if pending is not None:
         final.update(log(*pending))
         pending = None
-      final.update(evaluate(step, state))
+      with Timed(throughput):
+        final.update(evaluate(step, state))
     stop = reached_preemption(preempted, step)
     if step % t.checkpoint_every == 0 or step == t.steps or stop:
       nonfinite_lib.raise_if_stopped(state.nonfinite, t.nonfinite)
-      save(step, state)
+      with Timed(throughput):
+        save(step, state)
     if stop:
       logging.warning("Preempted: saved step %d and stopping; rerun the command to resume.", step)
       break

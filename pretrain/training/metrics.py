@@ -70,25 +70,45 @@ def read_jsonl(workdir, drop_truncated_last=False):
 
 
 class Throughput:
-  """Tokens/s and ETA between two log points."""
+  """Tokens/s, MFU, goodput and ETA between two log points.
 
-  def __init__(self, tokens_per_step, total_steps, start_step):
+  MFU is the train step's FLOPs x steps/s over the machine's peak (pretrain/training/flops.py;
+  absent when either is unknown). Goodput is the share of the wall time spent stepping: what the
+  loop reports as lost (`lose`: waiting for input, evaluating, checkpointing, profiling) is not.
+  """
+
+  def __init__(self, tokens_per_step, total_steps, start_step, flops_per_step=0.0,
+               peak_flops=0.0):
     self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.step, self.time = start_step, time.perf_counter()
+    self.lost = 0.0
+
+  def lose(self, seconds):
+    self.lost += seconds
 
   def update(self, step):
+    """({"tokens_per_s", "goodput"[, "mfu"]}, ETA in seconds) since the last update."""
     now = time.perf_counter()
-    steps_per_s = (step - self.step) / max(now - self.time, 1e-9)
-    self.step, self.time = step, now
+    elapsed = max(now - self.time, 1e-9)
+    steps_per_s = (step - self.step) / elapsed
+    speed = {"tokens_per_s": steps_per_s * self.tokens_per_step,
+             "goodput": max(0.0, 1.0 - self.lost / elapsed)}
+    if self.flops_per_step > 0 and self.peak_flops > 0:
+      speed["mfu"] = steps_per_s * self.flops_per_step / self.peak_flops
+    self.step, self.time, self.lost = step, now, 0.0
     eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
-    return steps_per_s * self.tokens_per_step, eta
+    return speed, eta
 
 
-def console_line(step, total, scalars, tokens_per_s=None, eta_s=None):
+def console_line(step, total, scalars, speed=None, eta_s=None):
   parts = [f"step {step}/{total}"]
   parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
-  if tokens_per_s is not None:
-    parts += [f"{tokens_per_s:,.0f} tok/s", f"ETA {eta_s / 60:.1f} min"]
+  if speed is not None:
+    parts.append(f"{speed['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in speed:
+      parts.append(f"MFU {100 * speed['mfu']:.1f}%")
+    parts += [f"goodput {100 * speed['goodput']:.0f}%", f"ETA {eta_s / 60:.1f} min"]
   line = " | ".join(parts)
   logging.info(line)
   print(line, flush=True)

@@ -14,6 +14,7 @@ are read here; everything model- or data-specific is an argument.
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -113,7 +114,8 @@ def train(run: Run, state, step_fn, data_iterator, rng, *, start_step, tokens_pe
   return loop.run(
       state, step_fn, lambda: to_device(run, next(data_iterator)), rng, start=start_step,
       train_config=run.config.train, tokens_per_step=tokens_per_step, writer=run.writer,
-      mesh=run.mesh, rules=run.rules, preempted=run.preempted, save=save, evaluate=evaluate)
+      mesh=run.mesh, rules=run.rules, preempted=run.preempted, save=save, evaluate=evaluate,
+      profile_dir=os.path.join(run.workdir, "profile"))
 
 
 def finish(run: Run):
