@@ -46,6 +46,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLM_HEADS = ("bert", "modernbert")
 TOKENIZER_TYPES = ("unigram", "bpe")
 MESH_AXES = ("data", "fsdp", "tensor")
+MIXTURE_MODES = ("batch", "row")  # pretrain.data.mixture.MODES (a test holds them equal)
 
 # T5X-style defaults: the batch is split over data and fsdp, parameters over fsdp (embed) and tensor.
 DEFAULT_AXIS_RULES = (
@@ -140,6 +141,8 @@ def base_config():
       pair_fields="",            # pair_files: "query,positive[,negatives]" ("": detected)
       query_prefix="",           # pair_files: prepended to every query ("query: ", an instruction)
       doc_prefix="",             # pair_files: prepended to every positive and negative
+      mixture="",                # pair_files: "name=glob:weight,..." sources in place of paths
+      mixture_mode="batch",      # batch: each batch from one source; row: mixed per row
       text_feature="text",
       validation_fraction=0.05,
       train_split="train",
@@ -264,6 +267,11 @@ def validate(config):
           "train.probe_tasks", t.probe_tasks, "comma-separated, of " + ", ".join(PROBE_TASKS))
   require(t.probe_rows >= 8, "train.probe_rows", t.probe_rows, ">= 8")
   require(t.probe_max_files >= 0, "train.probe_max_files", t.probe_max_files, ">= 0 (0: all)")
+  if d.mixture:
+    require(d.name == "pair_files" and not d.paths, "data.mixture", d.mixture,
+            "'' unless data.name=pair_files with data.paths='' (the mixture names the files)")
+  require(d.mixture_mode in MIXTURE_MODES, "data.mixture_mode", d.mixture_mode,
+          ", ".join(MIXTURE_MODES))
   require(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, ">= 0 (0: automatic)")
   span = t.profile_steps.split(":")
   require(not t.profile_steps or (len(span) == 2 and all(p.isdigit() for p in span)

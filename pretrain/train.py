@@ -16,7 +16,8 @@ from absl import logging
 from objectives import registry
 from configs import common
 from pretrain import probes
-from pretrain.data import ngrams, pairs, pipeline, sources, tokenizer as tokenizer_lib
+from pretrain.data import (mixture, ngrams, pair_files, pairs, pipeline, sources,
+                           tokenizer as tokenizer_lib)
 from pretrain.interop import files, hf_read, load
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib, step as step_lib, workdir_lock)
@@ -44,18 +45,29 @@ def train_and_evaluate(config, workdir):
   resources = load.resources(config, tokenizer)
   objective = registry.build(config, tokenizer, resources)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
-  def make_data(split, **kwargs):
-    return make_dataset(objective, resources, sources.open_source(d, split), tokenizer,
+  mixed = mixture.parse(d.get("mixture", ""))
+
+  def make_data(split, paths="", **kwargs):
+    source = (pair_files.open_split(d, split, paths) if paths
+              else sources.open_source(d, split))
+    return make_dataset(objective, resources, source, tokenizer,
                         seq_len=d.seq_len, batch_size=d.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         seed=d.seed, **kwargs)
 
-  train_iter = iter(make_data(d.train_split))
-  eval_batches = []
+  if mixed:
+    train_iter = iter(mixture.MixtureIterDataset(
+        {name: make_data(d.train_split, paths) for name, paths, _ in mixed},
+        [w for *_, w in mixed], d.mixture_mode, d.seed,
+        pipeline.local_batch_size(d.batch_size, jax.process_count())))
+  else:
+    train_iter = iter(make_data(d.train_split))
+  eval_sets = {}  # Evaluation rows per source ("" without a mixture), metrics prefixed by it.
   if t.eval_batches:
-    eval_data = make_data(d.eval_split, shuffle=False, num_epochs=1)
-    eval_batches = list(_take_padded(iter(eval_data), t.eval_batches, d, jax.process_count(),
-                                     objective.example_batch(d.seq_len)))
+    for name, paths in ([(n, p) for n, p, _ in mixed] or [("", "")]):
+      eval_data = make_data(d.eval_split, paths, shuffle=False, num_epochs=1)
+      eval_sets[name] = list(_take_padded(iter(eval_data), t.eval_batches, d,
+                                          jax.process_count(), objective.example_batch(d.seq_len)))
   init_rng, eval_rng, rng = jax.random.split(jax.random.key(config.seed, impl=config.rng_impl), 3)
   run_lib.open_workdir(run, objective, tx, d.seq_len)
   workdir_lock.in_process_0(checkpointing.copy_tokenizer, tokenizer.model_path, workdir)
@@ -76,23 +88,26 @@ def train_and_evaluate(config, workdir):
   # --- Compiled functions -------------------------------------------------------------------
   step_fn = run_lib.compile_step(run, objective, tx, schedule, shardings)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, objective=objective))
-  eval_batches = [run_lib.to_device(run, b) for b in eval_batches]
+  eval_sets = {name: [run_lib.to_device(run, b) for b in batches]
+               for name, batches in eval_sets.items()}
   final = {}
 
   suite = probe_suite(config, objective, tokenizer)
 
   def run_eval(step, state):
     result = {}
-    if eval_batches:
+    for name, batches in eval_sets.items():
       with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        result = step_lib.evaluate(eval_fn, state, eval_batches, eval_rng)
+        scores = step_lib.evaluate(eval_fn, state, batches, eval_rng)
+      result.update({(f"eval_{name}_{k[len('eval_'):]}" if name else k): v
+                     for k, v in scores.items()})
     if suite is not None and (step % t.probe_every == 0 or step == t.steps):
       result.update(suite(gathered(objective.encoder(state.params))))
     run.writer.write(step, result)
     metrics_lib.console_line(step, t.steps, result)
     return result
 
-  evaluate = run_eval if eval_batches or suite is not None else None
+  evaluate = run_eval if eval_sets or suite is not None else None
   if start == 0 and evaluate is not None:
     final.update(run_eval(0, state))
   logging.info("Setup took %.1fs; training steps %d..%d.", time.perf_counter() - t0, start, t.steps)

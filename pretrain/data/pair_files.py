@@ -27,6 +27,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+from pretrain.data import mixture
+
 log = logging.getLogger(__name__)
 
 NAME = "pair_files"
@@ -211,19 +213,28 @@ class PairSource(Sequence):
     return f"PairSource({self._description}, {len(self)} rows)"
 
 
-def open_split(data_config, split: str) -> PairSource:
-  rows = read(data_config.paths, Fields.parse(data_config.get("pair_fields", "")),
+def all_paths(data_config) -> str:
+  """data.paths, or every source's globs of data.mixture (for the tokenizer and the checks)."""
+  value = data_config.get("mixture", "")
+  return ",".join(p for _, p, _ in mixture.parse(value)) if value else data_config.paths
+
+
+def open_split(data_config, split: str, paths: str = "") -> PairSource:
+  """One split of `paths` (default: `all_paths`) as a PairSource."""
+  paths = paths or all_paths(data_config)
+  rows = read(paths, Fields.parse(data_config.get("pair_fields", "")),
               data_config.get("query_prefix", ""), data_config.get("doc_prefix", ""))
   if split not in ("train", "validation"):
     raise ValueError(f"Split {split!r} does not exist in pair files; use train or validation.")
   chosen = [r for r in rows if split_of(r, data_config.validation_fraction) == split]
   if not chosen:
-    raise ValueError(f"No pair row hashes to the {split!r} split of {data_config.paths} "
+    raise ValueError(f"No pair row hashes to the {split!r} split of {paths} "
                      f"({len(rows)} rows); add rows or change data.validation_fraction.")
   return PairSource(chosen, f"{NAME}:{split}")
 
 
 def dataset_id(data_config) -> str:
   """A stable identifier of the files (paths, sizes, modification times) for derived artefacts."""
-  stats = [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in files_of(data_config.paths)]
+  stats = [(p, os.path.getsize(p), int(os.path.getmtime(p)))
+           for p in files_of(all_paths(data_config))]
   return f"{NAME}/{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}"

@@ -274,6 +274,10 @@ class _ExampleIterator(grain.DatasetIterator):
       return _empty(self._cfg["keys"], self._cfg["lengths"])
     return {k: np.concatenate([p[k] for p in parts]) for k in self._cfg["keys"]}
 
+  def take_rows(self, n: int) -> dict:
+    """The next `n` examples (fewer only at the end of finite data): a mixture's share."""
+    return self._take(n)
+
   def __next__(self) -> dict:
     cfg = self._cfg
     batch = cfg["local_batch"]
