@@ -104,7 +104,7 @@ def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step
       if step == start + 1:
         throughput.flops_per_step = flops_lib.step_flops(step_fn, state, batch, rng)
       if profile and step == profile[0] and profile_dir:
-        jax.profiler.start_trace(profile_dir)
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
       state, scalars = step_fn(state, batch, rng)
       if profile and step == profile[1] - 1 and profile_dir:
         with Timed(throughput):
