@@ -69,7 +69,11 @@ def validate_config(config):
       "0, or hard negatives per query with view=files (pair files with negatives)")
   req(not o.num_negatives or o.contrastive_loss == "infonce", "objective.contrastive_loss",
       o.contrastive_loss, "infonce with hard negatives (num_negatives > 0)")
-  batch = config.data.batch_size
-  req(o.grad_cache_chunk >= 0 and (not o.grad_cache_chunk or batch % o.grad_cache_chunk == 0),
+  # The loss sees micro-batches of batch_size / grad_accum_steps rows.
+  micro = config.data.batch_size // max(1, config.optimizer.grad_accum_steps)
+  req(o.grad_cache_chunk >= 0 and (not o.grad_cache_chunk or (
+      micro % o.grad_cache_chunk == 0 and o.grad_cache_chunk < micro)),
       "objective.grad_cache_chunk", o.grad_cache_chunk,
-      f"0 (off) or a divisor of data.batch_size={batch}")
+      f"0 (off) or a proper divisor of the micro-batch of {micro} rows (data.batch_size / "
+      "optimizer.grad_accum_steps); a multiple of the data x fsdp devices keeps each chunk spread "
+      "over all of them")

@@ -146,7 +146,8 @@ class Prop(base.EncoderObjective):
     first_likelier = likelihood[0] >= likelihood[1]
     margin = jnp.where(first_likelier, score[0] - score[1], score[1] - score[0])
     hinge = jnp.maximum(0.0, 1.0 - margin)
-    weights = (jnp.sum(doc, 1) > 0).astype(jnp.float32)
+    # Rows without document tokens, or whose two sets are equally likely, teach no preference.
+    weights = ((jnp.sum(doc, 1) > 0) & (likelihood[0] != likelihood[1])).astype(jnp.float32)
     loss = jnp.sum(hinge * weights) / jnp.maximum(weights.sum(), 1.0)
     return loss, ({"prop_loss": base.mean_metric(hinge, weights),
                    "prop_accuracy": base.mean_metric(margin > 0, weights)}, state)

@@ -5,7 +5,9 @@
 
 --model: a workdir, an export or a Hugging Face directory (comma-separated for several). The corpus
 is every distinct positive and negative of --pairs (pretrain/data/pair_files.py), each query's
-relevant set its positives. Each model embeds queries and corpus once; every --quantize choice
+relevant set the positives of all its rows. Embeddings are --pooler (mean or cls) of the encoder's
+final states with --query_prefix / --doc_prefix prepended; an export's trained projection or
+latent pooler is not applied (pooled states only). Each model embeds queries and corpus once; every --quantize choice
 then ranks the whole corpus exactly (pretrain/search.py: int8 per-dimension buckets calibrated on
 the corpus, binary signs). Printed: MRR@10 with its standard error, nDCG@10, recall@1/10/100 and
 the bytes per embedding; --bm25 adds BM25's row. --json writes the same rows.
@@ -49,8 +51,9 @@ def row(name, kind, dim, ids, relevant) -> dict:
 
 
 def evaluate(models, kinds, pairs: str, *, bm25: bool = False, pooler: str = "mean",
-             max_len: int = 128, fields: str = "") -> list[dict]:
-  rows = pair_files.read(pairs, pair_files.Fields.parse(fields))
+             max_len: int = 128, fields: str = "", query_prefix: str = "",
+             doc_prefix: str = "") -> list[dict]:
+  rows = pair_files.read(pairs, pair_files.Fields.parse(fields), query_prefix, doc_prefix)
   corpus, relevant = search.corpus_of(rows)
   queries = [r.query for r in rows]
   out = []
@@ -85,7 +88,7 @@ def main(argv):
   if not f.pairs:
     raise ConfigError("--pairs is required: the pair file(s) to evaluate on.")
   rows = evaluate(models, kinds, f.pairs, bm25=f.bm25, pooler=f.pooler, max_len=f.max_len,
-                  fields=f.pair_fields)
+                  fields=f.pair_fields, query_prefix=f.query_prefix, doc_prefix=f.doc_prefix)
   print(table(rows), flush=True)
   if f.json:
     with open(f.json, "w", encoding="utf-8") as out:
@@ -99,6 +102,8 @@ def define_flags():
   flags.DEFINE_bool("bm25", False, "Add BM25's row.")
   flags.DEFINE_string("quantize", "float32,int8,binary", "Embedding quantizations to score.")
   flags.DEFINE_string("pooler", "mean", "mean or cls.")
+  flags.DEFINE_string("query_prefix", "", "Prepended to every query (E5's 'query: ').")
+  flags.DEFINE_string("doc_prefix", "", "Prepended to every corpus text.")
   flags.DEFINE_integer("max_len", 128, "Tokens per text.")
   flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
 

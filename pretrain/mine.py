@@ -7,7 +7,9 @@
 --pairs is any pair file pretrain/data/pair_files.py reads; the corpus is every distinct positive
 (and given negative) of it. Every query's candidates come from BM25 (bm25s over code-aware terms)
 or from a dense model (any workdir, export or Hugging Face directory; cosine of --pooler
-embeddings, exact search on device in blocks of queries). A candidate is kept when it is not one
+embeddings of the encoder's final states, with --query_prefix / --doc_prefix prepended; a trained
+projection or latent pooler of an export is not applied; exact search on device in blocks of
+queries). A query's positives are all of its rows' positives. A candidate is kept when it is not one
 of the query's positives, ranks in [--range_min, --range_max) among the others, and scores below
 the positive's (its best positive) by --margin (absolute: score <= positive - margin) or
 --relative_margin (score <= positive x (1 - margin)): the false-negative control of
@@ -68,8 +70,10 @@ def candidates(rows, corpus, relevant, f):
     positive = [max(scores[r, i] for i in rel) for r, rel in enumerate(relevant)]
     return np.take_along_axis(scores, ids, 1), ids, np.asarray(positive)
   model = retrieval.load_encoder(f.model)
-  q = search.quantize(search.embed(model, queries, f.pooler, f.max_len), "float32")
-  c = search.quantize(search.embed(model, corpus, f.pooler, f.max_len), "float32")
+  q = search.quantize(search.embed(model, [f.query_prefix + t for t in queries], f.pooler,
+                                   f.max_len), "float32")
+  c = search.quantize(search.embed(model, [f.doc_prefix + t for t in corpus], f.pooler,
+                                   f.max_len), "float32")
   positive = [max(float(q[r] @ c[i]) for i in rel) for r, rel in enumerate(relevant)]
   return (*search.top_k(q, c, k, progress=bar.update), np.asarray(positive))
 
@@ -131,6 +135,9 @@ def define_flags():
   flags.DEFINE_string("sampling", "top", "top: the best kept; random: drawn (seeded).")
   flags.DEFINE_integer("seed", 0, "Seed of --sampling=random.")
   flags.DEFINE_string("pooler", "mean", "Dense pooling: mean or cls.")
+  flags.DEFINE_string("query_prefix", "", "Prepended to each query for dense scoring (E5's "
+                      "'query: '); the output keeps the texts as they are.")
+  flags.DEFINE_string("doc_prefix", "", "Prepended to each corpus text for dense scoring.")
   flags.DEFINE_integer("max_len", 128, "Tokens per text for dense scoring.")
   flags.DEFINE_bool("overwrite", False, "Replace --out when it exists.")
 

@@ -85,8 +85,9 @@ def load_task(task: str, budget: ProbeBudget, *, seed: int = 0, validation_fract
                                         max_files=budget.max_files, cache_dir=cache_dir))
   empty = [name for name in ("train", "dev", "test") if not getattr(data, name)]
   if empty:
-    raise ValueError(f"The {task} probe has no {empty[0]} examples in the first "
-                     f"{budget.max_files} stdlib files; read more files (0: all).")
+    files = f"the first {budget.max_files}" if budget.max_files else "the"
+    raise ValueError(f"The {task} probe has no {empty[0]} examples in {files} stdlib files; "
+                     "read more files (train.probe_max_files, 0: all).")
   return ProbeTask(task, subsample(data.train, budget.max_train, seed),
                    subsample(data.dev, budget.max_dev, seed + 1),
                    subsample(data.test, budget.max_test, seed + 2), len(data.label_names))

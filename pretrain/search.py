@@ -86,7 +86,10 @@ def metrics(ids_QK, relevant, ks=(1, 10, 100)) -> dict:
 
 
 def corpus_of(rows, with_negatives: bool = True):
-  """(corpus texts, relevant ids per row): every distinct positive (and negative) of the rows."""
+  """(corpus texts, relevant ids per row): every distinct positive (and negative) of the rows.
+
+  A row's relevant set is every positive of its query, over all rows with that query text
+  (sentence-transformers files repeat a query once per positive)."""
   index, corpus = {}, []
 
   def add(text):
@@ -95,7 +98,10 @@ def corpus_of(rows, with_negatives: bool = True):
       corpus.append(text)
     return index[text]
 
-  relevant = [{add(p) for p in row.pos} for row in rows]
+  by_query = {}
+  for row in rows:
+    by_query.setdefault(row.query, set()).update(add(p) for p in row.pos)
+  relevant = [by_query[row.query] for row in rows]
   if with_negatives:
     for row in rows:
       for n in row.neg:

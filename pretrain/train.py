@@ -103,8 +103,9 @@ def train_and_evaluate(config, workdir):
                      for k, v in scores.items()})
     if suite is not None and (step % t.probe_every == 0 or step == t.steps):
       result.update(suite(gathered(objective.encoder(state.params))))
-    run.writer.write(step, result)
-    metrics_lib.console_line(step, t.steps, result)
+    if result:
+      run.writer.write(step, result)
+      metrics_lib.console_line(step, t.steps, result)
     return result
 
   evaluate = run_eval if eval_sets or suite is not None else None

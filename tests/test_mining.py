@@ -94,3 +94,12 @@ def test_pairs_to_mined_triplets_to_an_export_sentence_transformers_loads(tmp_pa
   from sentence_transformers import SentenceTransformer  # pylint: disable=import-outside-toplevel
   embeddings = SentenceTransformer(str(export), device="cpu").encode(["how to sort a list"])
   assert embeddings.shape == (1, 64) and np.isfinite(embeddings).all()
+
+
+def test_a_query_on_several_rows_has_all_their_positives_and_one_split():
+  rows = [pair_files.PairRow("q", ("a",)), pair_files.PairRow("q", ("b",), ("c",)),
+          pair_files.PairRow("r", ("a",))]
+  corpus, relevant = search.corpus_of(rows)
+  assert corpus == ["a", "b", "c"] and relevant == [{0, 1}, {0, 1}, {0}]
+  splits = {pair_files.split_of(pair_files.PairRow("same query", (p,)), 0.5) for p in "xyzw"}
+  assert len(splits) == 1

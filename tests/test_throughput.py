@@ -44,3 +44,13 @@ def test_every_log_row_has_mfu_and_goodput_and_the_profile_is_written(corpus, tm
   c.train.profile_steps = "4:2"
   with pytest.raises(ConfigError, match="train.profile_steps"):
     common.validate(c)
+
+
+def test_a_resume_past_the_profile_start_traces_nothing_and_never_stops_a_missing_trace(tmp_path):
+  from pretrain.training import loop  # pylint: disable=import-outside-toplevel
+  profiler = loop.Profiler("2:4", str(tmp_path))
+  for step in (3, 4, 5):  # Resumed at step 2: START passed.
+    profiler.before(step)
+    profiler.after(step, None)
+  profiler.stop(5)
+  assert not profiler.active and not os.listdir(tmp_path)

@@ -14,7 +14,8 @@ and `data.doc_prefix` are prepended to every query and to every positive and neg
 "query: " / "passage: ", or an instruction). A row with a missing field, an empty text or a value
 of the wrong type is skipped, counted and reported with its file and line (the first few in the
 warning, all in the count); a file with no usable row is an error naming it. Rows are split into
-train and validation by a hash of their query and positive (`data.validation_fraction`).
+train and validation by a hash of their query (`data.validation_fraction`), so the rows of one
+query never straddle the split.
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def read(paths: str, fields: Fields = Fields(), query_prefix: str = "",
 
 
 def split_of(row: PairRow, validation_fraction: float) -> str:
-  key = (row.query + "\x00" + row.pos[0]).encode("utf-8")
+  """By a hash of the query alone: rows of one query (one per positive) share a split."""
+  key = row.query.encode("utf-8")
   unit = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
   return "validation" if unit < validation_fraction else "train"
 

@@ -20,8 +20,9 @@ Views (`view=`):
   Functions whose code is only the `def` line once the docstring is gone are left out.
   ccp        contrastive context prediction (Wu et al. 2022): the document's lines (or sentences,
              `ict_unit`) of at least MIN_QUERY_TOKENS tokens are centres; each is paired with a
-             unit drawn from the `ccp_window` units on either side of it (the paper's window
-             around the centre sentence), each side cut at seq_len.
+             unit drawn from the `ccp_window` such units on either side of it (the paper's
+             window around the centre sentence; shorter lines are skipped, not counted); the
+             centre is cut at query_len, the context at seq_len.
   files      the rows of pair files (`data.name=pair_files`, pretrain/data/pair_files.py): the
              query, one of its positives (drawn per use) and, with num_negatives = k > 0, k of
              its hard negatives (drawn without replacement; a row with fewer gets empty rows,

@@ -108,9 +108,10 @@ def builtin_task(c) -> TaskData:
   data = builtin_splits(c)
   if path:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # Several processes may build the same cache at once.
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(_to_json(data), f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
   return data
 
 

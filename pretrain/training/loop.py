@@ -66,6 +66,32 @@ def profile_range(value: str) -> tuple[int, int] | None:
   return int(start), int(end)
 
 
+class Profiler:
+  """train.profile_steps: a trace from step START to END - 1, stopped early if the loop ends (a
+  resume past START traces nothing rather than stopping a trace that never started)."""
+
+  def __init__(self, value: str, directory: str):
+    self.span = profile_range(value) if directory else None
+    self.directory, self.active = directory, False
+
+  def before(self, step):
+    if self.span and step == self.span[0] and not self.active:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step, state):
+    if self.active and step >= self.span[1] - 1:
+      self.stop(step, state)
+
+  def stop(self, step, state=None):
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("Wrote the profile of steps %d..%d to %s.", self.span[0], step, self.directory)
+
+
 class Timed:
   """Adds the seconds a block takes to a Throughput's lost time."""
 
@@ -80,7 +106,7 @@ class Timed:
 
 
 def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step, writer, mesh,
-        rules, preempted, save, evaluate=None, profile_dir=""):
+        rules, preempted, save, evaluate=None, profile_dir="", flops_scale=1.0):
   """Steps start + 1 .. train_config.steps; returns (state, last logged and evaluated metrics).
 
   `step_fn(state, batch, rng) -> (state, scalars)`; `next_batch()` gives the next device batch;
@@ -88,29 +114,40 @@ def run(state, step_fn, next_batch, rng, *, start, train_config, tokens_per_step
   at the last step (its results join the returned metrics). The loop stops early, after saving,
   when `preempted` is reached. Every log line carries tokens/s, MFU and goodput
   (`metrics_lib.Throughput`); `train.profile_steps="START:END"` traces steps START..END-1 with
-  jax.profiler into `profile_dir`.
+  jax.profiler into `profile_dir`. `flops_scale` multiplies XLA's FLOP count of the step, which
+  counts a loop body once (gradient accumulation's micro-batches; 0: no MFU).
   """
   t = train_config
   peak, _ = flops_lib.machine_peak_flops(t.get("peak_tflops", 0.0))
   throughput = metrics_lib.Throughput(tokens_per_step, t.steps, start, peak_flops=peak)
   log = functools.partial(log_scalars, writer, throughput, t)
-  profile = profile_range(t.get("profile_steps", ""))
-  final = {}
+  profiler = Profiler(t.get("profile_steps", ""), profile_dir)
+  try:
+    return _steps(state, step_fn, next_batch, rng, start, t, log, throughput, profiler, mesh,
+                  rules, preempted, save, evaluate, flops_scale)
+  finally:
+    profiler.stop(t.steps)  # Only if the loop ended inside the profiled steps.
+
+
+def _steps(state, step_fn, next_batch, rng, start, t, log, throughput, profiler, mesh, rules,
+           preempted, save, evaluate, flops_scale):
+  """`run`'s loop (see there)."""
+  final, scalars = {}, None
   pending = None  # (step, device metrics): fetched one step late so dispatch stays asynchronous
   for step in range(start + 1, t.steps + 1):
-    with Timed(throughput):
-      batch = next_batch()
+    # Input time is lost only when the device has nothing left to run while it waits.
+    idle = scalars is None or all(x.is_ready() for x in jax.tree.leaves(scalars))
+    waited = time.perf_counter()
+    batch = next_batch()
+    if idle:
+      throughput.lose(time.perf_counter() - waited)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       if step == start + 1:
-        throughput.flops_per_step = flops_lib.step_flops(step_fn, state, batch, rng)
-      if profile and step == profile[0] and profile_dir:
-        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        throughput.flops_per_step = flops_scale * flops_lib.step_flops(step_fn, state, batch, rng)
+      profiler.before(step)
       state, scalars = step_fn(state, batch, rng)
-      if profile and step == profile[1] - 1 and profile_dir:
-        with Timed(throughput):
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-        logging.info("Wrote the profile of steps %d..%d to %s.", profile[0], step, profile_dir)
+      with Timed(throughput):
+        profiler.after(step, state)
     if pending is not None:
       log(*pending)
       pending = None

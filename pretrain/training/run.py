@@ -115,7 +115,16 @@ def train(run: Run, state, step_fn, data_iterator, rng, *, start_step, tokens_pe
       state, step_fn, lambda: to_device(run, next(data_iterator)), rng, start=start_step,
       train_config=run.config.train, tokens_per_step=tokens_per_step, writer=run.writer,
       mesh=run.mesh, rules=run.rules, preempted=run.preempted, save=save, evaluate=evaluate,
-      profile_dir=os.path.join(run.workdir, "profile"))
+      profile_dir=os.path.join(run.workdir, "profile"), flops_scale=_flops_scale(run.config))
+
+
+def _flops_scale(config):
+  """XLA counts a loop body once: the step runs grad_accum_steps micro-batches. GradCache's
+  chunked re-encoding would be counted once per step and recomputed: no MFU then (0)."""
+  objective = config.get("objective") or {}
+  if objective.get("grad_cache_chunk", 0):
+    return 0.0
+  return float(config.optimizer.get("grad_accum_steps", 1))
 
 
 def finish(run: Run):
