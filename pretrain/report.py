@@ -64,7 +64,10 @@ def main(argv):
   print(f"Checkpoints:  {os.path.join(_WORKDIR.value, 'checkpoints')}")
   print(f"Metrics:      {os.path.join(_WORKDIR.value, 'metrics.jsonl')} and tensorboard/")
   if _EXPORT.value:
-    print(f"Export:       {_EXPORT.value} (transformers.AutoModelForMaskedLM / AutoTokenizer)")
+    loads = ("transformers.AutoModelForMaskedLM / AutoTokenizer"
+             if os.path.isfile(os.path.join(_EXPORT.value, "config.json"))
+             else "Flax params + tokenizer: this architecture has no transformers class")
+    print(f"Export:       {_EXPORT.value} ({loads})")
 
 
 if __name__ == "__main__":
