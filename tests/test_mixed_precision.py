@@ -10,7 +10,7 @@ from objectives import registry
 from pretrain.training import optimizer as optimizer_lib, state as state_lib, step as step_lib
 from tests.conftest import fake_tokenizer, make_tiny_config, packed_batch
 
-STEPS = 30
+STEPS = 20
 
 
 def _losses(dtype):

@@ -79,7 +79,7 @@ def test_the_mixture_config_is_checked():
   assert common.MIXTURE_MODES == mixture.MODES
 
 
-def test_a_mixture_trains_and_evaluates_each_source(tmp_path):
+def test_a_mixture_with_hard_negatives_trains_and_evaluates_each_source(tmp_path):
   from configs import pair_files as recipe  # pylint: disable=import-outside-toplevel
   from pretrain import train  # pylint: disable=import-outside-toplevel
   words = [w for w in pair_files.__doc__.split() if w.isalpha()]
@@ -88,8 +88,11 @@ def test_a_mixture_trains_and_evaluates_each_source(tmp_path):
     with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
       for i in range(80):
         f.write(json.dumps({"query": f"{name} " + " ".join(rng.choice(words, 6)),
-                            "pos": f"{name} {i} " + " ".join(rng.choice(words, 8))}) + "\n")
-  c = recipe.get_config("base=scratch,size=tiny,steps=4,batch_size=8,seq_len=32,vocab_size=350")
+                            "pos": f"{name} {i} " + " ".join(rng.choice(words, 8)),
+                            "neg": [f"def other{i}(y): " + " ".join(rng.choice(words, 8))]})
+                + "\n")
+  c = recipe.get_config("base=scratch,negatives=2,size=tiny,steps=4,batch_size=8,seq_len=32,"
+                        "vocab_size=350")
   c.data.update(paths="", data_dir=str(tmp_path / "data"), validation_fraction=0.2,
                 mixture=f"code={tmp_path / 'code.jsonl'}:2,docs={tmp_path / 'docs.jsonl'}:1")
   c.objective.query_len = 16
@@ -97,3 +100,5 @@ def test_a_mixture_trains_and_evaluates_each_source(tmp_path):
   final = train.train_and_evaluate(common.validate(c), str(tmp_path / "w"))
   assert np.isfinite(final["eval_code_contrastive_loss"])
   assert np.isfinite(final["eval_docs_contrastive_loss"])
+  # The tokenizer was trained on the pair texts (data.name=pair_files has no TFDS build).
+  assert (tmp_path / "data" / "tokenizers").is_dir()

@@ -1,6 +1,5 @@
 """Pair files (pretrain/data/pair_files.py), the `files` view and hard negatives in the loss."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -168,23 +167,3 @@ def test_negatives_need_the_files_view_and_the_files_view_needs_pair_files():
     _config("", num_negatives=2)
   with pytest.raises(ConfigError, match="objective.view"):
     _config("", view="files")
-
-
-def test_pair_files_train_a_model_with_hard_negatives(tmp_path):
-  from configs import pair_files as recipe  # pylint: disable=import-outside-toplevel
-  from pretrain import train  # pylint: disable=import-outside-toplevel
-  words = [w for w in pair_files.__doc__.split() if w.isalpha()]
-  rng = np.random.default_rng(0)
-  text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
-  rows = [{"query": f"find {text(6)}", "pos": [f"def item{i}(x): return {text(8)}"],
-           "neg": [f"def other{i}(y): {text(8)}", f"class Thing{i}: {text(5)}"]}
-          for i in range(120)]
-  path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
-  c = recipe.get_config("base=scratch,negatives=2,size=tiny,steps=4,batch_size=8,seq_len=32,"
-                        "vocab_size=350")
-  c.data.update(paths=path, data_dir=str(tmp_path / "data"), validation_fraction=0.2)
-  c.objective.query_len = 16
-  c.train.update(eval_every=4, eval_batches=1, async_checkpointing=False, log_every=2)
-  final = train.train_and_evaluate(c, str(tmp_path / "w"))
-  assert np.isfinite(final["eval_contrastive_loss"]) and final["eval_contrastive_loss"] > 0
-  assert os.path.isdir(tmp_path / "data" / "tokenizers")  # Trained on the pair texts.
