@@ -76,12 +76,14 @@ def main():
   parser.add_argument("--chunk", type=int, default=64, help="GradCache rows per chunk")
   parser.add_argument("--time_batches", default="64,1024")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--without_max", type=int, default=0,
+                      help="largest batch also run without GradCache (0: every batch)")
   args = parser.parse_args()
   timed = {int(b) for b in args.time_batches.split(",") if b}
   rows = []
   for batch_size in (int(b) for b in args.batches.split(",")):
     for chunk in sorted({0, args.chunk}):
-      if chunk >= batch_size:
+      if chunk >= batch_size or (not chunk and args.without_max and batch_size > args.without_max):
         continue
       compiled, state, batch, compile_s, tokens = compiled_step(args.config, batch_size, chunk)
       row = {"batch": batch_size, "grad_cache_chunk": chunk, "peak_mib": peak_bytes(compiled) / 2**20,
