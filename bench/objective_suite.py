@@ -122,6 +122,7 @@ def plot(curves, plan, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6))
+  colors = {name: f"C{i}" for i, name in enumerate(curves)}  # One colour per run in every panel.
   for ax, key in zip(axes, SCORES):
     for name, per_seed in curves.items():
       steps = sorted({s for c in per_seed for s, v in c if key in v})
@@ -131,8 +132,9 @@ def plot(curves, plan, path):
                for step in steps]
       x = [step * plan[name][1] / 1e12 for step in steps]
       mean = [m for m, _ in stats]
-      ax.plot(x, mean, marker="o", label=name)
-      ax.fill_between(x, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+      ax.plot(x, mean, marker="o", label=name, color=colors[name])
+      ax.fill_between(x, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.15,
+                      color=colors[name])
     ax.set_title(label(key))
     ax.set_xlabel("training TFLOP")
   axes[-1].legend(fontsize=8)  # Every run has probes; not every run has an MLM head.
