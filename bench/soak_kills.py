@@ -28,7 +28,7 @@ from pretrain.interop import load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TIMING_KEYS = ("tokens_per_s",)
+TIMING_KEYS = ("tokens_per_s", "mfu", "goodput")  # Wall-clock measures: differ run to run.
 
 
 def write_corpus(root):
