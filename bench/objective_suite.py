@@ -38,18 +38,13 @@ RUNS = {
     "prop": "configs/prop.py:arch={arch}",
     "modern": "configs/demo.py:arch=modern",
 }
-PROBE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval")
+PROBE_TASKS = ("exception_type", "docstring_match", "docstring_retrieval")  # --probe_tasks
 CONTROL = "random init (step 0)"
 
 
-def scores_of(probe_tasks):
-  """The scores read from each run: validation MLM accuracy, then each probe's."""
-  return ("eval_mlm_accuracy",) + tuple(
-      f"probe_{t}_mrr" if t == "docstring_retrieval" else f"probe_{t}_accuracy" for t in probe_tasks)
-
-
-SCORES = scores_of(PROBE_TASKS)
-PROBES = SCORES[1:]
+def is_score(key):
+  """The scores read from a run's rows: validation MLM accuracy and every probe."""
+  return key == "eval_mlm_accuracy" or key.startswith("probe_")
 
 
 def label(score):
@@ -66,22 +61,22 @@ def workdir(root, name, seed):
 
 def finished(path, steps):
   rows = metrics.read_jsonl(path) if os.path.isfile(os.path.join(path, "metrics.jsonl")) else []
-  return any(r["step"] == steps and PROBES[-1] in r for r in rows)
+  return any(r["step"] == steps and any(k.startswith("probe_") for k in r) for r in rows)
 
 
-def pretrain(spec, steps, path, seed, points, probe_rows, extra_flags):
+def pretrain(spec, steps, path, seed, points, probe_rows, probe_tasks, extra_flags):
   every = max(1, steps // points)
   equal_compute.run("-m", "pretrain.main", f"--config={equal_compute.with_args(spec, steps=steps)}",
                     f"--workdir={path}", f"--config.seed={seed}", f"--config.data.seed={seed}",
                     f"--config.train.eval_every={every}", f"--config.train.probe_every={every}",
-                    f"--config.train.probe_tasks={','.join(t for t in PROBE_TASKS)}",
+                    f"--config.train.probe_tasks={','.join(probe_tasks)}",
                     f"--config.train.probe_rows={probe_rows}", *extra_flags)
 
 
 def curve(path):
   """[(step, {score: value})] of the rows that hold probes."""
-  return [(r["step"], {k: r[k] for k in SCORES if k in r})
-          for r in metrics.read_jsonl(path) if PROBES[-1] in r]
+  return [(r["step"], {k: v for k, v in r.items() if is_score(k)})
+          for r in metrics.read_jsonl(path) if any(k.startswith("probe_") for k in r)]
 
 
 def mean_std(values):
@@ -92,19 +87,25 @@ def mean_std(values):
   return mean, math.sqrt(var)
 
 
-def summarise(curves, plan):
+def score_names(curves):
+  """Every score any run logged, validation MLM accuracy first."""
+  names = dict.fromkeys(k for per_seed in curves.values() for c in per_seed for _, v in c for k in v)
+  return sorted(names, key=lambda k: k != "eval_mlm_accuracy")  # Stable: logged order after.
+
+
+def summarise(curves):
   """{run: {score: (mean, std)}} at each run's last step; CONTROL from every run's step 0."""
-  out = {}
+  keys, out = score_names(curves), {}
   for name, per_seed in curves.items():
     last = [c[-1][1] for c in per_seed]
-    out[name] = {k: mean_std([s[k] for s in last if k in s]) for k in SCORES}
+    out[name] = {k: mean_std([s[k] for s in last if k in s]) for k in keys}
   first = [c[0][1] for per_seed in curves.values() for c in per_seed if c[0][0] == 0]
-  out[CONTROL] = {k: mean_std([s[k] for s in first if k in s]) for k in SCORES}
+  out[CONTROL] = {k: mean_std([s[k] for s in first if k in s]) for k in keys}
   return out
 
 
 def markdown(summary, plan, seeds):
-  head = ["run", "steps", "TFLOP", *map(label, SCORES)]
+  head = ["run", "steps", "TFLOP", *map(label, next(iter(summary.values())))]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, scores in summary.items():
     steps, flops = plan.get(name, (0, 0.0))
@@ -121,9 +122,10 @@ def plot(curves, plan, path):
     raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6))
+  keys = score_names(curves)
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
   colors = {name: f"C{i}" for i, name in enumerate(curves)}  # One colour per run in every panel.
-  for ax, key in zip(axes, SCORES):
+  for ax, key in zip(axes, keys):
     for name, per_seed in curves.items():
       steps = sorted({s for c in per_seed for s, v in c if key in v})
       if not steps:
@@ -144,8 +146,6 @@ def plot(curves, plan, path):
 
 
 def main():
-  # The probe tasks are one choice per invocation, read by every helper above.
-  global PROBE_TASKS, SCORES, PROBES  # pylint: disable=global-statement
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", default="workdir/suite")
   parser.add_argument("--runs", default="mlm,electra", help="the first is the budget's unit; of "
@@ -162,9 +162,7 @@ def main():
   parser.add_argument("--plot", default="", help="write the learning curves to this PNG")
   parser.add_argument("--out", default="", help="also write the table and JSON here (.md, .json)")
   args, extra_flags = parser.parse_known_args()
-  PROBE_TASKS = tuple(t for t in args.probe_tasks.split(",") if t)
-  SCORES = scores_of(PROBE_TASKS)
-  PROBES = SCORES[1:]
+  probe_tasks = [t for t in args.probe_tasks.split(",") if t]
   names = [n for n in args.runs.split(",") if n]
   seeds = [int(s) for s in args.seeds.split(",") if s]
   if not names or set(names) - set(RUNS) or not seeds or args.points < 1:
@@ -181,9 +179,10 @@ def main():
     for seed in seeds:
       path = workdir(root, name, seed)
       if not finished(path, steps):
-        pretrain(specs[name], steps, path, seed, args.points, args.probe_rows, extra_flags)
+        pretrain(specs[name], steps, path, seed, args.points, args.probe_rows, probe_tasks,
+                 extra_flags)
     curves[name] = [curve(workdir(root, name, seed)) for seed in seeds]
-  summary = summarise(curves, plan)
+  summary = summarise(curves)
   table = markdown(summary, plan, seeds)
   print(table)
   if args.out:

@@ -64,8 +64,7 @@ def evaluate(models, kinds, pairs: str, *, bm25: bool = False, pooler: str = "me
       _, ids = search.top_k(search.quantize(q, kind, c), search.quantize(c, kind), 100)
       out.append(row(path, kind, q.shape[1], ids, relevant))
   if bm25:
-    scores = retrieval.bm25_scores(queries, corpus)
-    ids = (-scores).argsort(1, kind="stable")[:, :100]
+    _, ids = search.ranked(retrieval.bm25_scores(queries, corpus), 100)
     out.append(row("BM25", "-", None, ids, relevant))
   return out
 

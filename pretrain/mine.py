@@ -65,10 +65,9 @@ def candidates(rows, corpus, relevant, f):
   bar = tqdm.tqdm(total=len(rows), desc="scoring queries", unit="query")
   if f.bm25:
     scores = retrieval.bm25_scores(queries, corpus)
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     bar.update(len(rows))
     positive = [max(scores[r, i] for i in rel) for r, rel in enumerate(relevant)]
-    return np.take_along_axis(scores, ids, 1), ids, np.asarray(positive)
+    return (*search.ranked(scores, k), np.asarray(positive))
   model = retrieval.load_encoder(f.model)
   q = search.quantize(search.embed(model, [f.query_prefix + t for t in queries], f.pooler,
                                    f.max_len), "float32")

@@ -46,6 +46,13 @@ def top_k(queries_QD, corpus_CD, k: int, *, block: int = BLOCK, progress=None):
   return scores, ids
 
 
+def ranked(scores_QC, k: int):
+  """(scores [Q, k], ids [Q, k]) of the k best of each row of a full score matrix (BM25's), best
+  first; ties go to the lower id, as in `top_k`."""
+  ids = np.argsort(-np.asarray(scores_QC), axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(np.asarray(scores_QC), ids, 1), ids
+
+
 def quantize(embeddings_ND, kind: str, calibration_MD=None) -> np.ndarray:
   """float32 values of the `kind` quantization of L2-normalised embeddings (see the module)."""
   if kind not in QUANTIZATIONS:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -160,9 +161,19 @@ def _row(record: dict, fields: Fields, prefixes: tuple[str, str]) -> PairRow:
 
 def read(paths: str, fields: Fields = Fields(), query_prefix: str = "",
          doc_prefix: str = "") -> list[PairRow]:
-  """Every usable row of the files; bad rows are counted and reported (see module docstring)."""
+  """Every usable row of the files; bad rows are counted and reported (see module docstring).
+
+  Read once per process for the same arguments: a run opens the files for the tokenizer check,
+  the train split and the validation split of every source."""
+  files = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in files_of(paths))
+  return list(_read(files, fields, query_prefix, doc_prefix))
+
+
+@functools.lru_cache(maxsize=16)
+def _read(files: tuple, fields: Fields, query_prefix: str, doc_prefix: str) -> tuple:
+  """`read` of (path, size, mtime) triples: a file that changes is read again."""
   rows, bad = [], []
-  for path in files_of(paths):
+  for path, _, _ in files:
     usable, detected = 0, None
     for line, record in _records(path):
       try:
@@ -183,7 +194,7 @@ def read(paths: str, fields: Fields = Fields(), query_prefix: str = "",
                 "; ".join(bad[:SHOWN_BAD_ROWS]), " ..." if len(bad) > SHOWN_BAD_ROWS else "")
     print(f"Skipped {len(bad)} of {len(bad) + len(rows)} pair rows (first: {bad[0]}).",
           flush=True)
-  return rows
+  return tuple(rows)
 
 
 def split_of(row: PairRow, validation_fraction: float) -> str:
