@@ -35,7 +35,7 @@ def _losses(dtype):
 def test_bf16_tracks_the_fp32_loss_with_fp32_weights():
   fp32, _ = _losses("float32")
   bf16, state = _losses("bfloat16")
-  # The same masks and data: bf16 rounding alone separates the curves (3e-4 apart at most when
+  # The same masks and data: bf16 rounding alone separates the curves (3.5e-4 apart at most when
   # measured on CPU); both learn.
   assert fp32[-5:].mean() < fp32[:5].mean() - 0.1 and bf16[-5:].mean() < bf16[:5].mean() - 0.1
   assert np.max(np.abs(bf16 - fp32)) < 0.02, np.abs(bf16 - fp32).max()
