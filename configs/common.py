@@ -122,6 +122,9 @@ def model_config(size):
                                 # layers that are not global: cheaper long sequences
       global_every=3,           # with local_window: layer i is global iff i % global_every == 0
       mlm_head="bert",          # MLM_HEADS: "modernbert" normalises with the model's norm
+      attention="xla",          # pretrain.models.attention_kernels: xla, cudnn, pallas_gpu,
+                                # splash or auto (per backend); the same outputs, faster kernels
+      attention_interpret=False,  # Pallas kernels in interpret mode (tests, CPU dry runs only)
       vocab_multiple=1))        # pad the embedding rows to a multiple (64: faster matmuls);
                                 # padded ids are never predicted
 

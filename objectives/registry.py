@@ -7,9 +7,12 @@ Each objective module defines `CONFIG` (its own `config.objective` keys with def
 """
 import dataclasses
 
+import jax
+
 from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
                         prop, retromae)
-from pretrain.models import encoder as enc
+from objectives.checks import ConfigError
+from pretrain.models import attention_kernels, encoder as enc
 
 REGISTRY = {
     "mlm": mlm.MaskedLM,
@@ -63,6 +66,12 @@ def validate(config):
     combined.validate_components(config.objective, COMPONENTS)
   for cls in _classes(config.objective):
     cls.validate(config)
+  m = config.model
+  reason = attention_kernels.problem(
+      m.get("attention", "xla"), jax.default_backend(), m.hidden_size // m.num_heads,
+      config.data.seq_len, m.dtype, m.get("attention_interpret", False))
+  if reason:  # A kernel that cannot run this shape or backend: refused before anything compiles.
+    raise ConfigError(reason)
 
 
 def needs(objective_config) -> frozenset:
@@ -73,7 +82,8 @@ def needs(objective_config) -> frozenset:
 # `config.model` keys that are EncoderConfig fields of the same name (and meaning).
 ARCHITECTURE_KEYS = ("position", "rope_theta", "rope_local_theta", "mlp", "pre_norm", "norm",
                      "norm_bias", "use_bias", "type_vocab_size", "layer_norm_eps", "local_window",
-                     "global_every", "mlm_head", "vocab_multiple")
+                     "global_every", "mlm_head", "vocab_multiple", "attention",
+                     "attention_interpret")
 
 
 def encoder_config(model_config, vocab_size) -> enc.EncoderConfig:

@@ -1,10 +1,15 @@
 """Attention for packed rows: the segment and sliding-window masks, rotary positions, attention.
 
-Masks are boolean [B, 1, L, L] (query, key). The segment mask is block-diagonal over packed
-documents; padding (segment 0) attends only to padding, so no softmax row is ever empty. The
-sliding window (ModernBERT's local attention) keeps |p_i - p_j| <= local_window // 2 on top of
-it, where p are the per-document positions: within a document that is ModernBERT's distance
-between row indices, a window never crosses a document, and every token still sees itself.
+The segment mask is block-diagonal over packed documents; padding (segment 0) attends only to
+padding, so no softmax row is ever empty. The sliding window (ModernBERT's local attention) keeps
+|p_i - p_j| <= local_window // 2 on top of it, where p are the per-document positions: within a
+document that is ModernBERT's distance between row indices, a window never crosses a document,
+and every token still sees itself; padding sees all padding (its positions are all 0, the
+pipeline's). Both are kept by structure, as a `PackedMask` (segment ids,
+positions, window): its `dense()` is the boolean [B, 1, L, L] (query, key) mask that `xla` and
+`cudnn` read, while the flash kernels (``attention_kernels``, chosen by `EncoderConfig.attention`)
+take the segment ids and the window radius and never build it. Any other boolean [B, 1, L, L]
+mask (ERNIE-Gram's, RetroMAE's decoder) is accepted too and always runs densely.
 
 Rotary embeddings are Hugging Face's (``rotate_half`` layout, inverse frequencies
 theta^(-2k/D), computed in float32) applied at the per-document positions, so they restart in
@@ -13,28 +18,85 @@ each packed document like learned positions do.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Union
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pretrain.models import layers
+from pretrain.models import attention_kernels, layers
 from pretrain.models.encoder_config import EncoderConfig
 
 Array = jax.Array
 _QKV = ("batch", "length", "heads", "kv")
 
 
-def segment_mask(segment_ids_BL: Array) -> Array:
-  """[B, 1, L, L] boolean: query i may attend key j iff their segment ids are equal."""
-  return (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+@flax.struct.dataclass
+class PackedMask:
+  """The mask of packed rows by structure: query i may attend key j iff their segment ids are
+  equal and, with a window, |p_i - p_j| <= window // 2 (p: `positions_BL`) or both are padding."""
+
+  segment_ids_BL: Array
+  positions_BL: Optional[Array] = None
+  window: int = flax.struct.field(pytree_node=False, default=0)  # 0: no window
+
+  @property
+  def radius(self) -> Optional[int]:
+    """The window's reach in rows (kernels compare row indices), or None without a window."""
+    return self.window // 2 if self.window else None
+
+  def dense(self) -> Array:
+    """The [B, 1, L, L] boolean mask."""
+    ids_BL = self.segment_ids_BL
+    mask_B1LL = ids_BL[:, None, :, None] == ids_BL[:, None, None, :]
+    if not self.window:
+      return mask_B1LL
+    padding_B11L = (ids_BL == 0)[:, None, None, :]  # segment 0 with segment 0 only (see above)
+    return _within_window(mask_B1LL, self.positions_BL, self.window) | (mask_B1LL & padding_B11L)
 
 
-def window_mask(mask_B1LL: Array, positions_BL: Array, window: int) -> Array:
-  """`mask_B1LL` restricted to keys within window // 2 positions of the query."""
+Mask = Union[PackedMask, Array]  # A structural mask, or any boolean [B, 1, L, L] mask.
+
+
+def _within_window(mask_B1LL: Array, positions_BL: Array, window: int) -> Array:
   distance_BLL = jnp.abs(positions_BL[:, :, None] - positions_BL[:, None, :])
   return mask_B1LL & (distance_BLL <= window // 2)[:, None]
+
+
+def segment_mask(segment_ids_BL: Array) -> PackedMask:
+  """Query i may attend key j iff their segment ids are equal (`.dense()`: [B, 1, L, L])."""
+  return PackedMask(jnp.asarray(segment_ids_BL))
+
+
+def window_mask(mask: Mask, positions_BL: Array, window: int) -> Mask:
+  """`mask` restricted to keys within window // 2 positions of the query (structural when
+  `mask` is a `segment_mask`, a dense array when it is one)."""
+  if isinstance(mask, PackedMask):
+    return mask.replace(positions_BL=jnp.asarray(positions_BL), window=window)
+  return _within_window(mask, positions_BL, window)
+
+
+def dense(mask: Mask) -> Array:
+  """The boolean [B, 1, L, L] array of either kind of mask."""
+  return mask.dense() if isinstance(mask, PackedMask) else mask
+
+
+def attend(config: EncoderConfig, q_BLND: Array, k_BLND: Array, v_BLND: Array,
+           mask: Mask) -> Array:
+  """softmax(q k^T / sqrt(D)) v under `mask`, by `config.attention` (`attention_kernels`)."""
+  _, seq_len, _, head_dim = q_BLND.shape
+  name = attention_kernels.resolve(config.attention, jax.default_backend(), head_dim, seq_len,
+                                   config.dtype, config.attention_interpret)
+  if (name in attention_kernels.KERNELS and isinstance(mask, PackedMask)
+      and k_BLND.shape[1] == seq_len):
+    kernel = functools.partial(getattr(attention_kernels, name), radius=mask.radius,
+                               interpret=config.attention_interpret)
+    return attention_kernels.per_shard(kernel, q_BLND, k_BLND, v_BLND, mask.segment_ids_BL)
+  if name == "cudnn":
+    return attention_kernels.cudnn(q_BLND, k_BLND, v_BLND, dense(mask))
+  return jax.nn.dot_product_attention(q_BLND, k_BLND, v_BLND, mask=dense(mask))
 
 
 def rotary(x_BLND: Array, positions_BL: Array, theta: float) -> Array:
@@ -55,6 +117,7 @@ class Attention(nn.Module):
 
   Params: {query,key,value}/{kernel [H, N, D], bias [N, D]}, output/{kernel [N, D, H], bias [H]}.
   With position="rope", queries and keys are rotated at `positions_BL` with base `theta`.
+  `mask_B1LL` is a `Mask`: a `PackedMask` (the encoder's) or any boolean [B, 1, L, L] array.
   Attention-probability dropout is NOT applied (``jax.nn.dot_product_attention`` has none, and it
   keeps fused kernels usable); the exports therefore declare an attention dropout of 0.0.
   """
@@ -79,8 +142,8 @@ class Attention(nn.Module):
         raise ValueError("position='rope' attention needs positions_BL")
       q_BLND = rotary(q_BLND, positions_BL, self.theta)
       k_BLND = rotary(k_BLND, positions_BL, self.theta)
-    # Default scale is 1/sqrt(head_dim), as in BERT and ModernBERT.
-    out_BLND = jax.nn.dot_product_attention(q_BLND, k_BLND, v_BLND, mask=mask_B1LL)
+    # The scale is 1/sqrt(head_dim), as in BERT and ModernBERT.
+    out_BLND = attend(cfg, q_BLND, k_BLND, v_BLND, mask_B1LL)
     out_BLND = nn.with_logical_constraint(out_BLND, _QKV)
     out_BLH = layers.Einsum(cfg, "blnd,ndh->blh", (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                             ("heads", "kv", "embed"), name="output")(out_BLND)

@@ -30,7 +30,10 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 MLM_HEADS = ("bert", "modernbert")
-_CHOICES = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "mlm_head": MLM_HEADS}
+# How attention runs (``pretrain.models.attention_kernels``): the same mask and math, another kernel.
+ATTENTIONS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
+_CHOICES = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "mlm_head": MLM_HEADS,
+            "attention": ATTENTIONS}
 
 
 def _positive_int(value, minimum=1) -> bool:
@@ -69,6 +72,8 @@ class EncoderConfig:
   global_every: int = 3  # With local_window: layer i is global iff i % global_every == 0.
   mlm_head: str = "bert"  # MLM_HEADS
   vocab_multiple: int = 1  # Embedding rows padded to a multiple of this (1: none).
+  attention: str = "xla"  # ATTENTIONS: the attention kernel (same outputs, see attention_kernels).
+  attention_interpret: bool = False  # Pallas kernels in interpret mode: tests and CPU dry runs.
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
@@ -93,7 +98,7 @@ class EncoderConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f"EncoderConfig.{name} must be one of {', '.join(allowed)}, got "
                          f"{getattr(self, name)!r}")
-    for name in ("pre_norm", "norm_bias", "use_bias"):
+    for name in ("pre_norm", "norm_bias", "use_bias", "attention_interpret"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"EncoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.position == "rope" and self.head_dim % 2:
