@@ -47,6 +47,7 @@ MLM_HEADS = ("bert", "modernbert")
 TOKENIZER_TYPES = ("unigram", "bpe")
 MESH_AXES = ("data", "fsdp", "tensor")
 MIXTURE_MODES = ("batch", "row")  # pretrain.data.mixture.MODES (a test holds them equal)
+INIT_LAYERS = ("every_k", "first")  # pretrain.interop.student_init.LAYER_CHOICES
 
 # T5X-style defaults: the batch is split over data and fsdp, parameters over fsdp (embed) and tensor.
 DEFAULT_AXIS_RULES = (
@@ -191,6 +192,9 @@ def base_config():
   c.axis_rules = DEFAULT_AXIS_RULES
   c.init_from = ""               # a workdir, or a Hugging Face BERT dir, to start from when the
                                  # workdir has no checkpoint
+  c.init_from_layers = ""        # "": init_from has this model's shapes; every_k, first or a
+                                 # 0-based list "0,2,4": a student cut from the init_from teacher
+                                 # (those layers, leading units; pretrain/interop/student_init.py)
   return c
 
 
@@ -281,6 +285,11 @@ def validate(config):
                                   and 0 < int(span[0]) < int(span[1])), "train.profile_steps",
           t.profile_steps, "'' or START:END with 0 < START < END (steps START..END-1)")
   require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", t.nonfinite, ", ".join(NONFINITE_MODES))
+  layers = config.get("init_from_layers", "")
+  require(not layers or (config.init_from and (layers in INIT_LAYERS or all(
+      p.strip().isdigit() for p in layers.split(",")))), "init_from_layers", layers,
+          f"'' or, with config.init_from set, {', '.join(INIT_LAYERS)} or 0-based teacher layers "
+          "like '0,2,4'")
   for axis in MESH_AXES:
     require(config.mesh[axis] == -1 or config.mesh[axis] >= 1, f"mesh.{axis}", config.mesh[axis],
              "-1 (the remaining devices) or a positive integer")

@@ -30,11 +30,23 @@ class Guide:
 
 
 @dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen encoder, with its MLM head when it has one, that a student is distilled from
+  (objectives/distill.py); built by the entry point (`pretrain.interop.load.load_teacher`)."""
+  model_config: enc.EncoderConfig  # dropout off
+  params: dict  # {"encoder": ...[, "mlm_head": ...]} numpy arrays
+  path: str  # objective.teacher, for messages
+  tokenizer_file: str  # "" when the directory has none
+  pieces: Optional[tuple] = None  # its vocabulary in id order, when its tokenizer is readable
+
+
+@dataclasses.dataclass(frozen=True)
 class Resources:
   """What an objective needs from outside the objectives floor, built by the entry point:
-  ERNIE-Gram's n-gram lexicon (`pretrain.data.ngrams.Lexicon`), a contrastive guide."""
+  ERNIE-Gram's n-gram lexicon (`pretrain.data.ngrams.Lexicon`), a contrastive guide, a teacher."""
   lexicon: Any = None
   guide: Optional[Guide] = None
+  teacher: Optional[Teacher] = None
 
 
 # `Objective.input_format`: which input pipeline the entry point builds for an objective.
@@ -77,7 +89,7 @@ class Objective:
 
   @classmethod
   def needs(cls, objective_config) -> frozenset:
-    """The `Resources` fields this configuration needs built ("lexicon", "guide")."""
+    """The `Resources` fields this configuration needs built ("lexicon", "guide", "teacher")."""
     del objective_config
     return frozenset()
 

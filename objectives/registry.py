@@ -9,8 +9,8 @@ import dataclasses
 
 import jax
 
-from objectives import (base, combined, contrastive, detection, electra, ernie_gram, masking, mlm,
-                        prop, retromae)
+from objectives import (base, combined, contrastive, detection, distill, electra, ernie_gram,
+                        masking, mlm, prop, retromae)
 from objectives.checks import ConfigError
 from pretrain.models import attention_kernels, encoder as enc
 
@@ -26,10 +26,12 @@ REGISTRY = {
     "ernie_gram": ernie_gram.ErnieGram,
     "contrastive": contrastive.Contrastive,
     "prop": prop.Prop,
+    "distill": distill.Distill,
 }
 NAMES = tuple(REGISTRY)
 COMPONENTS = tuple(n for n in NAMES if n != "combined")  # what `combined` may combine
-CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive, prop)
+CONFIG_MODULES = (masking, detection, electra, combined, retromae, ernie_gram, contrastive, prop,
+                  distill)
 Resources = base.Resources
 
 

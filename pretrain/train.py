@@ -18,7 +18,7 @@ from configs import common
 from pretrain import probes
 from pretrain.data import (mixture, ngrams, pair_files, pairs, pipeline, sources,
                            tokenizer as tokenizer_lib)
-from pretrain.interop import files, hf_read, load
+from pretrain.interop import files, hf_read, load, student_init
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib, step as step_lib, workdir_lock)
 
@@ -44,6 +44,7 @@ def train_and_evaluate(config, workdir):
   tokenizer = tokenizer_lib.load_or_train(d)
   resources = load.resources(config, tokenizer)
   objective = registry.build(config, tokenizer, resources)
+  student = _student_from_teacher(config, objective) if config.get("init_from_layers") else None
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, t.steps)
   mixed = mixture.parse(d.get("mixture", ""))
 
@@ -76,6 +77,8 @@ def train_and_evaluate(config, workdir):
   def init_params(params, param_shardings):
     if not config.init_from:
       return params
+    if student is not None:
+      return jax.device_put({**params, **student}, param_shardings)
     return _params_from(config.init_from, params, objective, tx, d.seq_len, run.mesh, run.rules,
                         param_shardings)
 
@@ -169,8 +172,9 @@ def _check_init_from(config):
   """Before anything runs or is written: `init_from` names a Hugging Face directory, or a
   pretraining workdir whose model has this run's shapes."""
   path = config.init_from
-  if not path or os.path.isfile(os.path.join(path, files.CONFIG_FILE)):
-    return
+  if not path or config.get("init_from_layers") or os.path.isfile(
+      os.path.join(path, files.CONFIG_FILE)):
+    return  # A student cut from a teacher is checked by `_student_from_teacher`.
   if not load.is_workdir(path):
     raise FileNotFoundError(
         f"config.init_from={path!r} is neither a pretraining workdir (no "
@@ -189,6 +193,18 @@ def _check_init_from(config):
     raise ValueError(f"config.init_from: {e.args[0].split(' Use --config')[0]} Starting from it "
                      "needs the same model shape: use its values, or leave config.init_from "
                      "empty.") from None
+
+
+def _student_from_teacher(config, objective):
+  """`init_from_layers`: the student's encoder (and MLM head) cut from the init_from teacher, as
+  numpy trees; raises before anything is written when the student is not a part of it."""
+  pretrained = load.load_encoder(config.init_from, what="config.init_from")
+  shapes = nn.unbox(jax.eval_shape(objective.init, jax.random.key(0),
+                                   objective.example_batch(config.data.seq_len)))
+  logging.info("Cutting the student from %s (layers: %s).", config.init_from,
+               config.init_from_layers)
+  return student_init.student_params(pretrained, config.init_from_layers, objective.model_config,
+                                     shapes, config.init_from)
 
 
 def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardings):

@@ -3,6 +3,7 @@
   load_workdir(workdir)  -> Workdir(config, tokenizer, objective, params, step), on one device
   load_encoder(path)     -> Pretrained(config, encoder, tokenizer_dir, source, description)
   load_guide(path)       -> objectives.base.Guide (a frozen encoder + pooler for GISTEmbed)
+  load_teacher(path, L)  -> objectives.base.Teacher (a frozen encoder + MLM head to distill from)
   resources(config, ...) -> objectives.base.Resources that an objective needs from outside
 
 Our export directories are read from flax_params.msgpack + encoder_config.json; Hugging Face
@@ -67,6 +68,7 @@ class Pretrained:
   tokenizer_dir: str  # Holds spm.model or tokenizer.json.
   source: str  # "workdir", "export" or "hf:<model_type>".
   description: dict  # Objective, steps, ... for the fine-tuned model card.
+  heads: dict = dataclasses.field(default_factory=dict)  # "mlm_head" when the model has one
 
   def tokenizer(self):
     """The tokenizer; our exports carry spm.model beside a tokenizer.json that only AutoTokenizer
@@ -110,16 +112,19 @@ def load_encoder(path: str, step: Optional[int] = None, what: str = "model path"
                             "pretrain.export directory or a Hugging Face model directory.")
   if is_workdir(path):
     w = load_workdir(path, step)
+    head = w.objective.token_head(w.params)
     return Pretrained(w.objective.model_config, w.objective.encoder(w.params),
                       os.path.join(path, checkpointing.TOKENIZER_DIR), "workdir",
                       {"objective": w.config.objective.name, "steps": w.step,
-                       "data": w.config.data.name})
+                       "data": w.config.data.name}, {} if head is None else {"mlm_head": head})
   if is_our_export(path):
     config, params = read_export(path)
-    return Pretrained(config, params["encoder"], path, "export", {})
+    return Pretrained(config, params["encoder"], path, "export", {},
+                      {k: params[k] for k in ("mlm_head",) if k in params})
   if os.path.isfile(os.path.join(path, files.CONFIG_FILE)):
     imported = hf_read.read_hf_encoder(path)
-    return Pretrained(imported.config, imported.encoder, path, f"hf:{imported.model_type}", {})
+    return Pretrained(imported.config, imported.encoder, path, f"hf:{imported.model_type}", {},
+                      {k: v for k, v in imported.heads.items() if k == "mlm_head"})
   raise FileNotFoundError(
       f"{what}={path} is none of: a pretraining workdir ({checkpointing.CHECKPOINTS_DIR}/), a "
       f"pretrain.export directory ({files.MSGPACK_FILE} + {files.ENCODER_CONFIG_FILE}), a Hugging "
@@ -148,6 +153,23 @@ def load_guide(path, guide_pooler="auto") -> base.Guide:
                     {"encoder": pretrained.encoder, "pooler": pooler_params})
 
 
+def load_teacher(path, seq_len) -> base.Teacher:
+  """A frozen distillation teacher (dropout off) from anything `load_encoder` reads, with its MLM
+  head when it has one and its vocabulary (for the student's same-tokenizer check)."""
+  pretrained = load_encoder(path, what="objective.teacher")
+  config = dataclasses.replace(pretrained.config, dropout_rate=0.0)
+  if config.position == "learned" and config.max_len < seq_len:
+    raise ValueError(f"objective.teacher={path!r} has {config.max_len} positions but "
+                     f"data.seq_len={seq_len}; use data.seq_len <= {config.max_len}.")
+  try:
+    tokenizer = pretrained.tokenizer()
+  except (FileNotFoundError, ValueError):  # No tokenizer file: only the sizes can be compared.
+    return base.Teacher(config, {"encoder": pretrained.encoder, **pretrained.heads}, path, "")
+  pieces = tuple(tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size))
+  return base.Teacher(config, {"encoder": pretrained.encoder, **pretrained.heads}, path,
+                      tokenizer.model_path, pieces)
+
+
 def lexicon(config, tokenizer):
   """ERNIE-Gram's n-gram lexicon of the run's train split (built once, then read back)."""
   o = config.objective
@@ -163,4 +185,6 @@ def resources(config, tokenizer, exclude=frozenset()) -> base.Resources:
   return base.Resources(
       lexicon=lexicon(config, tokenizer) if "lexicon" in wanted else None,
       guide=(load_guide(config.objective.guide, config.objective.guide_pooler)
-             if "guide" in wanted else None))
+             if "guide" in wanted else None),
+      teacher=(load_teacher(config.objective.teacher, config.data.seq_len)
+               if "teacher" in wanted else None))
