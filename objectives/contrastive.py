@@ -43,7 +43,8 @@ One objective, `contrastive`, whose parts are chosen by `config.objective`:
   (cosine); every in-batch candidate it scores strictly above the query's own positive is masked
   out of the softmax. The guide reads the same token ids as the student: THE GUIDE AND THE STUDENT
   MUST SHARE A TOKENIZER (checked: equal vocabulary sizes). Its params live in the objective's
-  state (frozen, checkpointed).
+  state (frozen, checkpointed). `score_distill` (kl, margin_mse; objectives/score_distill.py)
+  also makes it a teacher of the student's scores; `guide_masking=False` keeps it a teacher only.
 
 Compute per step (for equal-compute comparisons; attention's L^2 term ignored): with N encoder
 parameters, B rows, Lq and Ld the query and document row lengths (padded lengths: that is what
@@ -59,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from objectives import base, grad_cache, views
+from objectives import base, grad_cache, score_distill, views
 from objectives.contrastive_checks import validate_config
 from objectives.contrastive_losses import (batch_standardize, default_dims, default_starbucks,
                                            ema, enqueue, guide_masks, info_nce, kl_rows,
@@ -93,6 +94,10 @@ CONFIG = dict(
     kl_weight=1.0,               # 2dmse, starbucks
     guide="",                    # GISTEmbed guide model directory ("" = none)
     guide_pooler="auto",         # auto (pooler.json / sentence-transformers config, else mean)
+    guide_masking=True,          # the guide masks candidates it scores above the positive
+    score_distill="none",        # none, kl, margin_mse: the guide teaches the student's scores
+    score_distill_weight=1.0,    # the distillation loss's weight next to the InfoNCE
+    score_distill_temperature=0.0,  # kl: the teacher's temperature (0: objective.temperature)
     ccp_window=2,                # ccp: the context unit is within this many of the centre
     query_batch_norm=False,      # CCP's asymmetric batch norm: standardise the query side's
                                  # embeddings over the batch (keys/documents untouched)
@@ -296,10 +301,12 @@ class Contrastive(base.EncoderObjective):
       embed = lambda rows, _: self.guide_embed(guide, rows)  # noqa: E731
       gq, gd, *gn = (grad_cache.chunked(embed, rows, rng, c.grad_cache_chunk, remat=False)
                      for rows in (q_rows, d_rows) + ((n_rows,) if n_rows is not None else ()))
-      masks = (guide_masks(gq, jnp.concatenate([gd, *gn]))[0], guide_masks(gq, gd)[1])
-      off_diagonal = ((valid[:, None] & cand_valid[None, :])
-                      & ~jnp.eye(len(valid), len(cand_valid), dtype=bool))
-      metrics["guide_masked_fraction"] = base.mean_metric(masks[0], off_diagonal)
+      teacher = (gq, jnp.concatenate([gd, *gn]))
+      if c.guide_masking:
+        masks = guide_masks(*teacher)
+        off_diagonal = ((valid[:, None] & cand_valid[None, :])
+                        & ~jnp.eye(len(valid), len(cand_valid), dtype=bool))
+        metrics["guide_masked_fraction"] = base.mean_metric(masks[0], off_diagonal)
 
     def layer_of(emb_BKD, layer):
       """The [B, D] embeddings of transformer layer `layer` (None: the last; traced ok)."""
@@ -352,6 +359,14 @@ class Contrastive(base.EncoderObjective):
         sub, sub_logits, _ = scores(layer, dim)
         metrics[f"loss_layer{layer}_dim{dim}"] = base.mean_metric(sub, jnp.ones(()))
         total = total + sub + c.kl_weight * kl_rows(main_logits, sub_logits, valid)
+    if c.score_distill != "none":
+      student = tuple(nest(layer_of(e, None), full, c.normalize) for e in (q_emb, cand_emb))
+      distill = score_distill.loss(
+          c.score_distill, teacher, student, valid, cand_valid, num_negatives=c.num_negatives,
+          teacher_temperature=c.score_distill_temperature or c.temperature,
+          student_temperature=c.temperature)
+      metrics["score_distill_loss"] = base.mean_metric(distill, jnp.ones(()))
+      total = total + c.score_distill_weight * distill
 
     weights = valid.astype(jnp.float32)
     metrics.update(contrastive_loss=(main * weights.sum(), weights.sum()),

@@ -1,7 +1,7 @@
 """The contrastive objective's config checks (objectives/contrastive.py), one `require` each."""
 import os
 
-from objectives import checks
+from objectives import checks, score_distill
 from pretrain.data import pair_files, pairs
 from pretrain.models import poolers
 
@@ -60,6 +60,21 @@ def validate_config(config):
       ", ".join(GUIDE_POOLERS))
   req(not o.guide or os.path.isdir(o.guide), "objective.guide", o.guide,
       "'' or an existing model directory (an export or a Hugging Face BERT dir)")
+  req(o.score_distill in score_distill.MODES, "objective.score_distill", o.score_distill,
+      ", ".join(score_distill.MODES))
+  req(o.score_distill == "none" or o.guide, "objective.score_distill", o.score_distill,
+      "none without a teacher; set objective.guide to a model directory (the frozen guide is "
+      "the teacher, same tokenizer)")
+  req(o.score_distill != "margin_mse" or o.num_negatives >= 1, "objective.score_distill",
+      o.score_distill, "kl, or margin_mse with hard negatives (objective.num_negatives >= 1, "
+      "view=files): MarginMSE scores (query, positive, negative) triplets")
+  req(o.score_distill_weight >= 0, "objective.score_distill_weight", o.score_distill_weight,
+      ">= 0")
+  req(o.score_distill_temperature >= 0, "objective.score_distill_temperature",
+      o.score_distill_temperature, "> 0, or 0 for objective.temperature")
+  req(o.guide_masking or o.score_distill != "none" or not o.guide, "objective.guide_masking",
+      o.guide_masking, "True, or False with score_distill=kl or margin_mse (a guide that neither "
+      "masks nor teaches does nothing)")
   req(o.ccp_window >= 1, "objective.ccp_window", o.ccp_window, ">= 1 (units on either side)")
   files = config.data.name == pair_files.NAME
   req((o.view == "files") == files, "objective.view", o.view,

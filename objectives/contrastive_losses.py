@@ -87,12 +87,13 @@ def nest(x_BD, dim, normalize):
   return poolers.l2_normalize(x) if normalize else x
 
 
-def guide_masks(gq_BD, gd_BD):
-  """GISTEmbed: (query->doc, doc->query) [B, B] masks of candidates the guide scores strictly
-  above the row's own positive (cosine of the guide's embeddings)."""
-  sim = gq_BD @ gd_BD.T
-  positive = jnp.diagonal(sim)
-  return sim > positive[:, None], sim.T > positive[:, None]
+def guide_masks(gq_BD, gd_CD):
+  """GISTEmbed: the query->doc [B, C] and doc->query [B, B] masks of candidates the guide scores
+  strictly above the row's own positive (cosine of the guide's embeddings). The candidates are
+  the B positives, then any hard negatives (which the doc->query direction does not score)."""
+  sim_BC = gq_BD @ gd_CD.T
+  positive_B = jnp.diagonal(sim_BC)
+  return sim_BC > positive_B[:, None], sim_BC[:, :len(positive_B)].T > positive_B[:, None]
 
 
 def batch_standardize(x_BKD, valid_B, eps=1e-5):

@@ -76,10 +76,12 @@ def test_gradients_equal_with_matryoshka_and_2dmse():
   _compare(config, {k: np.concatenate([p[k] for p in pairs]) for k in pairs[0]}, ONE, chunk=4)
 
 
-def test_gradients_equal_with_the_guide_masking_candidates(hf_dir):  # noqa: F811
+def test_gradients_equal_with_the_guide_masking_and_teaching_candidates(hf_dir):  # noqa: F811
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   path, _ = hf_dir
-  config = _config("normalize=True,batch_size=16", guide=str(path))
+  # The guide masks and, through KL score distillation, teaches (cross-device candidates).
+  config = _config("normalize=True,batch_size=16", guide=str(path), score_distill="kl",
+                   score_distill_temperature=0.1)
   resources = load.resources(config, None)
   state = nn.unbox(registry.build(config, fake_tokenizer(V), resources).init_state())
   m0, m1 = _compare(config, _double(_chunks(4)), EIGHT, chunk=8, state=state,
@@ -87,6 +89,9 @@ def test_gradients_equal_with_the_guide_masking_candidates(hf_dir):  # noqa: F81
   np.testing.assert_allclose(np.asarray(m1["guide_masked_fraction"]),
                              np.asarray(m0["guide_masked_fraction"]))
   assert float(m0["guide_masked_fraction"][0]) > 0
+  np.testing.assert_allclose(np.asarray(m1["score_distill_loss"]),
+                             np.asarray(m0["score_distill_loss"]), rtol=1e-6)
+  assert float(m0["score_distill_loss"][0]) > 1e-3
 
 
 def test_a_chunk_that_does_not_divide_the_batch_is_a_config_error():
