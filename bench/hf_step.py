@@ -1,6 +1,7 @@
 """Baseline train-step throughput of Hugging Face BERT MLM (Flax or PyTorch) at our settings.
 
   python bench/hf_step.py --framework=flax|torch --size=demo --seq_len=128 --batch=32
+  python bench/hf_step.py --framework=torch --recipe=modernbert --size=base --seq_len=1024 ...
 
 Same model shape as configs/common.MODEL_SIZES, vocabulary, batch, sequence length, fp32, hidden
 dropout 0.1 (attention-probability dropout 0, as in our encoder) and AdamW as bench/train_step.py.
@@ -11,7 +12,9 @@ position. Prints one JSON line: compile (first step) seconds, median step second
 peak resident memory.
 
 Needs transformers 4.57.x (the last release with Flax models): `pip install -e .[bench]` in its own
-virtualenv (`make bench` creates .venv-bench).
+virtualenv (`make bench` creates .venv-bench). `--recipe=modernbert` (PyTorch only) runs
+``ModernBertForMaskedLM`` with the config.json our export writes for configs/modernbert.py at that
+size (so the same layers, widths, window and vocabulary), under attention "sdpa".
 """
 import argparse
 import json
@@ -30,13 +33,25 @@ from configs import common  # noqa: E402
 MASK_RATE = 0.15
 
 
-def hf_config(size, vocab):
+def hf_config(size, vocab, seq_len=512):
   import transformers  # pylint: disable=import-outside-toplevel
   layers, hidden, heads, mlp = common.MODEL_SIZES[size]
   return transformers.BertConfig(
       vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-      intermediate_size=mlp, max_position_embeddings=512, hidden_dropout_prob=0.1,
+      intermediate_size=mlp, max_position_embeddings=max(512, seq_len), hidden_dropout_prob=0.1,
       attention_probs_dropout_prob=0.0, hidden_act="gelu")
+
+
+def modernbert_config(size, vocab, seq_len):
+  """The ``ModernBertConfig`` of configs/modernbert.py at `size` (our export's config.json)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  from configs import modernbert  # pylint: disable=import-outside-toplevel
+  from objectives import registry  # pylint: disable=import-outside-toplevel
+  from pretrain.interop import hf_modernbert  # pylint: disable=import-outside-toplevel
+  c = modernbert.get_config(f"size={size},seq_len={seq_len},vocab_size={vocab}")
+  fields = hf_modernbert.hf_config(registry.encoder_config(c.model, vocab))
+  return transformers.ModernBertConfig(**{k: v for k, v in fields.items()
+                                          if k not in ("model_type", "architectures")})
 
 
 def fake_batch(batch, seq_len, vocab, seed=0):
@@ -99,7 +114,9 @@ def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4):
   import transformers  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   config._attn_implementation = "sdpa"  # pylint: disable=protected-access  # its fastest CPU path
-  model = transformers.BertForMaskedLM(config).train().to(device)
+  modern = isinstance(config, transformers.ModernBertConfig)
+  model_class = transformers.ModernBertForMaskedLM if modern else transformers.BertForMaskedLM
+  model = model_class(config).train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
   ids_t, mask_t, labels_t = (torch.from_numpy(x).long().to(device) for x in (ids, mask, labels))
   # bf16 as mixed precision (float32 master weights), like our model.dtype=bfloat16.
@@ -120,6 +137,7 @@ def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--framework", choices=("flax", "torch"), required=True)
+  parser.add_argument("--recipe", default="bert", choices=("bert", "modernbert"))
   parser.add_argument("--size", default="demo", choices=tuple(common.MODEL_SIZES))
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--batch", type=int, default=32)
@@ -128,7 +146,10 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="PyTorch only.")
   args = parser.parse_args()
-  config = hf_config(args.size, args.vocab)
+  if args.recipe == "modernbert" and args.framework != "torch":
+    parser.error("--recipe=modernbert needs --framework=torch (transformers has no Flax ModernBERT)")
+  config = (modernbert_config(args.size, args.vocab, args.seq_len) if args.recipe == "modernbert"
+            else hf_config(args.size, args.vocab, args.seq_len))
   ids, mask, labels = fake_batch(args.batch, args.seq_len, args.vocab)
   make = flax_step if args.framework == "flax" else torch_step
   if args.framework == "torch":
@@ -136,10 +157,19 @@ def main():
     torch.set_num_threads(os.cpu_count())
   first, step_s = time_steps(make(config, ids, mask, labels, args.dtype, args.device), args.repeats)
   print(json.dumps(dict(
-      framework=f"hf-{args.framework}", size=args.size, seq_len=args.seq_len, batch=args.batch,
+      framework=f"hf-{args.framework}", recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len, batch=args.batch,
       vocab=args.vocab, dtype=args.dtype, device=args.device, compile_s=first, step_s=step_s,
       tokens_per_s=args.batch * args.seq_len / step_s,
-      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      peak_memory_mib=peak_device_mib(args.framework, args.device))))
+
+
+def peak_device_mib(framework, device):
+  """The accelerator's peak allocated memory (PyTorch CUDA), else the process's peak RSS."""
+  if framework == "torch" and device == "cuda":
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch.cuda.max_memory_allocated() / 2**20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
