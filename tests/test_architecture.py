@@ -33,6 +33,7 @@ FLOORS = {
     "pretrain.train": 4,
     "pretrain.main": 5,
     "pretrain.export": 5,
+    "pretrain.merge": 5,
     "pretrain.report": 5,
     "pretrain.benchmark": 5,
     "pretrain.cli": 5,
