@@ -14,6 +14,7 @@ datasheet dense peak for the dtype, e.g. 989 for an H100 in bf16) instead of mea
 `--json` prints one JSON object per configuration (bench/compare.py and bench/gpu.sh read them).
 """
 import argparse
+import contextlib
 import functools
 import json
 import resource
@@ -70,8 +71,11 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
   return 3 * (m.num_layers * layer + head)
 
 
-def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
-          rng_impl="threefry2x32", arch="bert"):
+def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry2x32",
+          arch="bert"):
+  """The compiled MLM train step of `configs/demo.py` at this shape, with its first state, a batch
+  of random ids and a key: `(config, compiled, state, data, key, compile_s)`. Call `compiled`
+  inside `context(config)`."""
   c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab},"
                       f"arch={arch}")
   c.model.dropout_rate = 0.1
@@ -94,10 +98,26 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
                                 "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))},
                                batch_sharding)
   key = jax.random.key(1, impl=rng_impl)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with context(c):
     t = time.perf_counter()
     compiled = step.lower(state, data, key).compile()
     compile_s = time.perf_counter() - t
+  return c, compiled, state, data, key, compile_s
+
+
+@contextlib.contextmanager
+def context(config):
+  """The mesh and logical axis rules the step was compiled under."""
+  with jax.set_mesh(sharding.make_mesh(config.mesh)), nn.logical_axis_rules(
+      sharding.rules(config.axis_rules)):
+    yield
+
+
+def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
+          rng_impl="threefry2x32", arch="bert"):
+  c, compiled, state, data, key, compile_s = build(size, seq_len, batch, vocab, dtype, rng_impl,
+                                                   arch)
+  with context(c):
     state, m = compiled(state, data, key)
     jax.block_until_ready(m)
     times = []
