@@ -152,3 +152,13 @@ def test_the_code_pairs_variant_makes_all_minilm_a_teacher_only():
   assert config.data.tokenizer.path == o.guide and not config.init_from  # A scratch student.
   config = common.validate(pair_files.get_config("size=tiny,negatives=2,distill=margin_mse"))
   assert config.objective.score_distill == "margin_mse" and config.init_from == o.guide
+
+
+def test_guide_masks_reach_the_hard_negatives_and_only_the_positives_score_queries():
+  rng = np.random.default_rng(2)
+  gq, gc = rng.standard_normal((3, 4)), rng.standard_normal((3 + 6, 4))  # 3 queries, 2 negs each
+  q_to_c, d_to_q = losses.guide_masks(jnp.asarray(gq), jnp.asarray(gc))
+  sim = gq @ gc.T
+  np.testing.assert_array_equal(q_to_c, sim > np.diag(sim[:, :3])[:, None])  # [3, 9]
+  np.testing.assert_array_equal(d_to_q, sim[:, :3].T > np.diag(sim[:, :3])[:, None])  # [3, 3]
+  assert np.asarray(q_to_c)[:, 3:].any() and not np.asarray(q_to_c)[:, 3:].all()
