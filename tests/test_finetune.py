@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from pretrain.models import encoder as enc
 from pretrain.finetune import heads
 from tests.conftest import ROOT
 from pretrain.finetune import evaluation
-from pretrain.finetune import train as finetune_train
+from pretrain.finetune import task_workdir, train as finetune_train
 from objectives import registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
@@ -681,3 +682,49 @@ def test_finetuning_resumes_after_a_kill(straight, pretrained, toy_task, tmp_pat
   for step in ours:  # Same data order and same updates after the resume point.
     for key in ("loss", "param_norm"):
       assert ours[step][key] == pytest.approx(theirs[step][key], rel=1e-5), (step, key)
+
+
+# --- Task distillation (pretrain.finetune.distill): the fine-tuned run above is the teacher -----
+
+
+def test_a_student_distilled_from_the_finetuned_teacher_learns_its_predictions(
+    straight, pretrained, toy_task, tmp_path):
+  teacher, taught = straight
+  workdir = str(tmp_path / "student")
+  results = finetune_train.train_and_evaluate(
+      _toy_config(pretrained, toy_task, teacher=teacher, distill_temperature=2.0), workdir)
+  rows = [r for r in _metric_rows(workdir) if "distill_kl" in r]
+  print(f"distill_kl {rows[0]['distill_kl']:.3f} -> {rows[-1]['distill_kl']:.3f}, dev agreement "
+        f"{results['dev_teacher_agreement']:.3f}, test accuracy {results['test_accuracy']:.3f}")
+  assert rows[-1]["distill_kl"] < 0.5 * rows[0]["distill_kl"], rows
+  assert results["dev_teacher_agreement"] >= 0.8, results  # 64 dev rows, two classes.
+  assert results["teacher_test_accuracy"] == taught["test_accuracy"]
+  # A distilled workdir is a fine-tuned one: it is the init of a second, plain fine-tuning.
+  pre = task_workdir.load_encoder(workdir, what="config.init")
+  assert pre.source == "finetuned" and pre.config.num_layers == 2 and "layer_1" in pre.encoder
+  # Resuming with another teacher is refused before anything trains.
+  shutil.copytree(teacher, tmp_path / "other_teacher")
+  with pytest.raises(ValueError, match="trained with teacher="):
+    finetune_train.train_and_evaluate(
+        _toy_config(pretrained, toy_task, teacher=str(tmp_path / "other_teacher")), workdir)
+
+
+def test_a_teacher_of_another_task_or_label_set_is_refused_naming_config_teacher(
+    straight, pretrained, toy_task, tmp_path):
+  teacher, _ = straight
+  shutil.copy(toy_task / "train.jsonl", tmp_path / "train.jsonl")
+  other_files = _toy_config(pretrained, toy_task, teacher=teacher)
+  other_files.data.train = str(tmp_path / "train.jsonl")
+  with pytest.raises(ValueError, match=r"config.teacher=.*data.train=.*fine-tune a teacher"):
+    finetune_train.train_and_evaluate(other_files, str(tmp_path / "a"))
+  three = _toy_config(pretrained, toy_task, teacher=teacher)
+  three.task.labels, three.task.num_classes = "alpha,beta,gamma", 3
+  with pytest.raises(ValueError, match=r"config.teacher=.*its labels \['alpha', 'beta'\] differ"):
+    finetune_train.train_and_evaluate(three, str(tmp_path / "b"))
+  more = _toy_config(pretrained, toy_task, teacher=teacher)
+  more.task.num_classes = 3
+  with pytest.raises(ValueError, match=r"config.teacher=.*its head has 2 classes but this run 3"):
+    finetune_train.train_and_evaluate(more, str(tmp_path / "c"))
+  with pytest.raises(ValueError, match=r"config.teacher=.*not a pretrain.finetune workdir"):
+    finetune_train.train_and_evaluate(_toy_config(pretrained, toy_task, teacher=pretrained),
+                                      str(tmp_path / "d"))

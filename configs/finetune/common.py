@@ -12,6 +12,7 @@ SOURCES = ("exception_type", "docstring_match", "docstring_retrieval", "variable
            "swapped_operands", "wrong_binary_operator", "files", "tfds")
 HEADS = ("sequence", "token", "biencoder")
 POOLINGS = ("cls", "mean")
+DISTILL_HEADS = ("sequence", "token")  # heads whose predictions are distributions to distil
 
 
 def base_config():
@@ -22,6 +23,10 @@ def base_config():
   c.init = ""                # a pretraining workdir, a pretrain.export dir or a Hugging Face
                              # BERT / ELECTRA / RoBERTa dir (its tokenizer comes along)
   c.from_scratch = False     # random weights of init's architecture and tokenizer: the baseline
+  c.teacher = ""             # a finished pretrain.finetune workdir of this task: train on its soft
+                             # predictions (task distillation, pretrain.finetune.distill)
+  c.distill_temperature = 1.0  # T of KL(teacher_T || student_T), scaled by T^2
+  c.distill_alpha = 0.0      # weight of the hard-label loss (0: pure distillation)
   c.task = ml_collections.ConfigDict(dict(
       head="sequence",       # sequence (single text or pair) | token | biencoder
       pooling="cls",         # cls | mean (sequence and biencoder heads)
@@ -98,6 +103,11 @@ def validate(config):
   require(not (labels and t.num_classes) or t.num_classes >= len(labels), "task.num_classes",
           t.num_classes, f"0 or >= the {len(labels)} names of task.labels")
   require(t.temperature > 0, "task.temperature", t.temperature, "> 0")
+  require(not config.teacher or t.head in DISTILL_HEADS, "teacher", config.teacher,
+          f"'' with task.head={t.head} (distillation is for heads {', '.join(DISTILL_HEADS)})")
+  require(config.distill_temperature > 0, "distill_temperature", config.distill_temperature, "> 0")
+  require(0 <= config.distill_alpha <= 1, "distill_alpha", config.distill_alpha,
+          "0 <= alpha <= 1 (0: pure distillation, 1: labels only)")
   require(0 <= t.dropout_rate < 1, "task.dropout_rate", t.dropout_rate, "0 <= rate < 1")
   require(d.source in SOURCES, "data.source", d.source, ", ".join(SOURCES))
   require(d.source != "files" or bool(d.train), "data.train", d.train,

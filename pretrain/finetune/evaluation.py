@@ -51,16 +51,29 @@ class Evaluator:
       self._fn = jax.jit(lambda p, b: model.predict(p, b).argmax(-1), out_shardings=out)
     else:
       self._fn = jax.jit(lambda p, b: model.predict(p, b), out_shardings=out)
+    self._logits_fn = jax.jit(lambda p, b: model.predict(p, b), out_shardings=out)
 
-  def _outputs(self, params, arrays):
+  def logits(self, params, split):
+    """float32 logits of every row of a classification split: [N, C] or (token head) [N, L, C]."""
+    return self._outputs(params, {k: v for k, v in split.items() if k != "labels"},
+                         self._logits_fn)
+
+  def _outputs(self, params, arrays, fn=None):
+    fn = fn or self._fn
     n = len(next(iter(arrays.values())))
     outs = []
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for batch in tasks.eval_batches(arrays, self.batch_size, jax.process_index(),
                                       jax.process_count()):
         batch = {k: v for k, v in batch.items() if k != "weights"}
-        outs.append(np.asarray(self._fn(params, sharding.global_batch(batch, self.batch_sharding))))
+        outs.append(np.asarray(fn(params, sharding.global_batch(batch, self.batch_sharding))))
     return np.concatenate(outs)[:n]
+
+  def from_logits(self, logits, split):
+    """Classification scores of `logits(params, split)` (no second pass over the split)."""
+    labels, pred = split["labels"], np.asarray(logits).argmax(-1)
+    real = labels >= 0  # Token heads: -1 is unscored.
+    return classification_metrics(pred[real], labels[real], self.num_classes)
 
   def __call__(self, params, split):
     if self.head == "biencoder":

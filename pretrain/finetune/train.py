@@ -1,15 +1,17 @@
 """Fine-tuning: `train_and_evaluate(config, workdir)` of a task model over a pretrained encoder.
 
-`config.init` is a pretraining workdir, a `pretrain.export` directory, or a local Hugging Face
-BERT / ELECTRA / RoBERTa directory (`pretrain.interop.load.load_encoder`); the tokenizer comes
-from the same place. `config.from_scratch=True` keeps that architecture and tokenizer but starts
+`config.init` is a pretraining workdir, a `pretrain.export` directory, a local Hugging Face
+BERT / ELECTRA / RoBERTa directory (`pretrain.interop.load.load_encoder`) or another fine-tuning
+workdir (its encoder: `pretrain.finetune.task_workdir`); the tokenizer comes from the same place. `config.from_scratch=True` keeps that architecture and tokenizer but starts
 from random weights: the baseline that shows what pretraining bought.
 
 The run is pretraining's machinery (`pretrain.training.run`) with a task model
 (`pretrain.finetune.heads`) in place of the objective: the same mesh and logical-axis shardings,
 sharded init, jitted train step, AdamW with warmup/decay (plus layer-wise learning-rate decay),
 Orbax checkpoints of train state + data-iterator state, resume after a kill by rerunning the
-command. Evaluation runs the whole dev split every `train.eval_every` steps and dev + test at the
+command. `config.teacher` (a finished fine-tuning workdir of the same task) trains on its soft
+predictions instead (`pretrain.finetune.distill`; the teacher runs frozen inside the step) and
+adds student-teacher agreement and KL to the dev/test scores. Evaluation runs the whole dev split every `train.eval_every` steps and dev + test at the
 end (`pretrain.finetune.evaluation`); scores go to metrics.jsonl and results.json.
 """
 import dataclasses
@@ -21,16 +23,16 @@ import numpy as np
 import optax
 
 from configs.finetune import common as ft_common
-from pretrain.finetune import evaluation, heads, task_tokenizer, tasks
-from pretrain.interop import load
+from pretrain.finetune import (distill, evaluation, heads, task_tokenizer, task_workdir, tasks,
+                               teacher as teacher_lib)
 from pretrain.training import (metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib)
 
 # Config keys that decide the shapes of a fine-tuning checkpoint (resume refuses others).
-# task.labels fixes what each class index means.
+# task.labels fixes what each class index means; the teacher is part of the checkpointed state.
 SHAPE_FIELDS = ("init", "task.head", "task.num_classes", "task.labels", "data.source",
-                "data.label_field")
-RESULTS_FILE = "results.json"
+                "data.label_field", "teacher")
+RESULTS_FILE = task_workdir.RESULTS_FILE
 
 
 # --- Optimizer -----------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def train_and_evaluate(config, workdir):
   num_classes = num_classes_of(config, data)
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size,
                                         "data.eval_batch_size": d.eval_batch_size})
-  pre = load.load_encoder(config.init, what="config.init")
+  pre = task_workdir.load_encoder(config.init, what="config.init")
   model_config = dataclasses.replace(pre.config, dropout_rate=config.task.dropout_rate)
   if d.seq_len > model_config.max_len:
     raise ValueError(f"data.seq_len={d.seq_len} exceeds the {model_config.max_len} positions of "
@@ -122,6 +124,11 @@ def train_and_evaluate(config, workdir):
   dev, test = (encode_eval(head, tok, s, d.seq_len) for s in (data.dev, data.test))
   model = heads.make(head, model_config, num_classes=num_classes, pooling=config.task.pooling,
                      use_token_types=config.task.token_types, temperature=config.task.temperature)
+  teacher = (teacher_lib.load_teacher(config, data.label_names, num_classes, pre.tokenizer_dir)
+             if config.teacher else None)
+  if teacher is not None:
+    model = distill.Distilled(model, teacher.model, d.seq_len, temperature=config.distill_temperature,
+                              alpha=config.distill_alpha)
   tx, schedule = make_optimizer(config.optimizer, t.steps, model_config.num_layers)
   train_iter = tasks.train_iterator(train_arrays, batch_size=d.batch_size, seed=d.seed,
                                     process_index=jax.process_index(),
@@ -129,8 +136,11 @@ def train_and_evaluate(config, workdir):
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
   run_lib.open_workdir(run, model, tx, d.seq_len)
 
-  # --- State: resume > pretrained encoder (or scratch) + fresh head ---
+  # --- State: resume > pretrained encoder (or scratch) + fresh head (+ the teacher) ---
+  fresh = []
+
   def init_params(params, param_shardings):
+    fresh.append(True)
     if config.from_scratch:
       return params
     state_lib.check_same_shapes(pre.encoder, params["encoder"], config.init)
@@ -139,6 +149,8 @@ def train_and_evaluate(config, workdir):
 
   state, shardings = run_lib.restore_or_init(run, model, tx, d.seq_len, init_rng, train_iter,
                                              SHAPE_FIELDS, init_params)
+  if teacher is not None and fresh:
+    state = distill.with_teacher(state, teacher.params, shardings)
   start = int(state.step)
   run.writer.truncate_after(start)
 
@@ -147,12 +159,28 @@ def train_and_evaluate(config, workdir):
   evaluate = evaluation.Evaluator(model, head, num_classes, run.mesh, run.rules, d.eval_batch_size)
   kind = f"{num_classes} classes" if num_classes else "retrieval"
   scratch = ", from scratch" if config.from_scratch else ""
+  if teacher is not None:
+    scratch += (f", distilled from {config.teacher} (T={config.distill_temperature}, "
+                f"alpha={config.distill_alpha})")
   print(f"Fine-tuning {config.init} ({pre.source}{scratch}) on {d.source}: {len(data.train)} "
         f"train examples, {kind}, steps {start}..{t.steps}.", flush=True)
 
+  soft = {} if teacher is None else {  # The teacher's logits of dev and test, computed once.
+      name: evaluation.Evaluator(teacher.model, head, num_classes, run.mesh, run.rules,
+                                 d.eval_batch_size).logits(teacher.params, split)
+      for name, split in (("dev", dev), ("test", test))}
+
+  def scores(params, name, split):
+    if teacher is None:
+      return evaluate(params, split)
+    logits = evaluate.logits(params, split)
+    return {**evaluate.from_logits(logits, split),
+            **distill.agreement_metrics(logits, soft[name], split["labels"],
+                                        config.distill_temperature)}
+
   def run_eval(step, state, splits):
     result = {f"{name}_{k}": v for name, split in splits.items()
-              for k, v in evaluate(state.params, split).items()}
+              for k, v in scores(state.params, name, split).items()}
     run.writer.write(step, result)
     metrics_lib.console_line(step, t.steps, result)
     return result
@@ -170,6 +198,11 @@ def train_and_evaluate(config, workdir):
   results = {"init": config.init, "source": pre.source, "from_scratch": config.from_scratch,
              "task": d.source, "head": head, "step": int(state.step),
              "num_train": len(data.train), "labels": data.label_names, **final}
+  if teacher is not None:
+    results.update(teacher=config.teacher, distill_temperature=config.distill_temperature,
+                   distill_alpha=config.distill_alpha,
+                   **{f"teacher_{k}": v for k, v in teacher.results.items()
+                      if k.startswith(("dev_", "test_")) and "teacher" not in k})
   if head == "sequence":  # What always answering the most frequent training label scores.
     majority = np.bincount(train_arrays["labels"]).argmax()
     results.update({f"{name}_majority_accuracy": float(np.mean(split["labels"] == majority))
