@@ -2,6 +2,9 @@
 
   python -m pretrain.finetune --config=configs/finetune/exception_type.py \
       --config.init=exports/demo --workdir=workdir/ft_exception
+  # Task distillation (Well-Read Students): a student trained on that run's soft predictions.
+  python -m pretrain.finetune --config=configs/finetune/exception_type.py \
+      --config.init=workdir/small --config.teacher=workdir/ft_exception --workdir=workdir/student
 
 Each `except Name:` clause of the standard library becomes its try statement with the name
 replaced by [MASK] (a window of at most ~13 lines: 64 tokens hold most of it); the label is the
