@@ -2,8 +2,9 @@
 
 `config.init` is a pretraining workdir, a `pretrain.export` directory, a local Hugging Face
 BERT / ELECTRA / RoBERTa directory (`pretrain.interop.load.load_encoder`) or another fine-tuning
-workdir (its encoder: `pretrain.finetune.task_workdir`); the tokenizer comes from the same place. `config.from_scratch=True` keeps that architecture and tokenizer but starts
-from random weights: the baseline that shows what pretraining bought.
+workdir (its encoder: `pretrain.finetune.task_workdir`); the tokenizer comes from the same place.
+`config.from_scratch=True` keeps that architecture and tokenizer but starts from random weights:
+the baseline that shows what pretraining bought.
 
 The run is pretraining's machinery (`pretrain.training.run`) with a task model
 (`pretrain.finetune.heads`) in place of the objective: the same mesh and logical-axis shardings,
@@ -11,8 +12,9 @@ sharded init, jitted train step, AdamW with warmup/decay (plus layer-wise learni
 Orbax checkpoints of train state + data-iterator state, resume after a kill by rerunning the
 command. `config.teacher` (a finished fine-tuning workdir of the same task) trains on its soft
 predictions instead (`pretrain.finetune.distill`; the teacher runs frozen inside the step) and
-adds student-teacher agreement and KL to the dev/test scores. Evaluation runs the whole dev split every `train.eval_every` steps and dev + test at the
-end (`pretrain.finetune.evaluation`); scores go to metrics.jsonl and results.json.
+adds student-teacher agreement and KL to the dev/test scores. Evaluation runs the whole dev split
+every `train.eval_every` steps and dev + test at the end (`pretrain.finetune.evaluation`); scores
+go to metrics.jsonl and results.json.
 """
 import dataclasses
 import json
@@ -127,8 +129,8 @@ def train_and_evaluate(config, workdir):
   teacher = (teacher_lib.load_teacher(config, data.label_names, num_classes, pre.tokenizer_dir)
              if config.teacher else None)
   if teacher is not None:
-    model = distill.Distilled(model, teacher.model, d.seq_len, temperature=config.distill_temperature,
-                              alpha=config.distill_alpha)
+    model = distill.Distilled(model, teacher.model, d.seq_len,
+                              temperature=config.distill_temperature, alpha=config.distill_alpha)
   tx, schedule = make_optimizer(config.optimizer, t.steps, model_config.num_layers)
   train_iter = tasks.train_iterator(train_arrays, batch_size=d.batch_size, seed=d.seed,
                                     process_index=jax.process_index(),
