@@ -44,6 +44,7 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 MLM_HEADS = ("bert", "modernbert")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 TOKENIZER_TYPES = ("unigram", "bpe")
 MESH_AXES = ("data", "fsdp", "tensor")
 MIXTURE_MODES = ("batch", "row")  # pretrain.data.mixture.MODES (a test holds them equal)
@@ -58,6 +59,7 @@ DEFAULT_AXIS_RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("layers", None),  # the stacked dimension of scanned layers (model.scan_layers), as MaxText
 )
 
 
@@ -126,8 +128,12 @@ def model_config(size):
       attention="xla",          # pretrain.models.attention_kernels: xla, cudnn, pallas_gpu,
                                 # splash or auto (per backend); the same outputs, faster kernels
       attention_interpret=False,  # Pallas kernels in interpret mode (tests, CPU dry runs only)
-      vocab_multiple=1))        # pad the embedding rows to a multiple (64: faster matmuls);
+      vocab_multiple=1,         # pad the embedding rows to a multiple (64: faster matmuls);
                                 # padded ids are never predicted
+      scan_layers=False,        # one compiled layer body (nn.scan), layers stacked in the train
+                                # state; exports, imports and init_from see every layer_{i}
+      remat="none"))            # REMAT_POLICIES: what each layer keeps for backward (less memory,
+                                # more compute; pretrain.models.layers.remat_policy)
 
 
 def base_config():
@@ -249,7 +255,7 @@ def validate(config):
   require(m.embedding_size >= 0, "model.embedding_size", m.embedding_size,
            ">= 0 (0 means the same as model.hidden_size)")
   for key, allowed in (("position", POSITIONS), ("mlp", MLPS), ("norm", NORMS),
-                       ("mlm_head", MLM_HEADS)):
+                       ("mlm_head", MLM_HEADS), ("remat", REMAT_POLICIES)):
     require(m[key] in allowed, f"model.{key}", m[key], ", ".join(allowed))
   require(m.position != "rope" or (m.hidden_size // m.num_heads) % 2 == 0, "model.position",
            m.position, f"learned (rope needs an even head size, got hidden_size / num_heads = "

@@ -85,7 +85,7 @@ def needs(objective_config) -> frozenset:
 ARCHITECTURE_KEYS = ("position", "rope_theta", "rope_local_theta", "mlp", "pre_norm", "norm",
                      "norm_bias", "use_bias", "type_vocab_size", "layer_norm_eps", "local_window",
                      "global_every", "mlm_head", "vocab_multiple", "attention",
-                     "attention_interpret")
+                     "attention_interpret", "scan_layers", "remat")
 
 
 def encoder_config(model_config, vocab_size) -> enc.EncoderConfig:

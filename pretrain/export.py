@@ -21,7 +21,7 @@ from pretrain import cli, console
 from pretrain.data import hf_tokenizer
 from pretrain.interop import (files, hf_bert, hf_electra, hf_modernbert, load,
                               sentence_transformers as st_export)
-from pretrain.models import pooling as pooling_lib
+from pretrain.models import pooling as pooling_lib, stacking
 from pretrain.training import metrics as metrics_lib
 
 
@@ -108,7 +108,9 @@ def export(workdir, out, step=None, overwrite=False, *, pooling=None, normalize=
 
 def write_export(out, config, tokenizer, objective, params, step, rows, *, pooling=None,
                  normalize=None, max_seq_length=None):
-  """Writes the export of in-memory `params` of `objective` (any registered one) into `out`."""
+  """Writes the export of in-memory `params` of `objective` (any registered one) into `out`; a
+  scanned run's stacked layers are written unstacked (the canonical layer_{i} layout)."""
+  params = stacking.unstack_all(params)
   out_path = epath.Path(out)
   out_path.mkdir(parents=True, exist_ok=True)
   _write_hf(out, objective, params)
@@ -122,7 +124,8 @@ def write_export(out, config, tokenizer, objective, params, step, rows, *, pooli
   (out_path / files.MSGPACK_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
   objective.export_extras(out, params)  # e.g. RetroMAE's decoder, to continue pretraining
   (out_path / files.ENCODER_CONFIG_FILE).write_text(
-      json.dumps(dataclasses.asdict(objective.model_config), indent=2))
+      json.dumps(dataclasses.asdict(dataclasses.replace(objective.model_config,
+                                                        scan_layers=False)), indent=2))
   (out_path / files.README_FILE).write_text(model_card(config, step, rows, objective))
   return out
 

@@ -19,6 +19,8 @@ from pretrain import probes
 from pretrain.data import (mixture, ngrams, pair_files, pairs, pipeline, sources,
                            tokenizer as tokenizer_lib)
 from pretrain.interop import files, hf_read, load, student_init
+from pretrain.models import stacking
+from pretrain.training import flops as flops_lib
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib, step as step_lib, workdir_lock)
 
@@ -78,7 +80,7 @@ def train_and_evaluate(config, workdir):
     if not config.init_from:
       return params
     if student is not None:
-      return jax.device_put({**params, **student}, param_shardings)
+      return jax.device_put(stacking.stack_like({**params, **student}, params), param_shardings)
     return _params_from(config.init_from, params, objective, tx, d.seq_len, run.mesh, run.rules,
                         param_shardings)
 
@@ -119,10 +121,32 @@ def train_and_evaluate(config, workdir):
   # --- Loop and finish ------------------------------------------------------------------------
   state, logged = run_lib.train(run, state, step_fn, train_iter, rng, start_step=start,
                                 tokens_per_step=d.batch_size * d.seq_len,
-                                evaluate=evaluate)
+                                evaluate=evaluate, layer_flops_scale=layer_flops_scale(
+                                    config, objective, tokenizer, resources, tx, schedule, run))
   final.update(logged)
   run_lib.finish(run)
   return final
+
+
+def layer_flops_scale(config, objective, tokenizer, resources, tx, schedule, run):
+  """1.0, or for scanned layers (XLA's cost analysis counts a loop body once) the FLOPs of the
+  unrolled twin of the train step over the scanned step's, both lowered (not compiled) from
+  abstract arrays, so that MFU counts every layer."""
+  if not objective.model_config.scan_layers:
+    return 1.0
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers = False
+  d, counts = config.data, []
+  for model in (registry.build(unrolled, tokenizer, resources), objective):
+    target, shardings = state_lib.abstract_state(model, tx, d.seq_len, run.mesh, run.rules)
+    batch = {k: jax.ShapeDtypeStruct((d.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype,
+                                     sharding=run.batch_sharding)
+             for k, v in model.example_batch(d.seq_len).items()}
+    step = run_lib.compile_step(run, model, tx, schedule, shardings)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+      counts.append(flops_lib.step_flops(step, target, batch,
+                                         jax.random.key(0, impl=config.rng_impl)))
+  return counts[0] / counts[1] if counts[1] > 0 else 1.0
 
 
 def probe_suite(config, objective, tokenizer):
@@ -165,7 +189,7 @@ def _take_padded(iterator, n, data_config, process_count, example):
 # What `init_from` of a workdir needs to match: the keys that decide parameter shapes (RoPE bases
 # and windows may change: that is a context extension; a rotary model has no position table).
 _NOT_SHAPES = ("model.rope_theta", "model.rope_local_theta", "model.local_window",
-               "model.global_every", "model.layer_norm_eps")
+               "model.global_every", "model.layer_norm_eps", *checkpointing.LAYOUT_FIELDS)
 
 
 def _check_init_from(config):
@@ -201,6 +225,7 @@ def _student_from_teacher(config, objective):
   pretrained = load.load_encoder(config.init_from, what="config.init_from")
   shapes = nn.unbox(jax.eval_shape(objective.init, jax.random.key(0),
                                    objective.example_batch(config.data.seq_len)))
+  shapes = jax.eval_shape(stacking.unstack_all, shapes)  # The teacher's canonical layout.
   logging.info("Cutting the student from %s (layers: %s).", config.init_from,
                config.init_from_layers)
   return student_init.student_params(pretrained, config.init_from_layers, objective.model_config,
@@ -211,10 +236,11 @@ def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardi
   """Parameters of another run's workdir, or the encoder (and the MLM / discriminator heads it
   has) of a Hugging Face BERT, ELECTRA or RoBERTa directory, plus what the objective's
   `import_extras` reads from an export of it (RetroMAE's decoder, a contrastive pooler), placed
-  with this run's shardings; other parameters keep their fresh values."""
+  with this run's shardings, in its layout (layers stacked under model.scan_layers, whatever the
+  source's); other parameters keep their fresh values."""
   if os.path.isfile(os.path.join(path, files.CONFIG_FILE)):
     imported = hf_read.read_hf_encoder(path)
-    loaded = {"encoder": imported.encoder, **imported.heads}
+    loaded = stacking.stack_like({"encoder": imported.encoder, **imported.heads}, params)
     for name, tree in loaded.items():
       if name in params:
         state_lib.check_same_shapes(tree, params[name], f"{path} ({name})")
@@ -222,8 +248,12 @@ def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardi
     params = objective.import_extras(path, params)
   else:
     mngr = checkpointing.read_manager(path, "config.init_from")
-    target, _ = state_lib.abstract_state(objective, tx, seq_len, mesh, rules)
-    with jax.set_mesh(mesh):
-      params = checkpointing.restore_state_only(mngr, target).params
+    saved = checkpointing.saved_config(mngr).get("model", {})
+    if saved.get("scan_layers", False) == objective.model_config.scan_layers:
+      target, _ = state_lib.abstract_state(objective, tx, seq_len, mesh, rules)
+      with jax.set_mesh(mesh):
+        params = checkpointing.restore_state_only(mngr, target).params
+    else:  # The other layout: read it canonical (every layer_{i}), then lay it out as this run's.
+      params = stacking.stack_like(load.load_workdir(path).params, params)
   logging.info("Initialised parameters from %s.", path)
   return jax.device_put(params, param_shardings)

@@ -24,7 +24,7 @@ from objectives import registry
 from objectives import base
 from pretrain.data import ngrams, tokenizer as tokenizer_lib
 from pretrain.interop import files, hf_read, sentence_transformers
-from pretrain.models import poolers
+from pretrain.models import poolers, stacking
 from pretrain.models.encoder import EncoderConfig
 from pretrain.training import checkpointing, optimizer as optimizer_lib, sharding
 from pretrain.training import state as state_lib
@@ -43,21 +43,29 @@ def is_workdir(path: str) -> bool:
 
 
 def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
-  """A workdir's checkpoint (the latest, or `step`) with the objective that trained it."""
+  """A workdir's checkpoint (the latest, or `step`) with the objective that trained it, in the
+  canonical layout: a scanned run's layers come unstacked (every layer_{i}), and its config and
+  objective say model.scan_layers=False to match."""
   mngr = checkpointing.read_manager(workdir)
   step = checkpointing.pick_step(mngr, step)
   config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
   # spm.model or tokenizer.json
   tokenizer = tokenizer_lib.load(os.path.join(workdir, checkpointing.TOKENIZER_DIR))
   # The lexicon only feeds the input pipeline; the guide is part of the checkpointed state.
-  objective = registry.build(config, tokenizer, resources(config, tokenizer, exclude={"lexicon"}))
+  needed = resources(config, tokenizer, exclude={"lexicon"})
+  objective = registry.build(config, tokenizer, needed)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   target, _ = state_lib.abstract_state(objective, tx, config.data.seq_len, mesh,
                                        sharding.rules(config.axis_rules))
   with jax.set_mesh(mesh):
     state = checkpointing.restore_state_only(mngr, target, step)
-  return Workdir(config, tokenizer, objective, jax.device_get(state.params), step)
+  params = jax.device_get(state.params)
+  if config.model.get("scan_layers", False):
+    params = stacking.unstack_all(params)
+    config.model.scan_layers = False
+    objective = registry.build(config, tokenizer, needed)
+  return Workdir(config, tokenizer, objective, params, step)
 
 
 @dataclasses.dataclass

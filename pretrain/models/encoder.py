@@ -17,6 +17,16 @@ padding, so no softmax row is ever fully masked (no NaNs).
 Every parameter carries T5X-style logical axis names ("vocab", "embed",
 "heads", "kv", "mlp") so the training code can shard it with axis rules.
 
+Scan over layers (``scan_layers``) and remat (``remat``): the layers are not all alike (pre-norm
+layer 0 has no attention_norm; with local attention, layer i is global iff i % global_every == 0
+and the two kinds differ in mask and rotary base), so rather than passing per-layer flags as scanned
+inputs, which would make the window and the rotary base traced values that fused attention kernels
+cannot take, the stack is cut into groups that are alike: layer 0 unrolled under pre-norm, then
+``nn.scan`` over groups of ``global_every`` consecutive layers (of 1 without local attention) whose
+body runs each offset with its own static kind, then any remainder unrolled
+(``pretrain.models.stacking`` names the layout). ModernBERT's depths (22, 28 with global_every 3)
+scan whole. Each layer is wrapped in ``nn.remat`` with the policy of ``remat``, scanned or not.
+
 ELECTRA additions: an optional ``embedding_size`` different from ``hidden_size``
 (embeddings are projected by ``embeddings_project``, as in HF ``ElectraModel``),
 and ``Encoder(...)(..., shared_embeddings=...)`` so that a second encoder
@@ -31,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pretrain.models import attention as attention_lib, layers
+from pretrain.models import attention as attention_lib, layers, stacking
 from pretrain.models.attention import segment_mask  # noqa: F401  (part of this module's API)
 from pretrain.models.encoder_config import (MLM_HEADS, MLPS, NORMS, POSITIONS,  # noqa: F401
                                             EncoderConfig)
@@ -84,7 +94,8 @@ class EncoderLayer(nn.Module):
   index: int = 0  # Decides global or local attention and the rotary base.
 
   @nn.compact
-  def __call__(self, x_BLH, mask_B1LL, positions_BL=None, *, deterministic: bool):
+  def __call__(self, x_BLH, mask_B1LL, positions_BL=None, deterministic: bool = True):
+    # `deterministic` may be positional: nn.remat takes it as a static argument by position.
     cfg = self.config
     attention = attention_lib.Attention(cfg, attention_lib.layer_theta(cfg, self.index),
                                         name="attention")
@@ -96,6 +107,42 @@ class EncoderLayer(nn.Module):
     x_BLH = x_BLH + attention(h_BLH, h_BLH, mask_B1LL, positions_BL, deterministic=deterministic)
     h_BLH = layers.mlp(cfg, layers.norm(cfg, "mlp_norm")(x_BLH), deterministic=deterministic)
     return layers.constrain(x_BLH + h_BLH)
+
+
+def layer_module(config: EncoderConfig, prevent_cse: bool = True):
+  """`EncoderLayer`, wrapped in `nn.remat` with the policy of `config.remat` unless "none".
+
+  prevent_cse=False inside a scan, where jax's docs say the loop already keeps XLA from merging the
+  recomputation back into the forward pass (and the barrier would cost speed)."""
+  if config.remat == "none":
+    return EncoderLayer
+  return nn.remat(EncoderLayer, policy=layers.remat_policy(config.remat),
+                  prevent_cse=prevent_cse, static_argnums=(4,))
+
+
+class LayerGroup(nn.Module):
+  """`size` consecutive layers from layer `first`: the body that `Encoder` scans. Offset j is
+  layer first + k * size + j in the k-th step, of one static kind (global or local) in every step.
+  Returns (hidden states, the stacked [size, B, L, H] outputs when `all_layers`, else None)."""
+
+  config: EncoderConfig
+  first: int
+  size: int
+  deterministic: bool = True
+  all_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLH, masks, positions_BL):
+    cfg = self.config
+    layer = layer_module(cfg, prevent_cse=False)
+    outputs = []
+    for j in range(self.size):
+      i = self.first + j
+      mask_B1LL = masks[0] if cfg.is_global(i) else masks[1]
+      x_BLH = layer(cfg, i, name=f"offset_{j}")(x_BLH, mask_B1LL, positions_BL,
+                                                self.deterministic)
+      outputs.append(x_BLH)
+    return x_BLH, (jnp.stack(outputs) if self.all_layers else None)
 
 
 class Encoder(nn.Module):
@@ -114,6 +161,9 @@ class Encoder(nn.Module):
     layer_{i}/output/{kernel [F,H], bias [H]}
     post-LN:  layer_{i}/attention/LayerNorm, layer_{i}/LayerNorm
     pre-norm: layer_{i}/attention_norm (i > 0), layer_{i}/mlp_norm, final_norm
+
+  With ``scan_layers`` the scanned layers sit under scanned_layers/offset_{j}/..., stacked on a
+  leading "layers" axis (``pretrain.models.stacking``, which converts either way).
   """
 
   config: EncoderConfig
@@ -174,11 +224,25 @@ class Encoder(nn.Module):
     local_B1LL = (attention_lib.window_mask(global_B1LL, positions_BL, cfg.local_window)
                   if cfg.local_window else global_B1LL)
     outputs = [x_BLH]
-    for i in range(cfg.num_layers):
+    lay = stacking.layout(cfg) if cfg.scan_layers else None
+    layer, i = layer_module(cfg), 0
+    while i < cfg.num_layers:
+      if lay is not None and lay.groups and i == lay.head:
+        scan = nn.scan(LayerGroup, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=lay.groups,
+                       metadata_params={nn.PARTITION_NAME: stacking.LAYERS_AXIS})
+        x_BLH, stacked_GSBLH = scan(cfg, i, lay.group, deterministic, return_all_layers,
+                                    name=stacking.SCANNED)(
+                                        x_BLH, (global_B1LL, local_B1LL), positions_BL)
+        if return_all_layers:
+          outputs.extend(stacked_GSBLH.reshape(-1, *x_BLH.shape))
+        i += lay.groups * lay.group
+        continue
       mask_B1LL = global_B1LL if cfg.is_global(i) else local_B1LL
-      x_BLH = EncoderLayer(cfg, i, name=f"layer_{i}")(x_BLH, mask_B1LL, positions_BL,
-                                                      deterministic=deterministic)
+      x_BLH = layer(cfg, i, name=f"layer_{i}")(x_BLH, mask_B1LL, positions_BL, deterministic)
       outputs.append(x_BLH)
+      i += 1
     if cfg.pre_norm:
       x_BLH = outputs[-1] = layers.constrain(layers.norm(cfg, "final_norm")(x_BLH))
     return tuple(outputs) if return_all_layers else x_BLH

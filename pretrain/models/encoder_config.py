@@ -17,6 +17,11 @@ all combinable, are those of ``ModernBertConfig``:
   mlm_head="modernbert"      the MLM head's norm is the model's norm (norm, norm_bias)
   vocab_multiple=m           embedding / decoder rows padded to a multiple of m; the head's
                              logits are cut back to vocab_size, so a padded id is never predicted
+
+Two fields change how the layers run, not what they compute (``pretrain.models.encoder``):
+  scan_layers=True           one compiled layer body (nn.scan), parameters stacked on a leading
+                             "layers" axis (``pretrain.models.stacking`` converts the layout)
+  remat=<REMAT_POLICIES>     what each layer keeps for the backward pass (``layers.remat_policy``)
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ NORMS = ("layernorm", "rmsnorm")
 MLM_HEADS = ("bert", "modernbert")
 # How attention runs (``pretrain.models.attention_kernels``): the same mask and math, another kernel.
 ATTENTIONS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
+# What a layer saves for the backward pass (documented in pretrain.models.layers.remat_policy).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 _CHOICES = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "mlm_head": MLM_HEADS,
-            "attention": ATTENTIONS}
+            "attention": ATTENTIONS,
+            "remat": REMAT_POLICIES}
 
 
 def _positive_int(value, minimum=1) -> bool:
@@ -74,6 +82,8 @@ class EncoderConfig:
   vocab_multiple: int = 1  # Embedding rows padded to a multiple of this (1: none).
   attention: str = "xla"  # ATTENTIONS: the attention kernel (same outputs, see attention_kernels).
   attention_interpret: bool = False  # Pallas kernels in interpret mode: tests and CPU dry runs.
+  scan_layers: bool = False  # One scanned layer body, parameters stacked (see the docstring).
+  remat: str = "none"  # REMAT_POLICIES: what each layer keeps for the backward pass.
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
@@ -98,7 +108,7 @@ class EncoderConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f"EncoderConfig.{name} must be one of {', '.join(allowed)}, got "
                          f"{getattr(self, name)!r}")
-    for name in ("pre_norm", "norm_bias", "use_bias", "attention_interpret"):
+    for name in ("pre_norm", "norm_bias", "use_bias", "scan_layers", "attention_interpret"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"EncoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.position == "rope" and self.head_dim % 2:

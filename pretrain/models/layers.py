@@ -144,3 +144,22 @@ def mlp(config: EncoderConfig, x_BLH: Array, *, deterministic: bool) -> Array:
   h_BLF = constrain(h_BLF, "mlp")
   h_BLH = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h_BLF)
   return nn.Dropout(cfg.dropout_rate)(h_BLH, deterministic=deterministic)
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of `EncoderConfig.remat` (None for "none": no remat at all).
+
+  What one layer keeps from its forward pass for the backward pass (the rest is recomputed):
+    none                               everything XLA needs: the most memory, no recomputation
+    full                               only the layer's input (jax's nothing_saveable): the least
+                                       memory, the whole layer's forward runs twice
+    dots_saveable                      every matmul output, the attention scores [B, N, L, L]
+                                       included; norms, GELU and softmax are recomputed
+    dots_with_no_batch_dims_saveable   the weight matmuls only (projections, MLP), not attention's
+                                       batched dots: the [B, N, L, L] arrays are recomputed
+                                       (MaxText's "minimal")
+  """
+  policies = jax.checkpoint_policies
+  return {"none": None, "full": policies.nothing_saveable,
+          "dots_saveable": policies.dots_saveable,
+          "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable}[name]

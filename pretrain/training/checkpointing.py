@@ -38,7 +38,11 @@ SHAPE_FIELDS = ("model.num_layers", "model.hidden_size", "model.num_heads", "mod
                 "model.position", "model.rope_theta", "model.rope_local_theta", "model.mlp",
                 "model.pre_norm", "model.norm", "model.norm_bias", "model.use_bias",
                 "model.type_vocab_size", "model.layer_norm_eps", "model.local_window",
-                "model.global_every", "model.mlm_head", "model.vocab_multiple")
+                "model.global_every", "model.mlm_head", "model.vocab_multiple",
+                # The parameters' layout: stacked layers (LAYOUT_FIELDS).
+                "model.scan_layers")
+# Shape fields that only lay the same weights out differently: init_from converts them.
+LAYOUT_FIELDS = ("model.scan_layers",)
 
 # Config keys that decide what the data iterator's saved position means (it counts rows of this
 # shape): resuming with others would not continue the same data order.
@@ -153,6 +157,11 @@ def check_compatible(saved, config, where, fields=SHAPE_FIELDS):
           f"its data position counts rows of the old shape. Use --config.{field}={old!r} to "
           f"resume it, or a new --workdir with --config.init_from={where} to continue from its "
           f"weights with the new {field}.")
+    if old != new and field in LAYOUT_FIELDS:
+      raise ValueError(
+          f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}; "
+          f"its parameters are stored in that layout. Use --config.{field}={old!r} to resume it, "
+          f"or a new --workdir with --config.init_from={where}, which converts the layout.")
     if old != new:
       raise ValueError(
           f"The checkpoint in {where} was trained with {field}={old!r} but the config says {new!r}. "

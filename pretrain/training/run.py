@@ -107,15 +107,18 @@ def to_device(run: Run, batch):
 
 
 def train(run: Run, state, step_fn, data_iterator, rng, *, start_step, tokens_per_step,
-          evaluate=None):
-  """The shared loop (loop.run) with this run's checkpointing; returns (state, logged metrics)."""
+          evaluate=None, layer_flops_scale=1.0):
+  """The shared loop (loop.run) with this run's checkpointing; returns (state, logged metrics).
+  `layer_flops_scale` corrects XLA's FLOP count of a step whose layers are scanned (it counts the
+  scanned body once): the unrolled step's FLOPs over the scanned one's."""
   def save(step, state):
     checkpointing.save(run.mngr, step, state, data_iterator, run.config)
   return loop.run(
       state, step_fn, lambda: to_device(run, next(data_iterator)), rng, start=start_step,
       train_config=run.config.train, tokens_per_step=tokens_per_step, writer=run.writer,
       mesh=run.mesh, rules=run.rules, preempted=run.preempted, save=save, evaluate=evaluate,
-      profile_dir=os.path.join(run.workdir, "profile"), flops_scale=_flops_scale(run.config))
+      profile_dir=os.path.join(run.workdir, "profile"),
+      flops_scale=_flops_scale(run.config) * layer_flops_scale)
 
 
 def _flops_scale(config):

@@ -46,7 +46,8 @@ def rules(axis_rules):
 # The config key behind each logical axis, for the error when a mesh axis does not divide it.
 LOGICAL_SIZES = {"heads": "model.num_heads", "mlp": "model.mlp_dim",
                  "vocab": "data.tokenizer.vocab_size", "embed": "model.hidden_size",
-                 "kv": "model.hidden_size / model.num_heads"}
+                 "kv": "model.hidden_size / model.num_heads",
+                 "layers": "model.num_layers (the scanned groups of model.scan_layers)"}
 
 
 def logical_shardings(boxed_tree, mesh, axis_rules):
