@@ -1,7 +1,7 @@
 """Our MLM train step next to Hugging Face BERT (Flax and PyTorch), one framework per process.
 
   python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=3]
-                          [--bench_python=.venv-bench/bin/python]
+                          [--bench_python=.venv-bench/bin/python] [--ours=default,threefry_unrolled]
 
 Every case is `size:seq_len:batch`. Runs bench/train_step.py with this interpreter and
 bench/hf_step.py with `--bench_python` (a virtualenv with transformers 4.57, whose Flax models
@@ -37,7 +37,7 @@ def _run(cmd):
 def _flops_per_token(row):
   m = common.model_config(row["size"])
   flops = train_step.flops_per_token(m, row["vocab"], row["seq_len"], 0.15)
-  if row["framework"] != "ours":  # HF projects every position onto the vocabulary: count it.
+  if not row["framework"].startswith("ours"):  # HF projects every position onto the vocabulary
     flops += 3 * 2 * (m.hidden_size ** 2 + m.hidden_size * row["vocab"]) * (1 - 0.15)
   return flops
 
@@ -47,6 +47,8 @@ def main():
   parser.add_argument("--cases", default=DEFAULT_CASES)
   parser.add_argument("--vocab", type=int, default=32000)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--ours", default="default",
+                      help="our step's variants, one row each: default, threefry_unrolled")
   parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
   args = parser.parse_args()
   peak = train_step.matmul_peak()
@@ -54,24 +56,29 @@ def main():
   print("| config | seq | batch | framework | MFLOP/token | tokens/s | MFU | ours vs it | "
         "ours vs it at 100% MFU | compile s | peak RSS MiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
+  ours_variants = args.ours.split(",")
   for case in args.cases.split(","):
     size, seq_len, batch = case.split(":")
     common_args = [f"--seq_len={seq_len}", f"--batch={batch}", f"--vocab={args.vocab}",
                    f"--repeats={args.repeats}"]
-    rows = [_run([sys.executable, os.path.join(HERE, "train_step.py"), "--json",
+    rows = []
+    for variant in args.ours.split(","):
+      row = _run([sys.executable, os.path.join(HERE, "train_step.py"), "--json",
                   f"--configs={size}", f"--seq_lens={seq_len}", f"--batch={batch}",
-                  f"--vocab={args.vocab}", f"--repeats={args.repeats}"])]
+                  f"--vocab={args.vocab}", f"--repeats={args.repeats}",
+                  *([f"--{variant}"] if variant != "default" else [])])
+      rows.append({**row, "framework": "ours" + (f" {variant}" if variant != "default" else "")})
     for framework in ("flax", "torch"):
       try:
         rows.append(_run([args.bench_python, os.path.join(HERE, "hf_step.py"),
                           f"--framework={framework}", f"--size={size}", *common_args]))
       except (RuntimeError, FileNotFoundError) as e:
         print(f"<!-- hf-{framework} {case} failed: {str(e)[-400:]!r} -->")
-    ours = rows[0]["tokens_per_s"]
+    ours = rows[len(ours_variants) - 1]["tokens_per_s"]  # HF rows compare with the last variant
     for row in rows:
       flops = _flops_per_token(row)
       ratio = bound = ""
-      if row["framework"] != "ours":
+      if not row["framework"].startswith("ours"):
         # The speed-up we would have if our step ran at the full measured peak: a ceiling.
         ratio = f"{ours / row['tokens_per_s']:.2f}x"
         bound = f"{peak / _flops_per_token(rows[0]) / row['tokens_per_s']:.2f}x"

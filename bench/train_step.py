@@ -3,7 +3,7 @@
   python bench/train_step.py [--configs=demo,small] [--seq_lens=128] [--batch=32] [--repeats=5]
                              [--archs=bert,modern] [--vocab=16000] [--dtype=float32|bfloat16]
                              [--peak_tflops=X]
-                             [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--json]
+                             [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--threefry_unrolled] [--json]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
 matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
@@ -35,6 +35,7 @@ from objectives import masking  # noqa: E402
 from pretrain.training import optimizer as optimizer_lib, sharding
 from objectives import registry
 from pretrain.training import state as state_lib
+from pretrain.training import threefry
 from pretrain.training import step as step_lib
 
 
@@ -72,7 +73,7 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
 
 
 def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry2x32",
-          arch="bert"):
+          arch="bert", threefry_unrolled=False):
   """The compiled MLM train step of `configs/demo.py` at this shape, with its first state, a batch
   of random ids and a key: `(config, compiled, state, data, key, compile_s)`. Call `compiled`
   inside `context(config)`."""
@@ -80,6 +81,8 @@ def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry
                       f"arch={arch}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
+  c.threefry_unrolled = threefry_unrolled
+  threefry.set_cpu_lowering(threefry_unrolled)
   objective = registry.build(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
   mesh = sharding.make_mesh(c.mesh)
@@ -114,9 +117,9 @@ def context(config):
 
 
 def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
-          rng_impl="threefry2x32", arch="bert"):
+          rng_impl="threefry2x32", arch="bert", threefry_unrolled=False):
   c, compiled, state, data, key, compile_s = build(size, seq_len, batch, vocab, dtype, rng_impl,
-                                                   arch)
+                                                   arch, threefry_unrolled)
   with context(c):
     state, m = compiled(state, data, key)
     jax.block_until_ready(m)
@@ -145,6 +148,8 @@ def main():
                       help="Datasheet peak in TFLOP/s; 0 measures a matmul peak instead.")
   parser.add_argument("--rng_impl", default="threefry2x32", choices=common.RNG_IMPLS,
                       help="config.rng_impl: the generator behind dropout and masking bits.")
+  parser.add_argument("--threefry_unrolled", action="store_true",
+                      help="config.threefry_unrolled: threefry's rounds inline on CPU.")
   parser.add_argument("--archs", default="bert",
                       help="configs/demo.py:arch= values (configs/modernbert.py ARCHITECTURES)")
   parser.add_argument("--json", action="store_true")
@@ -159,7 +164,8 @@ def main():
           for arch in args.archs.split(",") for seq_len in map(int, args.seq_lens.split(","))]
   for size, arch, seq_len in runs:
     compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
-                                        args.vocab, args.dtype, args.rng_impl, arch)
+                                        args.vocab, args.dtype, args.rng_impl, arch,
+                                        args.threefry_unrolled)
     if args.json:
       print(json.dumps(dict(
           framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,

@@ -141,6 +141,8 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rng_impl = "threefry2x32"    # RNG_IMPLS
+  c.threefry_unrolled = False   # CPU: threefry's rounds inline instead of a loop (same bits,
+                                # faster dropout and masking, slower compile; training.threefry)
   c.model = model_config("demo")
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib",      # local builders: python_stdlib, local_text; pair_files (the
@@ -269,6 +271,8 @@ def validate(config):
   require(m.layer_norm_eps > 0, "model.layer_norm_eps", m.layer_norm_eps, "> 0")
   registry.validate(config)
   require(config.rng_impl in RNG_IMPLS, "rng_impl", config.rng_impl, ", ".join(RNG_IMPLS))
+  require(isinstance(config.threefry_unrolled, bool), "threefry_unrolled",
+          config.threefry_unrolled, "True or False")
   validate_optimizer(opt, t.steps, d.batch_size)
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require(t[key] > 0, f"train.{key}", t[key], "a positive integer")

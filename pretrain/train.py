@@ -21,6 +21,7 @@ from pretrain.data import (mixture, ngrams, pair_files, pairs, pipeline, sources
 from pretrain.interop import files, hf_read, load, student_init
 from pretrain.models import stacking
 from pretrain.training import flops as flops_lib
+from pretrain.training import threefry
 from pretrain.training import (checkpointing, metrics as metrics_lib, optimizer as optimizer_lib,
                                run as run_lib, state as state_lib, step as step_lib, workdir_lock)
 
@@ -40,6 +41,7 @@ def train_and_evaluate(config, workdir):
   # --- Setup -------------------------------------------------------------------------------
   common.validate(config)
   _check_init_from(config)
+  threefry.set_cpu_lowering(config.threefry_unrolled)
   t0 = time.perf_counter()
   d, t = config.data, config.train
   run = run_lib.start(config, workdir, {"data.batch_size": d.batch_size})
