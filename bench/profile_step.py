@@ -17,9 +17,11 @@ source file of the JAX code that made it), which decides its group:
   elementwise   every other fusion (GELU, dropout masks, LayerNorm apply, softmax exp, adds)
   control       while loops, calls, tuples (their bodies' ops are counted in their own groups)
 
-Times are summed over the runtime's worker threads (thread-seconds), and the wall time of the
-traced steps is split by how many cores were busy at once (0, 1, 2...): on a 2-core machine an op
-that keeps one core of two busy wastes the other. `--torch` profiles the PyTorch peer
+Times are summed over the runtime's worker threads (thread-seconds). The runtime runs independent
+ops at once, so an op's thread time is not what removing it would save: the last column counts
+only the wall time in which the group ran while no matmul was in flight (the critical path, since
+a matmul keeps the cores busy), and "idle" the time in which no op ran at all. The wall time is
+also split by how many threads were inside an op at once (0, 1, 2...). `--torch` profiles the PyTorch peer
 (bench/hf_step.py's BertForMaskedLM step) with torch.profiler and groups its aten ops alike.
 """
 import argparse
@@ -188,6 +190,29 @@ def concurrency(intervals, start, end):
   return out
 
 
+def exposed(intervals, start, end):
+  """{group: wall microseconds in which it ran with no matmul running}, and "idle".
+
+  A matmul keeps both cores busy (YNNPACK splits it over the pool), so work that overlaps one is
+  hidden behind it; what runs with no matmul in flight is on the step's critical path. Time in
+  which several non-matmul groups run is split between them."""
+  edges = sorted([(t, 1, g) for t, _, g in intervals] + [(t + d, -1, g) for t, d, g in intervals])
+  running, last, out = collections.Counter(), start, collections.Counter()
+  for t, delta, group in edges:
+    t = min(max(t, start), end)
+    live = [g for g, n in running.items() if n > 0]
+    if "matmul" in live:
+      out["matmul"] += t - last
+    elif live:
+      for g in live:
+        out[g] += (t - last) / len(live)
+    else:
+      out["idle"] += t - last
+    running[group] += delta
+    last = t
+  return out
+
+
 def breakdown(ops, classify_op):
   """({group: thread-us}, {op: thread-us}) summed over `ops`."""
   groups, per_op = collections.Counter(), collections.Counter()
@@ -221,9 +246,12 @@ def profile_ours(size, seq_len, batch, vocab, steps):
   start = min(t for _, _, t, _ in ops)
   end = max(t + d for _, _, t, d in ops)
   busy = concurrency([(t, d) for _, _, t, d in ops], start, end)
+  label = lambda n: (classify(n, computations, calls, frame_files, by_name)  # noqa: E731
+                     if n in by_name else "control")
+  critical = exposed([(t, d, label(n)) for n, _, t, d in ops], start, end)
   return dict(framework="ours", wall_s=wall_s, steps=steps, groups=dict(groups),
               matmul_gflop_per_step=matmul_flops / 1e9,
-              top=per_op.most_common(), busy=dict(busy), labels={
+              top=per_op.most_common(), busy=dict(busy), exposed=dict(critical), labels={
                   n: classify(n, computations, calls, frame_files, by_name)
                   for n, _ in per_op.most_common(40) if n in by_name})
 
@@ -288,11 +316,16 @@ def print_report(result, top):
   total = sum(result["groups"].values())
   print(f"\n{result['framework']}: {wall_ms / steps:.1f} ms per step (wall), "
         f"{total / 1e3 / steps:.1f} ms of op time per step summed over threads")
-  print("| group | ms/step | share of op time |\n|---|---|---|")
-  for group in GROUPS:
+  critical = result.get("exposed", {})
+  span = sum(critical.values()) or 1
+  print("| group | thread ms/step | share of op time | wall ms/step with no matmul running |\n"
+        "|---|---|---|---|")
+  for group in (*GROUPS, "idle"):
     us = result["groups"].get(group, 0)
-    if us:
-      print(f"| {group} | {us / 1e3 / steps:.1f} | {us / total:.1%} |")
+    if us or critical.get(group):
+      wall = (f"{critical[group] / 1e3 / steps:.1f} ({critical[group] / span:.1%})"
+              if group in critical else "")
+      print(f"| {group} | {us / 1e3 / steps:.1f} | {us / total:.1%} | {wall} |")
   if result.get("matmul_gflop_per_step"):
     gflop = result["matmul_gflop_per_step"]
     print(f"\nmatmuls: {gflop:.1f} GFLOP per step at "
