@@ -233,14 +233,14 @@ def merge(models, out, mode="average", *, weights=None, t=0.5, base=None, overwr
     check_tensors(dirs, rel, tensors[rel])
   check_others(dirs, names)
 
-  os.makedirs(out, exist_ok=True)
+  for root, _, _ in os.walk(dirs[0]):  # Empty ones too: sentence-transformers' 2_Normalize.
+    os.makedirs(os.path.join(out, os.path.relpath(root, dirs[0])), exist_ok=True)
   written = set()
   for rel, trees in tensors.items():
     merged = {key: merge_tensor(mode, [tree[key] for tree in trees[1 if base else 0:]],
                                 weights=weights, t=t, base=trees[0][key] if base else None)
               for key in trees[0]}
     target = os.path.join(out, rel)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.basename(rel) == files.WEIGHTS_FILE:
       config_rel = os.path.join(os.path.dirname(rel), files.CONFIG_FILE)
       hf_bert.write_files(os.path.dirname(target), merged, _read_other(dirs[0], config_rel))
@@ -252,7 +252,6 @@ def merge(models, out, mode="average", *, weights=None, t=0.5, base=None, overwr
       os.replace(target + ".tmp", target)
   for rel in names:
     if not is_tensor_file(rel) and os.path.normpath(rel) not in written:
-      os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
       shutil.copyfile(os.path.join(dirs[0], rel), os.path.join(out, rel))
   card = os.path.join(models[0], files.README_FILE)
   first_card = _read_other(models[0], files.README_FILE).decode() if os.path.isfile(card) else ""

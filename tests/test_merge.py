@@ -115,7 +115,8 @@ def test_the_merge_loads_and_encodes(exports, tmp_path):
   assert merged.shape == (2, 32) and np.isfinite(merged).all()
   np.testing.assert_allclose(np.linalg.norm(merged, axis=-1), 1.0, rtol=1e-5)
   assert np.abs(merged - first).max() > 1e-3  # Not simply the first model.
-  assert os.path.isfile(os.path.join(out, "modules.json"))  # sentence-transformers' files
+  for name in ("modules.json", "1_Pooling/config.json", "2_Normalize"):  # sentence-transformers'
+    assert os.path.exists(os.path.join(out, name)), name
 
 
 def test_mismatched_shapes_and_tokenizers_are_refused_before_writing(exports, tmp_path):
