@@ -23,6 +23,9 @@ Modes, per tensor, in float64 and cast back to the input's dtype:
   tensors; linear where they are nearly parallel (|cos| > DOT_THRESHOLD) and, unlike mergekit
   (which then shrinks towards zero), where either tensor is ~0 and has no direction.
 - task_arithmetic: base + sum_i w_i (x_i - base) (Ilharco et al. 2023; --weights default 1).
+  The base may hold more than the models (the MLM export they were trained from: its head, its
+  own files) but must hold every model tensor, with its shape, and the models' tokenizer; the
+  merge's files are the models'.
 
 Every refusal comes before anything is written, and names the first file or tensor that differs
 and the fix: a file one input lacks, a tokenizer file that differs (merging needs one
@@ -199,6 +202,29 @@ def check_others(dirs, names):
                          "the same options.")
 
 
+def check_base(base, model, names, tensors):
+  """The base's tensors for task arithmetic ({file: {name: array}}), refusing a model tensor the
+  base lacks or holds with another shape or dtype, and a tokenizer file that differs."""
+  check_tokenizers([model, base], [n for n in names if os.path.isfile(os.path.join(base, n))])
+  out = {}
+  for rel, trees in tensors.items():
+    if not trees[0]:  # e.g. the empty pooler_params.msgpack of mean pooling
+      out[rel] = {}
+      continue
+    if not os.path.isfile(os.path.join(base, rel)):
+      raise ValueError(f"{rel}: {model} has it but the base {base} does not; task vectors need "
+                       "the base's value of every tensor (give the export the models started from).")
+    out[rel] = read_tensors(base, rel)
+    for key, x in trees[0].items():
+      y = out[rel].get(key)
+      if y is None or y.shape != x.shape or y.dtype != x.dtype:
+        found = "not in it" if y is None else f"{y.dtype}{list(y.shape)} there"
+        raise ValueError(f"{rel}: tensor {key} is {x.dtype}{list(x.shape)} in {model} but {found} "
+                         f"(the base {base}): the models differ in architecture from the base; "
+                         "give the base they were trained from.")
+  return out
+
+
 # --- The command ---------------------------------------------------------------------------------
 
 def model_card(mode, models, weights, t, base, first_card):
@@ -223,7 +249,7 @@ def merge(models, out, mode="average", *, weights=None, t=0.5, base=None, overwr
                           "--overwrite.")
   if weights is None:
     weights = [1.0] * len(models)
-  dirs = ([base] if base else []) + list(models)
+  dirs = list(models)
   names = check_same_files(dirs)
   check_tokenizers(dirs, names)
   tensors = {}  # The Hugging Face weights first: a refusal names their tensors.
@@ -232,13 +258,14 @@ def merge(models, out, mode="average", *, weights=None, t=0.5, base=None, overwr
     tensors[rel] = [read_tensors(d, rel) for d in dirs]
     check_tensors(dirs, rel, tensors[rel])
   check_others(dirs, names)
+  base_tensors = check_base(base, dirs[0], names, tensors) if base else {}
 
   for root, _, _ in os.walk(dirs[0]):  # Empty ones too: sentence-transformers' 2_Normalize.
     os.makedirs(os.path.join(out, os.path.relpath(root, dirs[0])), exist_ok=True)
   written = set()
   for rel, trees in tensors.items():
-    merged = {key: merge_tensor(mode, [tree[key] for tree in trees[1 if base else 0:]],
-                                weights=weights, t=t, base=trees[0][key] if base else None)
+    merged = {key: merge_tensor(mode, [tree[key] for tree in trees], weights=weights, t=t,
+                                base=base_tensors[rel][key] if base else None)
               for key in trees[0]}
     target = os.path.join(out, rel)
     if os.path.basename(rel) == files.WEIGHTS_FILE:

@@ -24,10 +24,12 @@ def _tokenizer(tmp_path_factory, names):
   return tok_lib.train(texts, str(tmp_path_factory.mktemp("spm") / "spm.model"), VOCAB)
 
 
-def _export(out, tokenizer, seed, mlp_dim=64):
-  """A contrastive export (mean pooling, normalised) of a 1-layer, width-32 encoder with random
-  params: what pretrain.export writes, without a training run."""
+def _export(out, tokenizer, seed, mlp_dim=64, mlm=False):
+  """A contrastive export (mean pooling, normalised), or an MLM one, of a 1-layer, width-32
+  encoder with random params: what pretrain.export writes, without a training run."""
   config = contriever.get_config(f"size=tiny,vocab_size={VOCAB},seq_len=32,normalize=True")
+  if mlm:
+    config.objective.name = "mlm"
   config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=mlp_dim, max_len=32)
   objective = registry.build(common.validate(config), tokenizer)
   params = _random_params(objective, seed=seed)
@@ -42,6 +44,7 @@ def exports(tmp_path_factory):
   return types.SimpleNamespace(
       a=_export(root / "a", tokenizer, 1), b=_export(root / "b", tokenizer, 2),
       wide=_export(root / "wide", tokenizer, 3, mlp_dim=128),
+      mlm=_export(root / "mlm", tokenizer, 5, mlm=True),
       other_tokenizer=_export(root / "tok", _tokenizer(tmp_path_factory, ("shlex.py", "heapq.py")),
                               4),
       tokenizer=tokenizer)
@@ -99,10 +102,24 @@ def test_slerp_endpoints_and_task_arithmetic_of_one_model(exports, tmp_path):
   end = _tensors(merge.merge([exports.a, exports.b], str(tmp_path / "s1"), "slerp", t=1.0))
   task = _tensors(merge.merge([exports.b], str(tmp_path / "ta"), "task_arithmetic",
                               weights=[1.0], base=exports.a))
+  # The MLM export a contrastive run starts from holds more (its head): a base all the same.
+  from_mlm = _tensors(merge.merge([exports.b], str(tmp_path / "tm"), "task_arithmetic",
+                                  weights=[1.0], base=exports.mlm))
+  two = _tensors(merge.merge([exports.a, exports.b], str(tmp_path / "t2"), "task_arithmetic",
+                             weights=[0.5, 2.0], base=exports.mlm))
+  mlm = _tensors(exports.mlm)
+  assert any(k.startswith("model.safetensors:cls.") for k in mlm) and from_mlm.keys() == a.keys()
   for key in a:
     np.testing.assert_allclose(start[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
     np.testing.assert_allclose(end[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
     np.testing.assert_allclose(task[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(from_mlm[key], b[key], rtol=1e-6, atol=1e-6, err_msg=key)
+  key = "model.safetensors:bert.encoder.layer.0.output.dense.weight"
+  np.testing.assert_allclose(two[key], mlm[key] + 0.5 * (a[key] - mlm[key])
+                             + 2.0 * (b[key] - mlm[key]), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"tensor bert\.encoder\.layer\.0\.intermediate\.dense\."
+                                       r"\w+ is float32\[.*\(the base .*wide\)"):
+    merge.merge([exports.b], str(tmp_path / "never"), "task_arithmetic", base=exports.wide)
 
 
 def test_the_merge_loads_and_encodes(exports, tmp_path):
