@@ -2,7 +2,9 @@
 attention in Pallas interpret mode on CPU, on packed rows (several documents and padding) with and
 without a sliding window; the start-up refusals; auto's choices; an encoder on each kernel."""
 import dataclasses
+import json
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,9 @@ import pytest
 
 from configs import common
 from objectives.checks import ConfigError
+from pretrain.interop import files, load
 from pretrain.models import attention, attention_kernels, encoder as enc
+from pretrain.models.encoder_config import EncoderConfig
 from tests.conftest import make_tiny_config
 
 B, L, N, D = 2, 128, 2, 64
@@ -147,3 +151,15 @@ def test_an_encoder_on_a_kernel_equals_the_xla_encoder(name, seq_len):
   np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
   if name == "pallas_gpu":
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_a_model_read_back_runs_the_default_kernel(tmp_path):
+  """The kernel is the training run's choice: an export written under splash reads back as xla."""
+  fields = dataclasses.asdict(EncoderConfig(vocab_size=64, hidden_size=32, num_layers=1,
+                                            num_heads=2, mlp_dim=64))
+  (tmp_path / files.ENCODER_CONFIG_FILE).write_text(
+      json.dumps({**fields, "attention": "splash", "attention_interpret": True}))
+  (tmp_path / files.MSGPACK_FILE).write_bytes(flax.serialization.msgpack_serialize(
+      {"encoder": {"w": np.zeros(2, np.float32)}}))
+  config, _ = load.read_export(str(tmp_path))
+  assert (config.attention, config.attention_interpret) == ("xla", False)

@@ -42,6 +42,10 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, checkpointing.CHECKPOINTS_DIR))
 
 
+# What a model read back from a workdir or export runs its attention with (the default kernel).
+PORTABLE_ATTENTION = {"attention": "xla", "attention_interpret": False}
+
+
 def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
   """A workdir's checkpoint (the latest, or `step`) with the objective that trained it, in the
   canonical layout: a scanned run's layers come unstacked (every layer_{i}), and its config and
@@ -49,6 +53,9 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
   mngr = checkpointing.read_manager(workdir)
   step = checkpointing.pick_step(mngr, step)
   config = ml_collections.ConfigDict(checkpointing.saved_config(mngr, step))
+  # The attention kernel is the training run's choice, not the model's: read back on any backend,
+  # the model runs XLA's (a later run picks its own with model.attention).
+  config.model.update({k: v for k, v in PORTABLE_ATTENTION.items() if k in config.model})
   # spm.model or tokenizer.json
   tokenizer = tokenizer_lib.load(os.path.join(workdir, checkpointing.TOKENIZER_DIR))
   # The lexicon only feeds the input pipeline; the guide is part of the checkpointed state.
@@ -95,7 +102,8 @@ def read_export(path: str) -> tuple[EncoderConfig, dict]:
   with open(os.path.join(path, files.ENCODER_CONFIG_FILE), encoding="utf-8") as f:
     fields = json.load(f)
   known = {f.name for f in dataclasses.fields(EncoderConfig)}
-  config = EncoderConfig(**{k: v for k, v in fields.items() if k in known})
+  config = EncoderConfig(**{**{k: v for k, v in fields.items() if k in known},
+                            **PORTABLE_ATTENTION})
   with open(os.path.join(path, files.MSGPACK_FILE), "rb") as f:
     try:
       params = flax.serialization.msgpack_restore(f.read())
