@@ -124,8 +124,8 @@ def write_export(out, config, tokenizer, objective, params, step, rows, *, pooli
   (out_path / files.MSGPACK_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
   objective.export_extras(out, params)  # e.g. RetroMAE's decoder, to continue pretraining
   (out_path / files.ENCODER_CONFIG_FILE).write_text(
-      json.dumps(dataclasses.asdict(dataclasses.replace(objective.model_config,
-                                                        scan_layers=False)), indent=2))
+      json.dumps(dataclasses.asdict(dataclasses.replace(
+          objective.model_config, scan_layers=False, remat="none")), indent=2))
   (out_path / files.README_FILE).write_text(model_card(config, step, rows, objective))
   return out
 

@@ -123,7 +123,8 @@ def test_export_of_a_scanned_run_equals_the_unrolled_export(tokenizer, tmp_path,
   outs = {}
   for scan_layers in (False, True):
     config = make_tiny_config()
-    config.model.update(num_layers=3, max_len=32, scan_layers=scan_layers)
+    config.model.update(num_layers=3, max_len=32, scan_layers=scan_layers,
+                        remat="full" if scan_layers else "none")
     config.data.tokenizer.vocab_size = tokenizer.vocab_size
     config.objective.name = objective_name
     objective = registry.build(common.validate(config), tokenizer)
@@ -142,7 +143,8 @@ def test_export_of_a_scanned_run_equals_the_unrolled_export(tokenizer, tmp_path,
     outs[scan_layers] = out
   for name in ("model.safetensors", "config.json"):
     assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
-  assert json.loads((outs[True] / "encoder_config.json").read_text())["scan_layers"] is False
+  written = json.loads((outs[True] / "encoder_config.json").read_text())
+  assert (written["scan_layers"], written["remat"]) == (False, "none")
   flat = [flax.serialization.msgpack_restore((outs[s] / "flax_params.msgpack").read_bytes())
           for s in (False, True)]
   jax.tree.map(np.testing.assert_array_equal, flat[1], flat[0])

@@ -42,8 +42,9 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, checkpointing.CHECKPOINTS_DIR))
 
 
-# What a model read back from a workdir or export runs its attention with (the default kernel).
-PORTABLE_ATTENTION = {"attention": "xla", "attention_interpret": False}
+# What a model read back from a workdir or export runs its attention with (the default kernel),
+# and without rematerialisation (model.remat, like the kernel, is how a run executed the layers).
+PORTABLE_ATTENTION = {"attention": "xla", "attention_interpret": False, "remat": "none"}
 
 
 def load_workdir(workdir: str, step: Optional[int] = None) -> Workdir:
