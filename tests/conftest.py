@@ -46,6 +46,30 @@ def make_tiny_config():
   return demo.get_config("size=tiny,vocab_size=500,steps=10,batch_size=8,seq_len=32")
 
 
+def objective_resources(config, tokenizer):
+  """What `registry.build` needs for `config.objective.name` without a directory: `distill` gets
+  a teacher of the student's own shape with random weights and an MLM head (sets
+  objective.teacher, so call it before validating)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from objectives import base, mlm, registry  # pylint: disable=import-outside-toplevel
+  if config.objective.name != "distill":
+    return base.Resources()
+  config.objective.teacher = "random-mlm"
+  model_config = dataclasses.replace(
+      registry.encoder_config(config.model, tokenizer.vocab_size), dropout_rate=0.0)
+  teacher = mlm.MaskedLM(config.objective, model_config, tokenizer)
+  batch = packed_batch(np.random.default_rng(0), 1, 8, tokenizer.vocab_size)
+  shapes = jax.eval_shape(teacher.init, jax.random.key(0), batch)  # no compilation
+  draw = np.random.default_rng(7)
+  params = jax.tree.map(lambda x: (draw.normal(size=x.shape) * 0.02).astype(x.dtype),
+                        nn.unbox(shapes))
+  return base.Resources(teacher=base.Teacher(model_config, params, "random-mlm", ""))
+
+
 @pytest.fixture
 def tiny_config():
   return make_tiny_config()

@@ -24,6 +24,7 @@ from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.models import encoder as enc
 from pretrain.finetune import heads
 from pretrain.interop import load
+from tests.conftest import objective_resources
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,7 +75,7 @@ def test_export_of_every_objective_imports_back_and_matches_transformers(name, t
   config = demo.get_config(f"size=tiny,vocab_size={tokenizer.vocab_size},seq_len=32")
   config.model.max_len = 32
   config.objective.name = name
-  objective = registry.build(config, tokenizer)
+  objective = registry.build(config, tokenizer, objective_resources(config, tokenizer))
   batch = objective.example_batch(32)
   params = _random_params(objective, batch, seed=1)
   rows = [{"step": 7, "eval_loss": 1.5}]

@@ -20,7 +20,7 @@ from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.interop import hf_modernbert, hf_read, load, sentence_transformers as st_export
 from pretrain.models import attention, encoder as enc, encoder_config
 from pretrain.training import state as state_lib
-from tests.conftest import fake_tokenizer, make_tiny_config, packed_batch
+from tests.conftest import fake_tokenizer, make_tiny_config, objective_resources, packed_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -314,7 +314,8 @@ def test_every_objective_has_finite_loss_and_gradients_with_the_modern_encoder(n
   config = make_tiny_config()
   config.model.update(MODERN, vocab_multiple=64)  # 2 layers: 0 global, 1 local
   config.objective.update(name=name, ngram_vocab_size=50, components="mlm:1,rts:1")
-  objective = registry.build(common.validate(config), fake_tokenizer(500))
+  resources = objective_resources(config, fake_tokenizer(500))
+  objective = registry.build(common.validate(config), fake_tokenizer(500), resources)
   params = _random(objective)
   grad = jax.jit(jax.value_and_grad(lambda p, b, r: objective.loss(
       p, objective.init_state(), b, r, train=True)[0]))
