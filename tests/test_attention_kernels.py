@@ -135,7 +135,8 @@ def test_auto_picks_the_backends_kernel_that_can_run(backend, head_dim, seq_len,
   assert attention_kernels.resolve("auto", backend, head_dim, seq_len, dtype) == chosen
 
 
-@pytest.mark.parametrize("name,seq_len", [("pallas_gpu", 32), ("splash", 128)])
+# splash at 48: a length the kernel cannot run (a probe batch's width) falls back to XLA.
+@pytest.mark.parametrize("name,seq_len", [("pallas_gpu", 32), ("splash", 128), ("splash", 48)])
 def test_an_encoder_on_a_kernel_equals_the_xla_encoder(name, seq_len):
   # Layer 0 global, layer 1 local (window 8); two documents and padding per row.
   cfg = enc.EncoderConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=64,

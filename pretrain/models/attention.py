@@ -85,10 +85,20 @@ def dense(mask: Mask) -> Array:
 
 def attend(config: EncoderConfig, q_BLND: Array, k_BLND: Array, v_BLND: Array,
            mask: Mask) -> Array:
-  """softmax(q k^T / sqrt(D)) v under `mask`, by `config.attention` (`attention_kernels`)."""
+  """softmax(q k^T / sqrt(D)) v under `mask`, by `config.attention` (`attention_kernels`).
+
+  Start-up validation checks the kernel against the run's `data.seq_len`. Other lengths reach
+  the encoder too: probe batches of any width, contrastive queries of `objective.query_len`.
+  A kernel is a speed choice with the same outputs, so a length it cannot run goes to XLA.
+  """
   _, seq_len, _, head_dim = q_BLND.shape
-  name = attention_kernels.resolve(config.attention, jax.default_backend(), head_dim, seq_len,
-                                   config.dtype, config.attention_interpret)
+  backend = jax.default_backend()
+  name = config.attention
+  if name != "auto" and attention_kernels.problem(name, backend, head_dim, seq_len, config.dtype,
+                                                  config.attention_interpret):
+    name = "xla"
+  name = attention_kernels.resolve(name, backend, head_dim, seq_len, config.dtype,
+                                   config.attention_interpret)
   if (name in attention_kernels.KERNELS and isinstance(mask, PackedMask)
       and k_BLND.shape[1] == seq_len):
     kernel = functools.partial(getattr(attention_kernels, name), radius=mask.radius,
