@@ -40,6 +40,7 @@ import os
 import shutil
 
 import flax.serialization
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import traverse_util
@@ -56,6 +57,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 # --- Tensor arithmetic (numpy, float64) ----------------------------------------------------------
+
+def floating(dtype):
+  """Whether a tensor is merged: float32, float16 and bfloat16 (which numpy does not count as a
+  floating type) are; integer tensors must be equal and are copied."""
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
 
 def average(xs, weights):
   """sum_i w_i x_i / sum_i w_i."""
@@ -86,7 +93,7 @@ def task_arithmetic(base, xs, weights):
 def merge_tensor(mode, xs, *, weights=None, t=0.5, base=None):
   """The merge of one tensor's values `xs` (one per model), in the dtype of the first."""
   first = np.asarray(xs[0])
-  if not np.issubdtype(first.dtype, np.floating):
+  if not floating(first.dtype):
     return first  # Equal in every input (checked): nothing to merge.
   if mode == "average":
     out = average(xs, weights)
@@ -183,7 +190,7 @@ def check_tensors(dirs, rel, trees):
         raise ValueError(f"{rel}: tensor {key} is {x.dtype}{list(x.shape)} in {dirs[0]} but "
                          f"{y.dtype}{list(y.shape)} in {d}: the models differ in architecture; "
                          "merge only exports of one architecture (one config).")
-      if not np.issubdtype(x.dtype, np.floating) and not np.array_equal(x, y):
+      if not floating(x.dtype) and not np.array_equal(x, y):
         raise ValueError(f"{rel}: integer tensor {key} differs between {dirs[0]} and {d}; it "
                          "cannot be averaged.")
 
@@ -225,6 +232,20 @@ def check_base(base, model, names, tensors):
   return out
 
 
+def check_slerp_views(model_dir, names):
+  """SLERP's angle is taken per tensor, so it must see the same tensors in both copies of the
+  weights. ModernBERT's Hugging Face file fuses query, key and value into one tensor (Wqkv),
+  which the Flax file keeps as three: the two copies would end up with different weights."""
+  config_path = os.path.join(model_dir, files.CONFIG_FILE)
+  if files.CONFIG_FILE in names and files.MSGPACK_FILE in names:
+    with open(config_path, encoding="utf-8") as f:
+      model_type = json.load(f).get("model_type")
+    if model_type == "modernbert":
+      raise ValueError("--mode=slerp: a ModernBERT export holds query/key/value fused in "
+                       f"{files.WEIGHTS_FILE} and separate in {files.MSGPACK_FILE}, so per-tensor "
+                       "angles differ between them; use --mode=average or task_arithmetic.")
+
+
 # --- The command ---------------------------------------------------------------------------------
 
 def model_card(mode, models, weights, t, base, first_card):
@@ -258,6 +279,8 @@ def merge(models, out, mode="average", *, weights=None, t=0.5, base=None, overwr
     tensors[rel] = [read_tensors(d, rel) for d in dirs]
     check_tensors(dirs, rel, tensors[rel])
   check_others(dirs, names)
+  if mode == "slerp":
+    check_slerp_views(dirs[0], names)
   base_tensors = check_base(base, dirs[0], names, tensors) if base else {}
 
   for root, _, _ in os.walk(dirs[0]):  # Empty ones too: sentence-transformers' 2_Normalize.

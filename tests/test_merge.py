@@ -4,6 +4,7 @@ import sysconfig
 import types
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ from objectives import registry
 from objectives.checks import ConfigError
 from pretrain import export, merge
 from pretrain.data import tokenizer as tok_lib
-from pretrain.interop import hf_read, load, sentence_transformers as st_export
+from pretrain.interop import files, hf_read, load, sentence_transformers as st_export
 from tests.test_contrastive import _random_params
 
 VOCAB = 500
@@ -72,6 +73,16 @@ def test_slerp_closed_forms():
   np.testing.assert_allclose(merge.slerp(np.zeros(2), e1, 0.25), 0.25 * e1)
   np.testing.assert_allclose(merge.task_arithmetic(x0, [x1, x0 + 1], [0.5, 2.0]),
                              x0 + 0.5 * (x1 - x0) + 2.0)
+
+
+def test_bfloat16_tensors_are_merged_and_modernbert_slerp_is_refused(tmp_path):
+  halves = merge.merge_tensor("average", [np.ones(3, ml_dtypes.bfloat16),
+                                          np.zeros(3, ml_dtypes.bfloat16)], weights=[1, 1])
+  assert halves.dtype == ml_dtypes.bfloat16 and np.all(halves.astype(np.float32) == 0.5)
+  (tmp_path / files.CONFIG_FILE).write_text('{"model_type": "modernbert"}')
+  with pytest.raises(ValueError, match="--mode=slerp: a ModernBERT export holds query/key/value"):
+    merge.check_slerp_views(str(tmp_path), {files.CONFIG_FILE, files.MSGPACK_FILE})
+  merge.check_slerp_views(str(tmp_path), {files.CONFIG_FILE})  # HF weights alone: one view
 
 
 def test_average_and_weighted_average_are_the_tensorwise_means(exports, tmp_path):
