@@ -8,8 +8,9 @@ export, a Hugging Face BERT / ELECTRA / RoBERTa / ModernBERT directory) with its
 has one. Its arrays live in the objective's non-gradient state, boxed with the logical axes of
 its own modules so that FSDP shards them like the student's; the jitted step runs it forward
 under stop_gradient with dropout off, on the same corrupted rows the student reads. It is
-checkpointed with the state (a resume needs no teacher download), and a resume that names
-another teacher is refused (`shape_fields`).
+checkpointed with the state, and a resume that names another teacher is refused
+(`shape_fields`). The teacher's directory must still be readable to resume or export the run:
+the objective is rebuilt from it (its shapes and tokenizer are checked again).
 
 Losses, summed with their weights (at least one > 0):
 - logits (`logit_weight`): Hinton's soft targets at the masked slots, T^2 KL(p_t || p_s) with

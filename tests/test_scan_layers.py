@@ -157,7 +157,10 @@ def test_resume_refuses_a_changed_scan_layers():
   with pytest.raises(ValueError, match=r"model.scan_layers=False but the config says True.*"
                      r"--config.model.scan_layers=False to resume it.*init_from=wd"):
     checkpointing.check_compatible(saved, config, "wd")
-  saved["model"].pop("scan_layers")  # A checkpoint from before the key: unrolled, resumable.
+  saved["model"].pop("scan_layers")  # A checkpoint from before the key: unrolled layers.
+  with pytest.raises(ValueError, match=r"model.scan_layers=False but the config says True"):
+    checkpointing.check_compatible(saved, config, "wd")
+  config.model.scan_layers = False
   checkpointing.check_compatible(saved, config, "wd")
 
 

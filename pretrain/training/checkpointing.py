@@ -149,6 +149,8 @@ def check_compatible(saved, config, where, fields=SHAPE_FIELDS):
   current = json.loads(config.to_json_best_effort())
   for field in fields:
     old, new = _lookup(saved, field), _lookup(current, field)
+    if old is _MISSING and field in LAYOUT_FIELDS:
+      old = False  # Saved before layers could be stacked: unstacked.
     if old is _MISSING:
       continue  # A config saved without the key; restoring still checks every array's shape.
     if old != new and field in DATA_FIELDS:
