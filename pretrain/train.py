@@ -251,7 +251,12 @@ def _params_from(path, params, objective, tx, seq_len, mesh, rules, param_shardi
   else:
     mngr = checkpointing.read_manager(path, "config.init_from")
     saved = checkpointing.saved_config(mngr).get("model", {})
-    if saved.get("scan_layers", False) == objective.model_config.scan_layers:
+    ours = objective.model_config
+    # A layout changes with scan_layers, and, scanned, with the group (global_every, local_window).
+    same_layout = (saved.get("scan_layers", False) == ours.scan_layers and (
+        not ours.scan_layers or (saved.get("global_every"), bool(saved.get("local_window")))
+        == (ours.global_every, bool(ours.local_window))))
+    if same_layout:
       target, _ = state_lib.abstract_state(objective, tx, seq_len, mesh, rules)
       with jax.set_mesh(mesh):
         params = checkpointing.restore_state_only(mngr, target).params
