@@ -1,5 +1,7 @@
 """Model merging (pretrain/merge.py): closed forms per tensor, on tiny exports, and its refusals."""
 import os
+import subprocess
+import sys
 import sysconfig
 import types
 
@@ -14,6 +16,7 @@ from objectives.checks import ConfigError
 from pretrain import export, merge
 from pretrain.data import tokenizer as tok_lib
 from pretrain.interop import files, hf_read, load, sentence_transformers as st_export
+from tests.conftest import ROOT
 from tests.test_contrastive import _random_params
 
 VOCAB = 500
@@ -175,3 +178,23 @@ def test_bad_flags_are_one_line_each():
   for kw, message in cases:
     with pytest.raises(ConfigError, match=message):
       merge.check_flags(flags(**kw))
+
+
+def test_the_command_merges_and_refuses_in_one_line(exports, tmp_path):
+  """`python -m pretrain.merge` end to end: a merge that loads, and a refusal that writes nothing."""
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "pretrain.merge", *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  out = tmp_path / "mean"
+  done = run(f"--models={exports.a},{exports.b}", f"--out={out}", "--weights=3,1")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"Merged 2 models (average) into {out}." in done.stdout
+  merged = _tensors(str(out))
+  first, second = _tensors(exports.a), _tensors(exports.b)
+  key = next(k for k in merged if np.issubdtype(merged[k].dtype, np.floating))
+  np.testing.assert_allclose(merged[key], 0.75 * first[key] + 0.25 * second[key], rtol=1e-5,
+                             atol=1e-7)
+  refused = run(f"--models={exports.a},{exports.other_tokenizer}", f"--out={tmp_path / 'no'}")
+  lines = refused.stderr.strip().splitlines()
+  assert refused.returncode != 0 and lines[-1].startswith("error: ") and "tokenizer" in lines[-1]
+  assert "Traceback" not in refused.stderr and not (tmp_path / "no").exists()
