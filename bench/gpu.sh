@@ -4,7 +4,7 @@
 # config on the same device. One JSON line per run into OUT_JSON, then a markdown table.
 #
 #   bash bench/gpu.sh [OUT_JSON]              (default: bench-gpu.json)
-#   DRY=1 bash bench/gpu.sh /tmp/dry.json     CPU dry run: SIZE=tiny, CASES=128:2, Pallas kernels
+#   DRY=1 bash bench/gpu.sh dry.json          CPU dry run: SIZE=tiny, CASES=128:2, Pallas kernels
 #                                             in interpret mode, PyTorch on CPU (a few minutes)
 #
 # Needs a CUDA build of JAX (`pip install -U "jax[cuda12]"`) and of torch in the interpreter named by
