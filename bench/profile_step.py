@@ -19,8 +19,9 @@ source file of the JAX code that made it), which decides its group:
 
 Times are summed over the runtime's worker threads (thread-seconds). The runtime runs independent
 ops at once, so an op's thread time is not what removing it would save: the last column counts
-only the wall time in which the group ran while no matmul was in flight (the critical path, since
-a matmul keeps the cores busy), and "idle" the time in which no op ran at all. The wall time is
+only the wall time in which the group ran while no matmul was in flight (work beside a matmul
+is counted as the matmul's, which the step waits for anyway), and "idle" the time in which no op
+ran at all. The wall time is
 also split by how many threads were inside an op at once (0, 1, 2...). `--torch` profiles the PyTorch peer
 (bench/hf_step.py's BertForMaskedLM step) with torch.profiler and groups its aten ops alike.
 """
@@ -193,9 +194,9 @@ def concurrency(intervals, start, end):
 def exposed(intervals, start, end):
   """{group: wall microseconds in which it ran with no matmul running}, and "idle".
 
-  A matmul keeps both cores busy (YNNPACK splits it over the pool), so work that overlaps one is
-  hidden behind it; what runs with no matmul in flight is on the step's critical path. Time in
-  which several non-matmul groups run is split between them."""
+  Work that overlaps a matmul is counted as the matmul's (the step waits for the matmul anyway);
+  what runs with no matmul in flight is what removing it could save. Time in which several
+  non-matmul groups run is split between them."""
   edges = sorted([(t, 1, g) for t, _, g in intervals] + [(t + d, -1, g) for t, d, g in intervals])
   running, last, out = collections.Counter(), start, collections.Counter()
   for t, delta, group in edges:

@@ -93,12 +93,8 @@ def attend(config: EncoderConfig, q_BLND: Array, k_BLND: Array, v_BLND: Array,
   """
   _, seq_len, _, head_dim = q_BLND.shape
   backend = jax.default_backend()
-  name = config.attention
-  if name != "auto" and attention_kernels.problem(name, backend, head_dim, seq_len, config.dtype,
-                                                  config.attention_interpret):
-    name = "xla"
-  name = attention_kernels.resolve(name, backend, head_dim, seq_len, config.dtype,
-                                   config.attention_interpret)
+  name = attention_kernels.resolve(config.attention, backend, head_dim, seq_len, config.dtype,
+                                   config.attention_interpret, fallback="xla")
   if (name in attention_kernels.KERNELS and isinstance(mask, PackedMask)
       and k_BLND.shape[1] == seq_len):
     kernel = functools.partial(getattr(attention_kernels, name), radius=mask.radius,

@@ -97,16 +97,17 @@ def problem(name: str, backend: str, head_dim: int, seq_len: int, dtype: str = "
 
 
 def resolve(name: str, backend: str, head_dim: int, seq_len: int, dtype: str = "float32",
-            interpret: bool = False) -> str:
-  """The implementation that runs: `name` itself (checked), or auto's choice for `backend`."""
+            interpret: bool = False, fallback: Optional[str] = None) -> str:
+  """The implementation that runs: `name` itself (checked), or auto's choice for `backend`.
+  A `name` that cannot run this shape raises, or gives `fallback` when one is named."""
   if name == "auto":
     runnable = [n for n in _AUTO.get(backend, ())
                 if problem(n, backend, head_dim, seq_len, dtype) is None]
     return runnable[0] if runnable else "xla"
   reason = problem(name, backend, head_dim, seq_len, dtype, interpret)
-  if reason:
+  if reason and fallback is None:
     raise ValueError(reason)
-  return name
+  return fallback if reason else name
 
 
 def cudnn(q_BLND: Array, k_BLND: Array, v_BLND: Array, mask_B1LL: Array) -> Array:
