@@ -369,6 +369,14 @@ class Contrastive(base.EncoderObjective):
       total = total + c.score_distill_weight * distill
 
     weights = valid.astype(jnp.float32)
+    if masks[0] is not None:
+      # The guided loss and accuracy measure agreement with the guide (a student equal to its
+      # guide scores accuracy 1 by construction), so the plain in-batch ones are reported too.
+      q, cands = (jax.lax.stop_gradient(nest(layer_of(e, None), full, c.normalize))
+                  for e in (q_emb, cand_emb))
+      plain, _, plain_accuracy = info_nce(q, cands, valid, c.temperature, None, cand_valid)
+      metrics.update(unguided_loss=(plain * weights.sum(), weights.sum()),
+                     unguided_accuracy=plain_accuracy)
     metrics.update(contrastive_loss=(main * weights.sum(), weights.sum()),
                    contrastive_accuracy=accuracy, total_loss=base.mean_metric(total, jnp.ones(())))
     if self.moco and train:

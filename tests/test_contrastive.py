@@ -350,6 +350,9 @@ def test_guide_is_a_frozen_hf_model_that_masks_candidates(hf_dir):
   assert 0 < expected < 0.5
   total, count = metrics["guide_masked_fraction"]
   np.testing.assert_allclose(total / count, expected, rtol=1e-6)
+  # The plain in-batch loss, reported beside the guided one, keeps the masked candidates.
+  plain, guided = (np.asarray(metrics[k], np.float64) for k in ("unguided_loss", "contrastive_loss"))
+  assert plain[0] / plain[1] > guided[0] / guided[1] + 1e-4
   with pytest.raises(ValueError, match="must use the same tokenizer"):
     bad = _config("vocab_size=400", guide=str(path))
     registry.build(bad, fake_tokenizer(400), load.resources(bad, None))
