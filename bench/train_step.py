@@ -73,7 +73,7 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
 
 
 def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry2x32",
-          arch="bert", threefry_unrolled=False):
+          arch="bert", threefry_unrolled=False, scan_layers=False):
   """The compiled MLM train step of `configs/demo.py` at this shape, with its first state, a batch
   of random ids and a key: `(config, compiled, state, data, key, compile_s)`. Call `compiled`
   inside `context(config)`."""
@@ -82,6 +82,7 @@ def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
   c.threefry_unrolled = threefry_unrolled
+  c.model.scan_layers = scan_layers
   threefry.set_cpu_lowering(threefry_unrolled)
   objective = registry.build(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
@@ -117,9 +118,9 @@ def context(config):
 
 
 def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
-          rng_impl="threefry2x32", arch="bert", threefry_unrolled=False):
+          rng_impl="threefry2x32", arch="bert", threefry_unrolled=False, scan_layers=False):
   c, compiled, state, data, key, compile_s = build(size, seq_len, batch, vocab, dtype, rng_impl,
-                                                   arch, threefry_unrolled)
+                                                   arch, threefry_unrolled, scan_layers)
   with context(c):
     state, m = compiled(state, data, key)
     jax.block_until_ready(m)
@@ -150,6 +151,8 @@ def main():
                       help="config.rng_impl: the generator behind dropout and masking bits.")
   parser.add_argument("--threefry_unrolled", action="store_true",
                       help="config.threefry_unrolled: threefry's rounds inline on CPU.")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="config.model.scan_layers: one compiled layer body (nn.scan).")
   parser.add_argument("--archs", default="bert",
                       help="configs/demo.py:arch= values (configs/modernbert.py ARCHITECTURES)")
   parser.add_argument("--json", action="store_true")
@@ -165,7 +168,7 @@ def main():
   for size, arch, seq_len in runs:
     compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
                                         args.vocab, args.dtype, args.rng_impl, arch,
-                                        args.threefry_unrolled)
+                                        args.threefry_unrolled, args.scan_layers)
     if args.json:
       print(json.dumps(dict(
           framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,

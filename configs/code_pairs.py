@@ -39,9 +39,11 @@ def get_config(arg=None):
                        normalize=True, symmetric=False, temperature=0.0, size="demo", steps=600,
                        vocab_size=16000, batch_size=32, seq_len=128, learning_rate=5e-4,
                        queue_size=0, moco_momentum=0.9995, base="scratch", guide=False,
-                       distill="none")
+                       distill="none", arch="bert")
   if a.base not in BASES:
     raise ValueError(f"Unknown base {a.base!r}; allowed: {', '.join(BASES)}.")
+  if a.base == "minilm" and a.arch != "bert":
+    raise ValueError(f"base=minilm is a BERT; arch={a.arch!r} does not apply (drop it).")
   c = contriever.build(a, ("docstring", "same_file"))
   if a.base == "minilm":
     path = minilm_dir()

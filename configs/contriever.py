@@ -5,14 +5,15 @@
   python -m pretrain.main --config=configs/contriever.py:view=ict --workdir=workdir/ict
   python -m pretrain.main --config=configs/contriever.py:view=ccp,loss=moco --workdir=workdir/ccp
   python -m pretrain.main --config=configs/contriever.py:nesting=starbucks,normalize=True ...
-  python -m pretrain.main --config=configs/contriever.py --workdir=W \
-      --config.init_from=exports/demo      # continue from the MLM demo's export
+  python -m pretrain.main --config=configs/contriever.py:arch=modern --workdir=W \
+      --config.init_from=exports/demo      # continue from make demo's MLM (configs/cpu_recipe.py)
 
 Everything but the objective, the batch and the learning rate is configs/demo.py's (model sizes,
-data, schedule), so runs compare with the MLM demo at equal settings. Per view the defaults follow
-the papers: crop = Contriever (crops of U(0.1, 0.5) of the chunk, token deletion 0.1, mean
-pooling, dot product, temperature 0.05; MoCo momentum 0.9995); ict = ORQA (query line removed from
-its block with probability 0.9, [CLS] -> dense(128) -> LayerNorm, temperature 1, query length 64);
+`arch=`, data, schedule), so runs compare with the MLM demo at equal settings. Per view the
+defaults follow the papers: crop = Contriever (crops of U(0.1, 0.5) of the chunk, token deletion
+0.1, mean pooling, dot product, temperature 0.05; MoCo momentum 0.9995); ict = ORQA (query line
+removed from its block with probability 0.9, [CLS] -> dense(128) -> LayerNorm, temperature 1,
+query length 64);
 ccp = CCP (a line or sentence and another within 2 of it; with loss=moco the memory bank; the
 query side's embeddings batch-normalised, the paper's asymmetric batch norm).
 What differs from the papers: the chunk is data.seq_len tokens (Contriever: 256; ORQA blocks: 288),
@@ -40,7 +41,7 @@ def build(a, views):
   if a.loss not in LOSSES:
     raise ValueError(f"Unknown loss {a.loss!r}; allowed: {', '.join(LOSSES)}.")
   c = demo.get_config(f"size={a.size},steps={a.steps},vocab_size={a.vocab_size},"
-                      f"batch_size={a.batch_size},seq_len={a.seq_len}")
+                      f"batch_size={a.batch_size},seq_len={a.seq_len},arch={a.arch}")
   pooler, projection, projection_norm, temperature, query_len = VIEW_DEFAULTS[a.view]
   c.objective.update(
       name="contrastive", view=a.view, contrastive_loss=a.loss, pooler=a.pooler or pooler,
@@ -57,7 +58,7 @@ def get_config(arg=None):
   a = common.parse_arg(arg, view="crop", loss="infonce", pooler="", nesting="none",
                        normalize=False, symmetric=False, temperature=0.0, size="demo", steps=600,
                        vocab_size=16000, batch_size=32, seq_len=128, learning_rate=5e-4,
-                       queue_size=0, moco_momentum=0.9995)
+                       queue_size=0, moco_momentum=0.9995, arch="bert")
   c = build(a, ("crop", "ict", "ccp"))
   if a.view == "ccp":  # CCP: a memory bank (MoCo's queue) and the asymmetric batch norm.
     c.objective.query_batch_norm = True

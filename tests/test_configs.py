@@ -38,6 +38,16 @@ def test_config_loads_validates_and_builds(path):
   assert n_params > 1e6, f"{path} built a suspiciously small model ({n_params} parameters)"
 
 
+def test_contrastive_recipes_take_the_mlm_demos_architecture():
+  """arch= gives a contrastive run the model of configs/cpu_recipe.py, so it can init_from it."""
+  mlm = _load(os.path.join(ROOT, "configs", "cpu_recipe.py")).get_config(None).model
+  for name, arg in (("contriever.py", "view=ict,arch=modern"), ("code_pairs.py", "arch=modern")):
+    model = _load(os.path.join(ROOT, "configs", name)).get_config(arg).model
+    assert model.to_dict() == mlm.to_dict(), name
+  with pytest.raises(ValueError, match="base=minilm is a BERT"):
+    _load(os.path.join(ROOT, "configs", "code_pairs.py")).get_config("base=minilm,arch=modern")
+
+
 def test_parse_arg_rejects_unknown_keys_and_bad_types():
   with pytest.raises(ValueError, match="Unknown config argument 'sise'.*allowed: .*size"):
     common.parse_arg("sise=tiny", size="demo", steps=10)
