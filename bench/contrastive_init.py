@@ -13,12 +13,13 @@
      docstring  configs/code_pairs.py            docstring <-> code pairs
 3. The held-out docstring -> code retrieval (`bench/retrieval.py`'s task) of BM25, of the MLM
    encoder and of every run, with its view's pooler (ICT's projection is not applied: the
-   pooled states are scored), and each run's training wall time.
+   pooled states are scored), and each run's training wall and CPU minutes.
 Every command is printed before it runs; a rerun resumes or skips what is done.
 """
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -37,18 +38,24 @@ VIEWS = {
 }
 
 
+def _child_cpu_s():
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def train(spec, workdir, extra):
-  """Runs (or resumes) one pretrain.main run; its wall seconds, kept beside it for reruns."""
-  timing = os.path.join(workdir, "wall_s.json")
+  """Runs (or resumes) one pretrain.main run; its {"wall_s", "cpu_s"} (CPU seconds of all cores,
+  steadier than wall time on a shared machine), kept beside it for reruns."""
+  timing = os.path.join(workdir, "timing.json")
   if os.path.exists(timing):
     with open(timing) as f:
-      return json.load(f)["wall_s"]
-  start = time.perf_counter()
+      return json.load(f)
+  wall, cpu = time.perf_counter(), _child_cpu_s()
   equal_compute.run("-m", "pretrain.main", f"--config={spec}", f"--workdir={workdir}", *extra)
-  wall = time.perf_counter() - start
+  spent = {"wall_s": time.perf_counter() - wall, "cpu_s": _child_cpu_s() - cpu}
   with open(timing, "w") as f:
-    json.dump({"wall_s": wall}, f)
-  return wall
+    json.dump(spent, f)
+  return spent
 
 
 def main():
@@ -79,7 +86,7 @@ def main():
 
   queries, candidates, relevant = code_tasks.docstring_retrieval()
   bm25 = retrieval.evaluate_bm25(queries, candidates, relevant)
-  lines = ["| model | init | pooler | MRR@10 | recall@10 | training wall min (2 cores) |",
+  lines = ["| model | init | pooler | MRR@10 | recall@10 | training wall / CPU min |",
            "|---|---|---|---|---|---|",
            f"| BM25 | - | - | {bm25.mrr_at_10:.3f} | {bm25.recall_at_10:.3f} | - |"]
   scored = [("MLM (configs/cpu_recipe.py)", "-", pooler_, mlm, mlm_wall)
@@ -89,7 +96,7 @@ def main():
   for name, init, pooler, workdir, wall in scored:
     r, = retrieval.evaluate(workdir, queries, candidates, relevant, (pooler,), name=name,
                             max_len=args.max_len)
-    minutes = "-" if wall is None else f"{wall / 60:.1f}"
+    minutes = "-" if wall is None else f"{wall['wall_s'] / 60:.1f} / {wall['cpu_s'] / 60:.1f}"
     lines.append(f"| {name} | {init} | {pooler} | {r.mrr_at_10:.3f} | {r.recall_at_10:.3f} | {minutes} |")
     print(lines[-1], flush=True)
   table = "\n".join(lines)
