@@ -17,6 +17,10 @@ with --json, written as JSON. --quick: tiny budgets (100 stdlib files, 6 steps o
 tokens, 16 MLM rows) for smoke tests; its numbers mean nothing. --probe scores the
 classification tasks with linear probes on frozen features instead (pretrain/probes.py: at most
 2,000 training rows, every test row, 256 tokens; minutes instead of hours, nothing fine-tuned).
+Optional, only when named in --tasks: variable_misuse_localization fine-tunes variable_misuse
+with the pointer head (task.head=locate), model and control alike, and reports the share of buggy
+test functions whose bug it points at, next to pointing at a uniformly drawn token of each
+function (n: the buggy test rows; --probe skips it).
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ from pretrain.models import pooling
 
 CLASSIFICATION, RETRIEVAL, MLM = probes.CLASSIFICATION, probes.RETRIEVAL, "mlm"
 TASKS = CLASSIFICATION + (RETRIEVAL, MLM)
+# Run only when --tasks names them: {task: (its recipe, the recipe's argument)}.
+LOCALIZATION = {"variable_misuse_localization": ("variable_misuse", "head=locate")}
+ALL_TASKS = TASKS + tuple(LOCALIZATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +70,14 @@ PROBE_QUICK = probes.ProbeBudget(max_train=48, max_dev=16, max_test=48, seq_len=
 # --- Inputs -------------------------------------------------------------------------------------
 
 def parse_tasks(value: str) -> list[str]:
-  """--tasks as a list in TASKS order; an unknown or empty list is a usage error."""
+  """--tasks as a list in ALL_TASKS order; an unknown or empty list is a usage error."""
   names = [t.strip() for t in value.split(",") if t.strip()]
-  unknown = [t for t in names if t not in TASKS]
+  unknown = [t for t in names if t not in ALL_TASKS]
   if unknown or not names:
     what = f"unknown task {unknown[0]!r}" if unknown else "no task"
-    raise ConfigError(f"--tasks={value!r}: {what}; choose from {', '.join(TASKS)} "
+    raise ConfigError(f"--tasks={value!r}: {what}; choose from {', '.join(ALL_TASKS)} "
                       "(comma-separated).")
-  return [t for t in TASKS if t in names]
+  return [t for t in ALL_TASKS if t in names]
 
 
 def check_paths(model: str, workdir: str, json_path: str) -> None:
@@ -130,10 +137,11 @@ def load_model(path: str) -> Model:
 
 def finetune_config(task: str, init: str, *, scratch: bool, budget: Budget, seed: int,
                     cache_dir: str):
-  """configs/finetune/<task>.py with `init`, the budget and the seed."""
+  """configs/finetune/<task>.py (a LOCALIZATION task's recipe) with `init`, the budget, the seed."""
+  recipe, extra = LOCALIZATION.get(task, (task, ""))
   args = {"steps": budget.steps, "batch_size": budget.batch_size, "seq_len": budget.seq_len}
-  arg = ",".join(f"{k}={v}" for k, v in args.items() if v is not None) or None
-  c = importlib.import_module(f"configs.finetune.{task}").get_config(arg)
+  arg = ",".join([extra] * bool(extra) + [f"{k}={v}" for k, v in args.items() if v is not None])
+  c = importlib.import_module(f"configs.finetune.{recipe}").get_config(arg or None)
   c.init, c.from_scratch, c.seed = init, scratch, seed
   c.data.seed, c.data.cache_dir, c.data.max_files = seed, cache_dir, budget.max_files
   if budget.steps is not None:  # A smoke test: evaluate and save once, at the end.
@@ -147,8 +155,9 @@ def finetune(config, workdir: str) -> dict:
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       done = json.load(f)
-    same = (done.get("init"), done.get("from_scratch"), done.get("task"), done.get("step")) == (
-        config.init, config.from_scratch, config.data.source, config.train.steps)
+    same = (done.get("init"), done.get("from_scratch"), done.get("task"), done.get("step"),
+            done.get("head")) == (config.init, config.from_scratch, config.data.source,
+                                  config.train.steps, config.task.head)
     if not same:
       raise ValueError(f"--workdir: {workdir} holds a finished run of another model, task or "
                        f"budget (init {done.get('init')}, {done.get('step')} steps); choose "
@@ -158,16 +167,37 @@ def finetune(config, workdir: str) -> dict:
   return finetune_train.train_and_evaluate(config, workdir)
 
 
-def classification_row(task, init, workdir, budget, seed, cache_dir) -> bench_scores.Row:
+def finetune_pair(task, init, workdir, budget, seed, cache_dir):
+  """(results.json of the model's run and of its random-init control, the control's config)."""
   runs = {}
   for name, scratch in (("model", False), ("control", True)):
     config = finetune_config(task, init, scratch=scratch, budget=budget, seed=seed,
                              cache_dir=cache_dir)
     runs[name] = finetune(config, os.path.join(workdir, task, name))
+  return runs, config
+
+
+def classification_row(task, init, workdir, budget, seed, cache_dir) -> bench_scores.Row:
+  runs, config = finetune_pair(task, init, workdir, budget, seed, cache_dir)
   n = len(tasks.builtin_task(config.data).test)  # The cached examples the runs were scored on.
   m = runs["model"]
   return bench_scores.accuracy_row(task, n, m["test_accuracy"], runs["control"]["test_accuracy"],
                                    m["test_majority_accuracy"], "majority class")
+
+
+def localization_row(task, init, workdir, budget, seed, cache_dir) -> bench_scores.Row:
+  """Localisation accuracy over the buggy test functions, of the model and its control."""
+  runs, _ = finetune_pair(task, init, workdir, budget, seed, cache_dir)
+  m, control = runs["model"], runs["control"]
+  row = bench_scores.accuracy_row(task, int(m["test_num_buggy"]),
+                                  m["test_localization_accuracy"],
+                                  control["test_localization_accuracy"],
+                                  m["test_localization_chance"],
+                                  "chance among the function's tokens")
+  note = (f"pointer at the misused name's first token; joint accuracy "
+          f"{m['test_joint_accuracy']:.3f}, bug/no-bug accuracy {m['test_accuracy']:.3f}; "
+          f"{m['test_dropped_pairs']} test pairs dropped (site past the sequence length)")
+  return dataclasses.replace(row, metric="localization accuracy", note=note)
 
 
 def probe_row(task, model: Model, budget: probes.ProbeBudget, seed, cache_dir) -> bench_scores.Row:
@@ -247,7 +277,11 @@ def run_benchmark(model_path: str, task_names=TASKS, *, quick: bool = False, wor
   for task in task_names:
     t0 = time.perf_counter()
     print(f"--- {task}", flush=True)
-    if task in CLASSIFICATION and probe:
+    if task in LOCALIZATION:
+      rows.append(bench_scores.skipped_row(task, "localization accuracy",
+                                           "skipped: --probe scores classification only")
+                  if probe else localization_row(task, init, workdir, budget, seed, cache_dir))
+    elif task in CLASSIFICATION and probe:
       rows.append(probe_row(task, model, PROBE_QUICK if quick else PROBE_FULL, seed, cache_dir))
     elif task in CLASSIFICATION:
       rows.append(classification_row(task, init, workdir, budget, seed, cache_dir))
@@ -281,7 +315,8 @@ def main(argv):
 def define_flags():
   flags.DEFINE_string("model", None, "A pretraining workdir, a pretrain.export directory or a "
                       "Hugging Face model directory.")
-  flags.DEFINE_string("tasks", ",".join(TASKS), "Comma-separated, of " + ", ".join(TASKS) + ".")
+  flags.DEFINE_string("tasks", ",".join(TASKS), "Comma-separated, of " + ", ".join(ALL_TASKS)
+                      + f" ({', '.join(LOCALIZATION)}: only when named).")
   flags.DEFINE_bool("quick", False, "Tiny budgets (100 files, 6 fine-tuning steps): a smoke test.")
   flags.DEFINE_bool("probe", False, "Score the classification tasks with linear probes on "
                     "frozen features instead of fine-tuning (seconds, not hours).")

@@ -10,7 +10,7 @@ from configs import common
 
 SOURCES = ("exception_type", "docstring_match", "docstring_retrieval", "variable_misuse",
            "swapped_operands", "wrong_binary_operator", "files", "tfds")
-HEADS = ("sequence", "token", "biencoder")
+HEADS = ("sequence", "token", "biencoder", "locate")
 POOLINGS = ("cls", "mean")
 DISTILL_HEADS = ("sequence", "token")  # heads whose predictions are distributions to distil
 
@@ -28,7 +28,8 @@ def base_config():
   c.distill_temperature = 1.0  # T of KL(teacher_T || student_T), scaled by T^2
   c.distill_alpha = 0.0      # weight of the hard-label loss (0: pure distillation)
   c.task = ml_collections.ConfigDict(dict(
-      head="sequence",       # sequence (single text or pair) | token | biencoder
+      head="sequence",       # sequence (single text or pair) | token | biencoder | locate (the
+                             # bug tasks: point at the bug's first token, [CLS] for none)
       pooling="cls",         # cls | mean (sequence and biencoder heads)
       num_classes=0,         # 0: as many as the training labels
       labels="",             # class names in index order, comma-separated ("neg,pos"); every

@@ -19,7 +19,8 @@ changed (an edit that would change the parse, e.g. swapping `x - y` in `x - y - 
 no parentheses are ever added, which would mark the edited spot). The site and the replacement are
 drawn by a generator seeded with (task, seed, path, function), so an example does not depend on
 which other files are read. Each example also records the edit (`edit`: the character span in the
-buggy text, the text before and after), so the misused token of variable_misuse can be located.
+buggy text, the text before and after) and, in both copies, the edited region's span in its own
+text (`site`), so the edited tokens can be located (`pretrain.finetune.tasks.encode_locations`).
 """
 
 from __future__ import annotations
@@ -260,10 +261,13 @@ def buggy_version(task: str, src: Source, rng: random.Random):
 
 def bug_examples(task: str, files, seed: int = 0, max_functions: int | None = None,
                  max_lines: int = MAX_LINES) -> list[dict]:
-  """Pairs of {"text", "label" (0 correct, 1 buggy), "path", "qualname", "lineno", "edit"} for
-  every function of `files` ((path, text) pairs) with at most `max_lines` lines and a site for
-  `task`'s edit; `edit` is None for the correct copy. `max_functions` keeps that many functions,
-  those of lowest hash of (path, qualname), in source order."""
+  """Pairs of {"text", "label" (0 correct, 1 buggy), "path", "qualname", "lineno", "edit",
+  "site"} for every function of `files` ((path, text) pairs) with at most `max_lines` lines and a
+  site for `task`'s edit; `edit` is None for the correct copy. `site` is the [start, end) span of
+  the edited region in the example's own text: the edit's span in the buggy copy, the original
+  text of that region in the correct one (same start), so a locator can be trained on both copies
+  alike. `max_functions` keeps that many functions, those of lowest hash of (path, qualname), in
+  source order."""
   if task not in EDITS:
     raise ValueError(f"Unknown bug task {task!r}; allowed: {', '.join(BUG_TASKS)}.")
   found = []
@@ -283,6 +287,8 @@ def bug_examples(task: str, files, seed: int = 0, max_functions: int | None = No
   out = []
   for p, (text, edit) in found:
     where = {"path": p["path"], "qualname": p["qualname"], "lineno": p["lineno"]}
-    out.append({"text": p["code"], "label": 0, **where, "edit": None})
-    out.append({"text": text, "label": 1, **where, "edit": edit})
+    start = edit["start"]
+    out.append({"text": p["code"], "label": 0, **where, "edit": None,
+                "site": [start, start + len(edit["before"])]})
+    out.append({"text": text, "label": 1, **where, "edit": edit, "site": [start, edit["end"]]})
   return out

@@ -220,7 +220,8 @@ def retrieval_triple(pairs):
 
 def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: float = 0.1,
                     max_files: int | None = None,
-                    num_classes: int = DEFAULT_NUM_EXCEPTION_CLASSES, seed: int = 0) -> dict:
+                    num_classes: int = DEFAULT_NUM_EXCEPTION_CLASSES, seed: int = 0,
+                    sites: bool = False) -> dict:
   """{"train", "dev", "test", "label_names"} of a built-in fine-tuning task.
 
   train/dev: the pretraining train files, split by path hash (`split_train_dev`); test: the
@@ -228,7 +229,9 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
   train split; docstring_match: {"text": docstring, "text_b": code, "label": 1 own / 0 other};
   docstring_retrieval: train {"query", "doc"}, dev/test `retrieval_triple`s; the bug tasks
   (`bug_tasks.BUG_TASKS`): {"text": function, "text_b": "", "label": 0 correct / 1 buggy}, at
-  most MAX_BUG_TRAIN_FUNCTIONS / MAX_BUG_DEV_FUNCTIONS functions (two rows each) in train / dev.
+  most MAX_BUG_TRAIN_FUNCTIONS / MAX_BUG_DEV_FUNCTIONS functions (two rows each) in train / dev;
+  with `sites`, each bug row also has "site", the [start, end) span of the edited region in its
+  own text (`bug_tasks.bug_examples`), what bug localisation points at.
   """
   if task not in FINETUNE_TASKS:
     raise ValueError(f"Unknown task {task!r}; built-in tasks: {', '.join(FINETUNE_TASKS)}.")
@@ -237,7 +240,8 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
   test_files = python_code.heldout_files("heldout", validation_fraction, max_files=max_files)
   if task in bug_tasks.BUG_TASKS:
     def rows(files, offset, cap=None):
-      return [{"text": e["text"], "text_b": "", "label": e["label"]}
+      return [{"text": e["text"], "text_b": "", "label": e["label"],
+               **({"site": e["site"]} if sites else {})}
               for e in bug_tasks.bug_examples(task, files, seed + offset, cap)]
     return {"train": rows(train_files, 0, MAX_BUG_TRAIN_FUNCTIONS),
             "dev": rows(dev_files, 1, MAX_BUG_DEV_FUNCTIONS), "test": rows(test_files, 2),

@@ -1,7 +1,8 @@
 """Fine-tuning evaluation: whole splits scored on the host.
 
 Accuracy and F1 (binary F1 of class 1 for two classes, macro F1 otherwise) for classifiers, MRR
-and recall@1 for retrieval; predictions are jitted and replicated to every process.
+and recall@1 for retrieval, bug/no-bug accuracy and F1 plus localisation and joint accuracy for
+the bug locator; predictions are jitted and replicated to every process.
 """
 import flax.linen as nn
 import jax
@@ -23,6 +24,24 @@ def classification_metrics(pred, labels, num_classes):
   macro = float(np.mean(present)) if present else 0.0
   return {"accuracy": float(np.mean(pred == labels)) if len(labels) else 0.0,
           "macro_f1": macro, "f1": float(f1s[1]) if num_classes == 2 else macro}
+
+
+def location_metrics(pred, labels):
+  """Scores of predicted positions against label positions (0: no bug).
+
+  accuracy, macro_f1 and f1 (of the buggy class) view the pointer as a bug/no-bug classifier
+  (position > 0: buggy), comparable with the sequence head's; localization_accuracy: the share
+  of buggy rows whose bug it points at; joint_accuracy: the share of all rows exactly right (a
+  correct function needs position 0); num_buggy: how many rows localisation is scored on.
+  """
+  pred, labels = np.asarray(pred).ravel(), np.asarray(labels).ravel()
+  buggy = labels > 0
+  out = classification_metrics((pred > 0).astype(int), buggy.astype(int), 2)
+  hits = pred[buggy] == labels[buggy]
+  out["localization_accuracy"] = float(np.mean(hits)) if len(hits) else 0.0
+  out["joint_accuracy"] = float(np.mean(pred == labels)) if len(labels) else 0.0
+  out["num_buggy"] = float(np.sum(buggy))
+  return out
 
 
 def retrieval_metrics(query_QH, cand_CH, relevant_Q):
@@ -47,7 +66,7 @@ class Evaluator:
     out = sharding.replicated(mesh)
     if head == "biencoder":
       self._fn = jax.jit(lambda p, b: model.embed(p, b, ""), out_shardings=out)
-    elif head == "token":
+    elif head in ("token", "locate"):
       self._fn = jax.jit(lambda p, b: model.predict(p, b).argmax(-1), out_shardings=out)
     else:
       self._fn = jax.jit(lambda p, b: model.predict(p, b), out_shardings=out)
@@ -72,6 +91,8 @@ class Evaluator:
   def from_logits(self, logits, split):
     """Classification scores of `logits(params, split)` (no second pass over the split)."""
     labels, pred = split["labels"], np.asarray(logits).argmax(-1)
+    if self.head == "locate":
+      return location_metrics(pred, labels)
     real = labels >= 0  # Token heads: -1 is unscored.
     return classification_metrics(pred[real], labels[real], self.num_classes)
 
@@ -85,4 +106,6 @@ class Evaluator:
     if self.head == "token":
       real = split["labels"] >= 0
       return classification_metrics(out[real], split["labels"][real], self.num_classes)
+    if self.head == "locate":
+      return location_metrics(out, split["labels"])
     return classification_metrics(out.argmax(-1), split["labels"], self.num_classes)

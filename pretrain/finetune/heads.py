@@ -16,6 +16,9 @@ Heads:
              row, for single texts and text pairs (RoBERTa's classification head);
   token      dropout -> dense(classes) on every token; labels -1 are ignored (padding, non-first
              word pieces);
+  locate     a pointer (Vasic et al. 2019, CuBERT's localisation): dropout -> dense(1) on every
+             token, softmax over the row's positions (padding masked out); the label is one
+             position, 0 ([CLS]) for "no bug";
   biencoder  query and document encoded separately by the shared encoder, pooled, L2-normalised;
              in-batch softmax over cosine / temperature (every other row's document is a
              negative). No parameters of its own.
@@ -64,6 +67,36 @@ class TokenHead(nn.Module):
   def __call__(self, hidden_BLH, *, deterministic: bool):
     x_BLH = nn.Dropout(self.dropout_rate)(hidden_BLH, deterministic=deterministic)
     return _dense(self.num_classes, ("embed", None), "out", self.dtype)(x_BLH).astype(jnp.float32)
+
+
+class PointerHead(nn.Module):
+  """dropout -> dense(1) on every [B, L, H] state: one [B, L] score per position."""
+  dropout_rate: float
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, hidden_BLH, *, deterministic: bool):
+    x_BLH = nn.Dropout(self.dropout_rate)(hidden_BLH, deterministic=deterministic)
+    return _dense(1, ("embed", None), "out", self.dtype)(x_BLH)[..., 0].astype(jnp.float32)
+
+
+# Padding's score: far below any real one, yet finite, so softmax and its gradient stay finite.
+MASKED_LOGIT = -1e9
+
+
+def mask_positions(logits_BL, segment_ids_BL):
+  """Scores with padding (segment 0) at MASKED_LOGIT: zero probability under a softmax."""
+  return jnp.where(segment_ids_BL > 0, logits_BL, MASKED_LOGIT)
+
+
+def pointer_loss(logits_BL, labels_B, weights_B):
+  """(weighted mean cross-entropy of the label positions, metrics) of masked [B, L] scores."""
+  weights_B = weights_B.astype(jnp.float32)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BL, labels_B)
+  loss = jnp.sum(ce_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+  correct_B = jnp.argmax(logits_BL, -1) == labels_B
+  return loss, {"loss": base.mean_metric(ce_B, weights_B),
+                "accuracy": base.mean_metric(correct_B, weights_B)}
 
 
 def encode(model_config, encoder_params, rows, rng, train, use_token_types):
@@ -188,6 +221,27 @@ class TokenClassifier(_TaskModel):
                    "accuracy": base.mean_metric(correct_BL, weights_BL)}, state)
 
 
+class BugLocator(TokenClassifier):
+  """A pointer over the row's positions: the label is the first token of the bug, 0 for none.
+  The token classifier's plumbing with one score per position and a single label per row."""
+
+  def __init__(self, model_config, **kwargs):
+    super().__init__(model_config, **kwargs)
+    self.head_module = PointerHead(model_config.dropout_rate, model_config.dtype)
+
+  def label_shape(self, seq_len):
+    return (1,)
+
+  def predict(self, params, batch, rng=None, train=False):
+    """float32 scores [B, L], padding at MASKED_LOGIT."""
+    return mask_positions(super().predict(params, batch, rng, train), batch["segment_ids"])
+
+  def loss(self, params, state, batch, rng, *, train):
+    loss, metrics = pointer_loss(self.predict(params, batch, rng, train), batch["labels"],
+                                 batch["weights"])
+    return loss, (metrics, state)
+
+
 class BiEncoder(_TaskModel):
   """Query and document towers sharing one encoder; in-batch softmax over cosine similarity."""
 
@@ -225,7 +279,8 @@ class BiEncoder(_TaskModel):
                    "in_batch_accuracy": base.mean_metric(correct_B, weights_B)}, state)
 
 
-TASK_MODELS = {"sequence": SequenceClassifier, "token": TokenClassifier, "biencoder": BiEncoder}
+TASK_MODELS = {"sequence": SequenceClassifier, "token": TokenClassifier, "biencoder": BiEncoder,
+               "locate": BugLocator}
 
 
 def make(head: str, model_config: enc.EncoderConfig, **kwargs):

@@ -3,6 +3,8 @@
 `load_task(data_config, head)` returns a `TaskData` of plain Python examples; `encode_*` turn
 them into fixed-length int32 rows ([CLS] a [SEP] (b [SEP]), padding, see
 `pretrain.finetune.heads`), and `train_iterator` / `eval_batches` batch those rows.
+`encode_locations` labels a bug task's rows with the position of the edited token instead (head
+"locate": 0 for a correct function).
 
 Sources (`data_config.source`):
   exception_type       the masked exception name of an `except Name:` clause, among the
@@ -39,7 +41,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from pretrain.finetune import code_tasks, task_files
+from pretrain.finetune import bug_tasks, code_tasks, task_files
 from pretrain.finetune.task_tokenizer import TaskTokenizer
 from pretrain.data import pipeline
 from pretrain.data.corpora import python_stdlib
@@ -72,15 +74,17 @@ def builtin_splits(c) -> TaskData:
   """A built-in task's splits (`code_tasks.finetune_splits`) as TaskData."""
   d = code_tasks.finetune_splits(
       c.source, validation_fraction=c.validation_fraction, dev_fraction=c.dev_fraction,
-      max_files=c.max_files or None, num_classes=c.num_exception_types, seed=c.seed)
+      max_files=c.max_files or None, num_classes=c.num_exception_types, seed=c.seed, sites=True)
   as_split = lambda v: Retrieval(*v) if isinstance(v, tuple) else v  # noqa: E731
   return TaskData(d["train"], as_split(d["dev"]), as_split(d["test"]), d["label_names"])
 
 
 def _cache_path(c) -> str:
-  key = json.dumps({k: c[k] for k in ("source", "validation_fraction", "dev_fraction",
-                                      "max_files", "num_exception_types", "seed")},
-                   sort_keys=True)
+  fields = {k: c[k] for k in ("source", "validation_fraction", "dev_fraction", "max_files",
+                              "num_exception_types", "seed")}
+  if c.source in bug_tasks.BUG_TASKS:
+    fields["rows"] = "site"  # Bug rows carry their edit site; caches written before lack it.
+  key = json.dumps(fields, sort_keys=True)
   origin = f"py{sys.version_info.major}.{sys.version_info.minor}"
   digest = hashlib.sha1((key + python_stdlib.stdlib_root()).encode()).hexdigest()[:12]
   return os.path.join(c.cache_dir, f"{c.source}-{origin}-{digest}.json")
@@ -185,10 +189,16 @@ def load_task(c, head: str, *, labels=(), train_steps: int = 1) -> TaskData:
   if c.source not in SOURCES:
     raise ValueError(f"Unknown data.source {c.source!r}; allowed: {', '.join(SOURCES)}.")
   if c.source not in BUILTIN:
+    if head == "locate":
+      raise ValueError(f"task.head='locate' points at a bug's edit site, which only data.source "
+                       f"{', '.join(bug_tasks.BUG_TASKS)} record; data.source={c.source!r} needs "
+                       "another task.head.")
     return external_task(c, head, labels, train_steps)
-  expected = "biencoder" if c.source == "docstring_retrieval" else "sequence"
-  if head != expected:
-    raise ValueError(f"data.source={c.source!r} needs task.head={expected!r}, got {head!r}.")
+  expected = ("biencoder",) if c.source == "docstring_retrieval" else (
+      ("sequence", "locate") if c.source in bug_tasks.BUG_TASKS else ("sequence",))
+  if head not in expected:
+    raise ValueError(f"data.source={c.source!r} needs task.head="
+                     f"{' or '.join(map(repr, expected))}, got {head!r}.")
   if labels:
     raise ValueError(f"task.labels={','.join(labels)!r} but data.source={c.source!r} fixes its "
                      "own labels; set task.labels=''.")
@@ -233,6 +243,65 @@ def encode_rows(tok: TaskTokenizer, texts: list[str], texts_b: list[str] | None,
     out["segment_ids"][r, :k] = 1
     out["positions"][r, :k] = np.arange(k)
     out["token_types"][r, :k] = types
+  return out
+
+
+def _single_rows(tok: TaskTokenizer, id_rows: list[list[int]], seq_len: int
+                 ) -> dict[str, np.ndarray]:
+  """Rows of ready id lists (each at most seq_len ids, its [CLS] and [SEP] included)."""
+  n = len(id_rows)
+  out = {k: np.zeros((n, seq_len), np.int32) for k in
+         ("input_ids", "segment_ids", "positions", "token_types")}
+  out["input_ids"][:] = tok.pad_id
+  for r, row in enumerate(id_rows):
+    k = len(row)
+    out["input_ids"][r, :k], out["segment_ids"][r, :k] = row, 1
+    out["positions"][r, :k] = np.arange(k)
+  return out
+
+
+def _site_token(offsets, start: int) -> int | None:
+  """Index of the first token ending after character `start` (the one holding the site's first
+  character, or the next one where the tokenizer drops whitespace); None if there is none."""
+  return next((j for j, (_, end) in enumerate(offsets) if end > start), None)
+
+
+def encode_locations(tok, examples, seq_len) -> dict[str, np.ndarray]:
+  """Bug-localisation rows [CLS] function [SEP] of bug-task examples ({"text", "label", "site"}):
+  the label is the row position of the token holding the site's first character for a buggy
+  function, 0 (the [CLS] position: no bug) for a correct one.
+
+  The whole text is tokenized once, as for the sequence head, and the site's token found by the
+  tokens' character spans: tokenizing the text in pieces split at the site would leave artifacts
+  there (a dummy-prefix or space piece) in every row, marking the spot for the pointer. A row
+  whose site token lies past the seq_len - 2 function tokens is dropped, with its partner (a
+  correct row and the buggy one after it at the same site start), and counted in a log line: a
+  truncated bug cannot be pointed at, and scoring it a miss would blame the encoder for the cut.
+  """
+  for i, e in enumerate(examples):
+    if e.get("site") is None:
+      raise ValueError(f"Example {i} has no edit site; task.head='locate' needs the rows of "
+                       f"data.source {', '.join(bug_tasks.BUG_TASKS)}.")
+  spans = tok.encode_spans([e["text"] for e in examples])
+  sites = [_site_token(offsets, e["site"][0]) for e, (_, offsets) in zip(examples, spans)]
+  past = [j is None or j >= seq_len - 2 for j in sites]
+  for i in range(len(examples) - 1):
+    a, b = examples[i], examples[i + 1]
+    if (a["label"], b["label"]) == (0, 1) and a["site"][0] == b["site"][0]:
+      past[i] = past[i + 1] = past[i] or past[i + 1]
+  rows, labels = [], []
+  for e, (ids, _), j, cut in zip(examples, spans, sites, past):
+    if not cut:
+      rows.append([tok.cls_id, *ids[:seq_len - 2], tok.sep_id])
+      labels.append(1 + j if e["label"] else 0)
+  if examples and not rows:
+    raise ValueError(f"Every one of the {len(examples)} edit sites lies past data.seq_len="
+                     f"{seq_len} tokens; raise data.seq_len.")
+  if len(rows) < len(examples):
+    logging.warning("Bug localisation: dropped %d of %d rows whose edit site lies past %d "
+                    "tokens.", len(examples) - len(rows), len(examples), seq_len)
+  out = _single_rows(tok, rows, seq_len)
+  out["labels"] = np.asarray(labels, np.int32)
   return out
 
 

@@ -76,6 +76,8 @@ def encode_split(head, tok, examples, seq_len):
     return tasks.encode_tokens(tok, examples, seq_len)
   if head == "biencoder":
     return tasks.encode_pairs(tok, examples, seq_len)
+  if head == "locate":
+    return tasks.encode_locations(tok, examples, seq_len)
   return tasks.encode_classification(tok, examples, seq_len)
 
 
@@ -86,6 +88,25 @@ def encode_eval(head, tok, split, seq_len):
             tasks.encode_rows(tok, split.candidates, None, seq_len),
             np.asarray(split.relevant))
   return encode_split(head, tok, split, seq_len)
+
+
+def classes_of(head, labels):
+  """The class of each row's label: the label itself, or for the locator bug (a position > 0) or
+  no bug."""
+  return (labels > 0).astype(np.int32) if head == "locate" else labels
+
+
+def location_baselines(splits, examples):
+  """Per split (name -> arrays): how many function pairs `encode_locations` dropped (site past
+  data.seq_len), and the localisation accuracy of pointing at a uniformly drawn token of the
+  function ([CLS] and [SEP] excluded) in each buggy row."""
+  out = {}
+  for name, arrays in splits.items():
+    buggy = arrays["labels"] > 0
+    tokens = arrays["segment_ids"][buggy].sum(1) - 2
+    out[f"{name}_dropped_pairs"] = (len(examples[name]) - len(arrays["labels"])) // 2
+    out[f"{name}_localization_chance"] = float(np.mean(1.0 / tokens)) if buggy.any() else 0.0
+  return out
 
 
 def num_classes_of(config, data):
@@ -160,6 +181,11 @@ def train_and_evaluate(config, workdir):
   step_fn = run_lib.compile_step(run, model, tx, schedule, shardings)
   evaluate = evaluation.Evaluator(model, head, num_classes, run.mesh, run.rules, d.eval_batch_size)
   kind = f"{num_classes} classes" if num_classes else "retrieval"
+  if head == "locate":
+    located = location_baselines({"train": train_arrays, "dev": dev, "test": test},
+                                 {"train": data.train, "dev": data.dev, "test": data.test})
+    kind = ("bug localisation, function pairs dropped for a site past data.seq_len: "
+            + ", ".join(f"{n} {located[n + '_dropped_pairs']}" for n in ("train", "dev", "test")))
   scratch = ", from scratch" if config.from_scratch else ""
   if teacher is not None:
     scratch += (f", distilled from {config.teacher} (T={config.distill_temperature}, "
@@ -205,10 +231,13 @@ def train_and_evaluate(config, workdir):
                    distill_alpha=config.distill_alpha,
                    **{f"teacher_{k}": v for k, v in teacher.results.items()
                       if k.startswith(("dev_", "test_")) and "teacher" not in k})
-  if head == "sequence":  # What always answering the most frequent training label scores.
-    majority = np.bincount(train_arrays["labels"]).argmax()
-    results.update({f"{name}_majority_accuracy": float(np.mean(split["labels"] == majority))
+  if head in ("sequence", "locate"):  # What always answering the most frequent label scores.
+    majority = np.bincount(classes_of(head, train_arrays["labels"])).argmax()
+    results.update({f"{name}_majority_accuracy":
+                    float(np.mean(classes_of(head, split["labels"]) == majority))
                     for name, split in (("dev", dev), ("test", test))})
+  if head == "locate":
+    results.update(located)
   if jax.process_index() == 0 and final:
     with open(os.path.join(workdir, RESULTS_FILE), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
