@@ -122,7 +122,8 @@ def train_and_evaluate(config, workdir):
 
   # --- Loop and finish ------------------------------------------------------------------------
   state, logged = run_lib.train(run, state, step_fn, train_iter, rng, start_step=start,
-                                tokens_per_step=d.batch_size * d.seq_len,
+                                tokens_per_step=d.batch_size * metrics_lib.tokens_per_example(
+                                    objective.example_batch(d.seq_len)),
                                 evaluate=evaluate, layer_flops_scale=layer_flops_scale(
                                     config, objective, tokenizer, resources, tx, schedule, run))
   final.update(logged)

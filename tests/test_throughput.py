@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 
 from configs import common
@@ -27,6 +28,16 @@ def test_throughput_reports_mfu_and_goodput_from_lost_time(monkeypatch):
   t.lose(2.5)
   speed, eta = t.update(10)  # 10 steps in 10 s, 2.5 s of them lost.
   assert speed == {"tokens_per_s": 100.0, "goodput": 0.75, "mfu": 0.25} and eta == 10.0
+
+
+def test_tokens_per_example_counts_every_row_group():
+  from pretrain.data import pairs  # pylint: disable=import-outside-toplevel
+  row = lambda n: np.ones((1, n), np.int32)  # noqa: E731
+  assert metrics.tokens_per_example({k: row(128) for k in pairs.CHUNK_KEYS}) == 128
+  # A pair objective with 2 hard negatives reads query + document + 2 negatives per example.
+  keys = pairs.features("files", num_negatives=2)
+  lengths = pairs.lengths(keys, 128, 64, 2)
+  assert metrics.tokens_per_example({k: row(n) for k, n in lengths.items()}) == 64 + 128 + 2 * 128
 
 
 def test_every_log_row_has_mfu_and_goodput_and_the_profile_is_written(corpus, tmp_path):

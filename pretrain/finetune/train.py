@@ -218,7 +218,8 @@ def train_and_evaluate(config, workdir):
     return run_eval(step, state, {"dev": dev}) if step < t.steps else {}
 
   state, _ = run_lib.train(run, state, step_fn, train_iter, rng, start_step=start,
-                           tokens_per_step=d.batch_size * d.seq_len, evaluate=evaluate_dev)
+                           tokens_per_step=d.batch_size * metrics_lib.tokens_per_example(
+                               model.example_batch(d.seq_len)), evaluate=evaluate_dev)
 
   # --- Finish: dev and test scores of the final parameters (none when preempted) ---
   final = ({} if int(state.step) < t.steps

@@ -69,6 +69,13 @@ def read_jsonl(workdir, drop_truncated_last=False):
   return rows
 
 
+def tokens_per_example(example_batch) -> int:
+  """Input tokens of one example of `example_batch` (an objective's or task model's one-row
+  batch): the lengths of all its row groups (every `*segment_ids` feature: a pair objective's
+  query, document and negatives), not just data.seq_len."""
+  return sum(int(x.shape[-1]) for k, x in example_batch.items() if k.endswith("segment_ids"))
+
+
 class Throughput:
   """Tokens/s, MFU, goodput and ETA between two log points.
 
