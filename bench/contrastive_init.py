@@ -6,7 +6,7 @@
 1. The MLM encoder: `--mlm` if given, else configs/cpu_recipe.py (what `make demo` trains: the
    ModernBERT-class demo encoder, 1,200 steps) in <root>/mlm.
 2. Per view, `--steps` steps of its recipe at the same size and architecture (arch=modern), once
-   from random init and once with `--config.init_from` the MLM workdir:
+   from random init and once with `--config.init_from` the MLM run's export:
      crop       configs/contriever.py            Contriever's random crops, InfoNCE
      ict        configs/contriever.py:view=ict   ORQA's inverse cloze task ([CLS], projection)
      ccp        configs/contriever.py:view=ccp,loss=moco   CCP with the memory bank and batch norm
@@ -75,13 +75,17 @@ def main():
   os.makedirs(root, exist_ok=True)
   mlm = os.path.abspath(args.mlm) if args.mlm else os.path.join(root, "mlm")
   mlm_wall = None if args.mlm else train("configs/cpu_recipe.py", mlm, extra)
+  # A workdir's init_from must match its objective; the export carries the encoder alone.
+  mlm_export = os.path.join(mlm, "export")
+  if not os.path.isdir(mlm_export):
+    equal_compute.run("-m", "pretrain.export", f"--workdir={mlm}", f"--out={mlm_export}")
   runs = []
   for view in views:
     spec, pooler = VIEWS[view]
     spec = equal_compute.with_args(spec, arch="modern", steps=args.steps)
     for init in ("random", "mlm"):
       workdir = os.path.join(root, f"{view}_{init}")
-      init_flags = [f"--config.init_from={mlm}"] if init == "mlm" else []
+      init_flags = [f"--config.init_from={mlm_export}"] if init == "mlm" else []
       runs.append((view, init, pooler, workdir, train(spec, workdir, [*init_flags, *extra])))
 
   queries, candidates, relevant = code_tasks.docstring_retrieval()
