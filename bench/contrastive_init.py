@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import equal_compute  # noqa: E402
+from bench.retrieval import print_table  # noqa: E402
 from pretrain import retrieval  # noqa: E402
 from pretrain.finetune import code_tasks  # noqa: E402
 
@@ -74,40 +75,34 @@ def main():
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
   mlm = os.path.abspath(args.mlm) if args.mlm else os.path.join(root, "mlm")
-  mlm_wall = None if args.mlm else train("configs/cpu_recipe.py", mlm, extra)
+  mlm_spent = None if args.mlm else train("configs/cpu_recipe.py", mlm, extra)
   # A workdir's init_from must match its objective; the export carries the encoder alone.
   mlm_export = os.path.join(mlm, "export")
   if not os.path.isdir(mlm_export):
     equal_compute.run("-m", "pretrain.export", f"--workdir={mlm}", f"--out={mlm_export}")
-  runs = []
+  # (name, init, pooler, workdir, {"wall_s", "cpu_s"} of its training or None)
+  scored = [("MLM (configs/cpu_recipe.py)", "-", p, mlm, mlm_spent) for p in ("mean", "cls")]
   for view in views:
     spec, pooler = VIEWS[view]
     spec = equal_compute.with_args(spec, arch="modern", steps=args.steps)
-    for init in ("random", "mlm"):
-      workdir = os.path.join(root, f"{view}_{init}")
-      init_flags = [f"--config.init_from={mlm_export}"] if init == "mlm" else []
-      runs.append((view, init, pooler, workdir, train(spec, workdir, [*init_flags, *extra])))
+    for init, init_flags in (("random", []), ("after MLM", [f"--config.init_from={mlm_export}"])):
+      workdir = os.path.join(root, f"{view}_{'mlm' if init_flags else 'random'}")
+      scored.append((f"{view}, {args.steps} steps", init, pooler, workdir,
+                     train(spec, workdir, [*init_flags, *extra])))
 
   queries, candidates, relevant = code_tasks.docstring_retrieval()
   bm25 = retrieval.evaluate_bm25(queries, candidates, relevant)
   lines = ["| model | init | pooler | MRR@10 | recall@10 | training wall / CPU min |",
            "|---|---|---|---|---|---|",
            f"| BM25 | - | - | {bm25.mrr_at_10:.3f} | {bm25.recall_at_10:.3f} | - |"]
-  scored = [("MLM (configs/cpu_recipe.py)", "-", pooler_, mlm, mlm_wall)
-            for pooler_ in ("mean", "cls")] + [
-      (f"{view}, {args.steps} steps", "after MLM" if init == "mlm" else "random", pooler, workdir,
-       wall) for view, init, pooler, workdir, wall in runs]
-  for name, init, pooler, workdir, wall in scored:
+  for name, init, pooler, workdir, spent in scored:
     r, = retrieval.evaluate(workdir, queries, candidates, relevant, (pooler,), name=name,
                             max_len=args.max_len)
-    minutes = "-" if wall is None else f"{wall['wall_s'] / 60:.1f} / {wall['cpu_s'] / 60:.1f}"
-    lines.append(f"| {name} | {init} | {pooler} | {r.mrr_at_10:.3f} | {r.recall_at_10:.3f} | {minutes} |")
+    minutes = "-" if spent is None else f"{spent['wall_s'] / 60:.1f} / {spent['cpu_s'] / 60:.1f}"
+    lines.append(f"| {name} | {init} | {pooler} | {r.mrr_at_10:.3f} | {r.recall_at_10:.3f} | "
+                 f"{minutes} |")
     print(lines[-1], flush=True)
-  table = "\n".join(lines)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  print_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def markdown(results):
   return "\n".join(lines)
 
 
+def print_table(table, out=""):
+  """Prints a markdown table and, with `out`, writes it to that file too."""
+  print(table, flush=True)
+  if out:
+    with open(out, "w") as f:
+      f.write(table + "\n")
+
+
 def parse_model(spec):
   """"path" -> (path, every pooler); "path:cls" -> (path, ("cls",))."""
   path, _, pooler = spec.partition(":")
@@ -96,11 +104,7 @@ def main():
     results += retrieval.evaluate(path, queries, candidates, relevant, poolers, name=name,
                                   max_len=args.max_len)
     print(markdown(results[-len(poolers):]), flush=True)
-  table = markdown(results)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  print_table(markdown(results), args.out)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import equal_compute  # noqa: E402
+from bench.retrieval import print_table  # noqa: E402
 from pretrain import retrieval  # noqa: E402
 from pretrain.data import python_code  # noqa: E402
-from pretrain.finetune import code_tasks  # noqa: E402
+from pretrain.finetune import bench_scores, code_tasks  # noqa: E402
 
 ROOT = equal_compute.ROOT
 # variant -> (config argument of configs/pair_files.py, which file it trains on)
@@ -48,9 +49,8 @@ VARIANTS = {
 
 def write_pairs(path):
   files = python_code.heldout_files("train")
-  rows = [{"query": q, "pos": [code]} for q, code in
-          code_tasks._documented(python_code.function_pairs(files))  # pylint: disable=protected-access
-          if code.strip()]
+  rows = [{"query": q, "pos": [code]}
+          for q, code in code_tasks.documented(python_code.function_pairs(files)) if code.strip()]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     for r in rows:
@@ -66,7 +66,7 @@ def per_query_rr(model, task, max_len):
   q = retrieval.embed(model, queries, "mean", max_len=max_len)
   c = retrieval.embed(model, candidates, "mean", max_len=max_len)
   r = retrieval.ranks(retrieval.cosine_scores(q, c), relevant)
-  return np.where(r <= 10, 1.0 / r, 0.0), r <= 10
+  return bench_scores.reciprocal_ranks(r), r <= 10
 
 
 def summary(name, scores, base_rr):
@@ -74,7 +74,7 @@ def summary(name, scores, base_rr):
   mrr = [float(rr.mean()) for rr, _ in scores]
   rec = [float(hit.mean()) for _, hit in scores]
   gain = np.mean([rr - base_rr for rr, _ in scores], axis=0)  # per query, averaged over seeds
-  se = float(gain.std(ddof=1) / np.sqrt(len(gain)))
+  se = bench_scores.mean_se(gain)
 
   def cell(v):
     return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
@@ -137,11 +137,7 @@ def main():
     lines.append(summary(f"+ {args.steps} steps, {v}", [per_query_rr(w, task, args.max_len)
                                                          for w in workdirs], base[0]))
     print(lines[-1], flush=True)
-  table = "\n".join(lines)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  print_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

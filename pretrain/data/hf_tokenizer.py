@@ -93,6 +93,11 @@ class HFTokenizer:
     return [e.ids for e in self._hf.encode_batch(list(texts),
                                                   add_special_tokens=False)]
 
+  def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, each token's [start, end) character span) of each text, the ids of `encode_batch`."""
+    return [(e.ids, e.offsets) for e in self._hf.encode_batch(list(texts),
+                                                               add_special_tokens=False)]
+
   def decode(self, ids) -> str:
     """Text of `ids` without the special tokens (lowercased if the tokenizer is)."""
     return self._hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -135,6 +135,11 @@ class Tokenizer:
     return [e.ids for e in self._hf.encode_batch(list(texts),
                                                   add_special_tokens=False)]
 
+  def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, each token's [start, end) character span) of each text, the ids of `encode_batch`."""
+    return [(e.ids, e.offsets) for e in self._hf.encode_batch(list(texts),
+                                                               add_special_tokens=False)]
+
   def decode(self, ids) -> str:
     """Text of `ids`; reserved control ids decode to nothing."""
     return self._sp.decode([int(i) for i in ids])

@@ -183,7 +183,8 @@ def split_train_dev(files, dev_fraction: float):
   return train, dev
 
 
-def _documented(pairs):
+def documented(pairs):
+  """(docstring query, code) of every function whose docstring gives a query."""
   out = []
   for p in pairs:
     q = python_code.docstring_query(p["docstring"])
@@ -198,7 +199,7 @@ def match_pairs(pairs, seed: int) -> list[dict]:
   rng = random.Random(seed)
   distinct = len(set(codes)) > 1
   out = []
-  for query, code in _documented(pairs):
+  for query, code in documented(pairs):
     other = code
     while other == code and distinct:
       other = codes[rng.randrange(len(codes))]
@@ -257,7 +258,7 @@ def finetune_splits(task: str, validation_fraction: float = 0.05, dev_fraction: 
   train_p, dev_p, test_p = (python_code.function_pairs(f)
                             for f in (train_files, dev_files, test_files))
   if task == "docstring_retrieval":
-    return {"train": [{"query": q, "doc": code} for q, code in _documented(train_p)],
+    return {"train": [{"query": q, "doc": code} for q, code in documented(train_p)],
             "dev": retrieval_triple(dev_p), "test": retrieval_triple(test_p),
             "label_names": None}
   return {"train": match_pairs(train_p, seed), "dev": match_pairs(dev_p, seed + 1),

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 
-from pretrain.data import hf_tokenizer, tokenizer as tokenizer_lib
+from pretrain.data import tokenizer as tokenizer_lib
 from pretrain.finetune import code_tasks
 
 _SPECIAL_NAMES = {  # Looked up in this order when the tokenizer files do not name them.
@@ -23,13 +23,13 @@ _SPECIAL_NAMES = {  # Looked up in this order when the tokenizer files do not na
 @dataclasses.dataclass
 class TaskTokenizer:
   """What fine-tuning needs from any tokenizer: batch encoding and four special ids."""
-  backend: object  # Has encode_batch(texts) -> list[list[int]] without special tokens.
+  backend: object  # Has encode_batch(texts) -> list[list[int]] without special tokens, and
+  #                  encode_spans(texts) -> [(ids, character spans)] for bug localisation.
   cls_id: int
   sep_id: int
   pad_id: int
   mask_id: int
   vocab_size: int
-  spans: object = None  # Has encode_spans(texts) -> [(ids, offsets)]; None: gives no offsets.
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """Token ids; each literal code_tasks.MASK becomes the mask id (it is text otherwise)."""
@@ -46,25 +46,17 @@ class TaskTokenizer:
   def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """(token ids, each token's [start, end) character span) of each whole text, tokenized as
     `encode_batch` does (a literal MASK stays text here)."""
-    if self.spans is None:
-      raise ValueError("This tokenizer reports no character offsets of its tokens; bug "
-                       "localisation (task.head='locate') needs a tokenizer.json or spm.model.")
-    return self.spans.encode_spans(texts)
+    return self.backend.encode_spans(texts)
 
 
 class _HFBackend:
-  """A `tokenizers.Tokenizer` of any model type (WordPiece, BPE, Unigram), padding/truncation
-  off."""
+  """A tokenizer.json of any model type (WordPiece, BPE, Unigram), padding/truncation off."""
 
-  def __init__(self, tok):
-    self.tok = tok
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    self.tok = Tokenizer.from_file(path)
     self.tok.no_padding()
     self.tok.no_truncation()
-
-  @classmethod
-  def from_file(cls, path: str):
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    return cls(Tokenizer.from_file(path))
 
   def encode_batch(self, texts):
     return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -72,23 +64,6 @@ class _HFBackend:
   def encode_spans(self, texts):
     return [(e.ids, e.offsets) for e in self.tok.encode_batch(list(texts),
                                                                add_special_tokens=False)]
-
-
-class _SentencePieceSpans:
-  """Token spans of one of our sentencepiece models: the `tokenizers` pipeline its `encode` runs
-  (`pretrain.data.tokenizer`), so the ids are the same; built on first use."""
-
-  def __init__(self, tok):
-    self.sp, self._hf = tok, None
-
-  def encode_spans(self, texts):
-    if self._hf is None:
-      hf = hf_tokenizer.hf_backend(self.sp)
-      # Deserialised and with literal special names as text, exactly as `Tokenizer` encodes
-      # (an in-memory Unigram breaks score ties differently).
-      self._hf = _HFBackend(type(hf).from_str(hf.to_str()))
-      self._hf.tok.encode_special_tokens = True
-    return self._hf.encode_spans(texts)
 
 
 def _named_special_tokens(model_dir: str) -> dict:
@@ -117,7 +92,7 @@ def _named_special_tokens(model_dir: str) -> dict:
 def from_sentencepiece(tok) -> TaskTokenizer:
   """Our sentencepiece tokenizer (pretrain.data.tokenizer) with its reserved special ids."""
   return TaskTokenizer(tok, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID, tokenizer_lib.PAD_ID,
-                       tokenizer_lib.MASK_ID, tok.vocab_size, _SentencePieceSpans(tok))
+                       tokenizer_lib.MASK_ID, tok.vocab_size)
 
 
 def load_task_tokenizer(model_dir: str) -> TaskTokenizer:
@@ -130,7 +105,7 @@ def load_task_tokenizer(model_dir: str) -> TaskTokenizer:
     raise FileNotFoundError(
         f"{model_dir} holds neither {tokenizer_lib.SPM_FILE} nor {tokenizer_lib.HF_FILE}; "
         "fine-tuning tokenizes with the checkpoint's own tokenizer: copy it there.")
-  backend = _HFBackend.from_file(json_path)
+  backend = _HFBackend(json_path)
   named = _named_special_tokens(model_dir)
   ids = {}
   for key, candidates in _SPECIAL_NAMES.items():
@@ -142,4 +117,4 @@ def load_task_tokenizer(model_dir: str) -> TaskTokenizer:
       raise ValueError(f"{json_path}: no {key} token (tried {candidates}); name it as "
                        f"{key}_token in special_tokens_map.json.")
   return TaskTokenizer(backend, ids["cls"], ids["sep"], ids["pad"], ids["mask"],
-                       backend.tok.get_vocab_size(with_added_tokens=True), backend)
+                       backend.tok.get_vocab_size(with_added_tokens=True))

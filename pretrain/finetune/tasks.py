@@ -220,35 +220,10 @@ def _truncate_pair(a: list, b: list, budget: int) -> tuple[list, list]:
   return a[:la], b[:lb]
 
 
-def encode_rows(tok: TaskTokenizer, texts: list[str], texts_b: list[str] | None,
-                seq_len: int) -> dict[str, np.ndarray]:
-  """[CLS] a [SEP] (b [SEP]) rows: input_ids, segment_ids (1 = token), positions, token_types."""
-  ids_a = tok.encode_batch(texts)
-  ids_b = tok.encode_batch(texts_b) if texts_b is not None and any(texts_b) else None
-  n = len(texts)
-  out = {k: np.zeros((n, seq_len), np.int32) for k in
-         ("input_ids", "segment_ids", "positions", "token_types")}
-  out["input_ids"][:] = tok.pad_id
-  for r in range(n):
-    b = ids_b[r] if ids_b is not None and texts_b[r] else None
-    if b is None:
-      a = ids_a[r][:seq_len - 2]
-      row, types = [tok.cls_id, *a, tok.sep_id], [0] * (len(a) + 2)
-    else:
-      a, b = _truncate_pair(ids_a[r], b, seq_len - 3)
-      row = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
-      types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
-    k = len(row)
-    out["input_ids"][r, :k] = row
-    out["segment_ids"][r, :k] = 1
-    out["positions"][r, :k] = np.arange(k)
-    out["token_types"][r, :k] = types
-  return out
-
-
-def _single_rows(tok: TaskTokenizer, id_rows: list[list[int]], seq_len: int
-                 ) -> dict[str, np.ndarray]:
-  """Rows of ready id lists (each at most seq_len ids, its [CLS] and [SEP] included)."""
+def _fill_rows(tok: TaskTokenizer, id_rows: list[list[int]], seq_len: int,
+               type_rows: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+  """input_ids, segment_ids (1 = token), positions, token_types of ready id lists (each at most
+  seq_len ids, [CLS] and [SEP] included), [PAD]-padded; token types 0 unless given."""
   n = len(id_rows)
   out = {k: np.zeros((n, seq_len), np.int32) for k in
          ("input_ids", "segment_ids", "positions", "token_types")}
@@ -257,7 +232,28 @@ def _single_rows(tok: TaskTokenizer, id_rows: list[list[int]], seq_len: int
     k = len(row)
     out["input_ids"][r, :k], out["segment_ids"][r, :k] = row, 1
     out["positions"][r, :k] = np.arange(k)
+    if type_rows is not None:
+      out["token_types"][r, :k] = type_rows[r]
   return out
+
+
+def encode_rows(tok: TaskTokenizer, texts: list[str], texts_b: list[str] | None,
+                seq_len: int) -> dict[str, np.ndarray]:
+  """[CLS] a [SEP] (b [SEP]) rows: input_ids, segment_ids (1 = token), positions, token_types."""
+  ids_a = tok.encode_batch(texts)
+  ids_b = tok.encode_batch(texts_b) if texts_b is not None and any(texts_b) else None
+  rows, types = [], []
+  for r in range(len(texts)):
+    b = ids_b[r] if ids_b is not None and texts_b[r] else None
+    if b is None:
+      a = ids_a[r][:seq_len - 2]
+      rows.append([tok.cls_id, *a, tok.sep_id])
+      types.append([0] * (len(a) + 2))
+    else:
+      a, b = _truncate_pair(ids_a[r], b, seq_len - 3)
+      rows.append([tok.cls_id, *a, tok.sep_id, *b, tok.sep_id])
+      types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+  return _fill_rows(tok, rows, seq_len, types)
 
 
 def _site_token(offsets, start: int) -> int | None:
@@ -300,7 +296,7 @@ def encode_locations(tok, examples, seq_len) -> dict[str, np.ndarray]:
   if len(rows) < len(examples):
     logging.warning("Bug localisation: dropped %d of %d rows whose edit site lies past %d "
                     "tokens.", len(examples) - len(rows), len(examples), seq_len)
-  out = _single_rows(tok, rows, seq_len)
+  out = _fill_rows(tok, rows, seq_len)
   out["labels"] = np.asarray(labels, np.int32)
   return out
 
@@ -316,11 +312,8 @@ def encode_tokens(tok, examples, seq_len) -> dict[str, np.ndarray]:
   """Word tags on the first piece of each word; -1 on other pieces, [CLS], [SEP], padding."""
   words = [w for e in examples for w in e["tokens"]]
   pieces = iter(tok.encode_batch(words))
-  n = len(examples)
-  out = {k: np.zeros((n, seq_len), np.int32) for k in
-         ("input_ids", "segment_ids", "positions", "token_types")}
-  out["input_ids"][:] = tok.pad_id
-  labels = np.full((n, seq_len), -1, np.int32)
+  rows = []
+  labels = np.full((len(examples), seq_len), -1, np.int32)
   for r, e in enumerate(examples):
     row, tags = [tok.cls_id], [-1]
     for tag in e["tags"]:
@@ -328,11 +321,9 @@ def encode_tokens(tok, examples, seq_len) -> dict[str, np.ndarray]:
       if ids and len(row) + len(ids) <= seq_len - 1:
         row += ids
         tags += [tag] + [-1] * (len(ids) - 1)
-    row.append(tok.sep_id)
-    tags.append(-1)
-    k = len(row)
-    out["input_ids"][r, :k], out["segment_ids"][r, :k] = row, 1
-    out["positions"][r, :k], labels[r, :k] = np.arange(k), tags
+    rows.append(row + [tok.sep_id])
+    labels[r, :len(tags) + 1] = tags + [-1]
+  out = _fill_rows(tok, rows, seq_len)
   out["labels"] = labels
   return out
 
