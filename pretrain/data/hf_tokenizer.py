@@ -20,6 +20,12 @@ from pretrain.data.tokenizer_common import (
     CLS, CLS_ID, HF_FILE, MASK, PAD, RESERVED, SEP, SEP_ID, SPM_FILE, UNK, UNK_ID, WORD_MARKER)
 
 
+def encode_spans(backend, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+  """(ids, each token's [start, end) character span) of each text, as a `tokenizers.Tokenizer`
+  encodes it without special tokens: the ids of the wrappers' `encode_batch`."""
+  return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
 class HFTokenizer:
   """A Hugging Face tokenizer.json behind the interface of `Tokenizer`.
 
@@ -94,9 +100,7 @@ class HFTokenizer:
                                                   add_special_tokens=False)]
 
   def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, each token's [start, end) character span) of each text, the ids of `encode_batch`."""
-    return [(e.ids, e.offsets) for e in self._hf.encode_batch(list(texts),
-                                                               add_special_tokens=False)]
+    return encode_spans(self._hf, texts)
 
   def decode(self, ids) -> str:
     """Text of `ids` without the special tokens (lowercased if the tokenizer is)."""

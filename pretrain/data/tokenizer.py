@@ -48,7 +48,7 @@ import numpy as np
 import sentencepiece as spm
 import tqdm
 
-from pretrain.data.hf_tokenizer import HFTokenizer, hf_backend
+from pretrain.data.hf_tokenizer import HFTokenizer, encode_spans, hf_backend
 from pretrain.data.tokenizer_common import (
     CLS, CLS_ID, HF_FILE, MASK, MASK_ID, PAD, PAD_ID, RESERVED, SEP, SEP_ID, SPM_FILE, UNK,
     UNK_ID, WORD_MARKER)
@@ -136,9 +136,7 @@ class Tokenizer:
                                                   add_special_tokens=False)]
 
   def encode_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, each token's [start, end) character span) of each text, the ids of `encode_batch`."""
-    return [(e.ids, e.offsets) for e in self._hf.encode_batch(list(texts),
-                                                               add_special_tokens=False)]
+    return encode_spans(self._hf, texts)
 
   def decode(self, ids) -> str:
     """Text of `ids`; reserved control ids decode to nothing."""

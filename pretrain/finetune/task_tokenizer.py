@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 
-from pretrain.data import tokenizer as tokenizer_lib
+from pretrain.data import hf_tokenizer, tokenizer as tokenizer_lib
 from pretrain.finetune import code_tasks
 
 _SPECIAL_NAMES = {  # Looked up in this order when the tokenizer files do not name them.
@@ -62,8 +62,7 @@ class _HFBackend:
     return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def encode_spans(self, texts):
-    return [(e.ids, e.offsets) for e in self.tok.encode_batch(list(texts),
-                                                               add_special_tokens=False)]
+    return hf_tokenizer.encode_spans(self.tok, texts)
 
 
 def _named_special_tokens(model_dir: str) -> dict:

@@ -322,7 +322,7 @@ def encode_tokens(tok, examples, seq_len) -> dict[str, np.ndarray]:
         row += ids
         tags += [tag] + [-1] * (len(ids) - 1)
     rows.append(row + [tok.sep_id])
-    labels[r, :len(tags) + 1] = tags + [-1]
+    labels[r, :len(tags)] = tags  # [SEP] and padding keep -1.
   out = _fill_rows(tok, rows, seq_len)
   out["labels"] = labels
   return out
