@@ -31,8 +31,12 @@ demo: $(VENV)/.base
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
+# Two worker processes, one test file each at a time (files share their module fixtures): the
+# tests are mostly single-threaded compilation, so two keep both cores busy.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # Baselines need transformers 4.57 (the last release with Flax models): their own virtualenv,
 # resolved from setup.py alone since constraints.txt pins transformers 5.
