@@ -25,6 +25,7 @@ import optax
 
 from objectives import base, checks, masking, mlm
 from pretrain.models import encoder as enc
+from pretrain.models import layers
 
 CONFIG = dict(
     discriminator_weight=50.0,  # electra, rts, crts: weight of the replaced-token BCE
@@ -54,7 +55,7 @@ class DiscriminatorHead(nn.Module):
     cfg = self.config
     dense = enc._dense  # pylint: disable=protected-access  # The encoder's annotated Dense.
     x_BLH = dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(hidden_BLH)
-    x_BLH = nn.gelu(x_BLH, approximate=False)
+    x_BLH = layers.gelu(x_BLH)
     # The output axis has size 1, so it stays unnamed (replicated); the input is named "mlp".
     logits_BL1 = dense(cfg, 1, ("mlp", None), "dense_prediction")(x_BLH)
     return logits_BL1[..., 0].astype(jnp.float32)

@@ -175,3 +175,19 @@ def test_add_vocab_bias_gradient_is_the_row_sum(shape):
   np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
   np.testing.assert_allclose(g_x, upstream, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_b, upstream.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_and_its_written_out_derivative_match_torch():
+  import torch  # pylint: disable=import-outside-toplevel
+
+  from pretrain.models import layers  # pylint: disable=import-outside-toplevel
+  x = np.concatenate([np.linspace(-9, 9, 1001), [0.0, -30.0, 30.0]]).astype(np.float32)
+  xt = torch.tensor(x, requires_grad=True)
+  torch.nn.functional.gelu(xt).sum().backward()
+  want_y, want_dy = torch.nn.functional.gelu(xt).detach().numpy(), xt.grad.numpy()
+  xj = jnp.asarray(x)
+  dy = jax.grad(lambda v: layers.gelu(v).sum())(xj)
+  np.testing.assert_allclose(layers.gelu(xj), want_y, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(dy, want_dy, atol=1e-6, rtol=1e-6)
+  # Forward mode (the dependence tests take jacobians) gives the same derivative.
+  np.testing.assert_allclose(jax.vmap(jax.jacfwd(layers.gelu))(xj), dy, rtol=1e-7)

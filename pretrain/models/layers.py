@@ -115,11 +115,34 @@ class Einsum(nn.Module):
     return y
 
 
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_jvp
+def gelu(x: Array) -> Array:
+  """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)), with its derivative written out.
+
+  jax.nn.gelu goes through erfc, which XLA:CPU evaluates at about 2.5x erf's cost, and its
+  autodiff evaluates erfc again for the backward pass; the rule below costs one erf and one exp
+  (bench/gelu.py measures both).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * _INV_SQRT2))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cdf = 0.5 * (1 + jax.lax.erf(x * _INV_SQRT2))
+  pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
+  return x * cdf, dx * (cdf + x * pdf)
+
+
 def activation(name: str):
   """Exact erf GELU (HF "gelu", also ModernBERT's hidden_activation) or SiLU (HF "silu")."""
   if name == "silu":
     return nn.silu
-  return lambda x: nn.gelu(x, approximate=False)
+  return gelu
 
 
 def mlp(config: EncoderConfig, x_BLH: Array, *, deterministic: bool) -> Array:

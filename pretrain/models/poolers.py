@@ -30,7 +30,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 
-from pretrain.models import pooling
+from pretrain.models import layers, pooling
 
 KINDS = pooling.MODES + ("latent", "multilayer")
 CONFIG_FILE = "pooler.json"
@@ -122,7 +122,7 @@ class GegluFeedForward(nn.Module):
     width = cfg.mlp_ratio * cfg.hidden_size
     y = _dense(cfg, 2 * width, ("embed", "mlp"), "dense_in")(_layer_norm("norm")(x_BQH))
     y, gate = jnp.split(y, 2, axis=-1)
-    y = y * nn.gelu(gate, approximate=False)
+    y = y * layers.gelu(gate)
     return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "dense_out")(y)
 
 
