@@ -17,10 +17,10 @@ with --json, written as JSON. --quick: tiny budgets (100 stdlib files, 6 steps o
 tokens, 16 MLM rows) for smoke tests; its numbers mean nothing. --probe scores the
 classification tasks with linear probes on frozen features instead (pretrain/probes.py: at most
 2,000 training rows, every test row, 256 tokens; minutes instead of hours, nothing fine-tuned).
-Optional, only when named in --tasks: variable_misuse_localization fine-tunes variable_misuse
-with the pointer head (task.head=locate), model and control alike, and reports the share of buggy
-test functions whose bug it points at, next to pointing at a uniformly drawn token of each
-function (n: the buggy test rows; --probe skips it).
+Optional, only when named in --tasks: <bug task>_localization (variable_misuse, swapped_operands,
+wrong_binary_operator) fine-tunes the bug task with the pointer head (task.head=locate), model and
+control alike, and reports the share of buggy test functions whose bug it points at, next to
+pointing at a uniformly drawn token of each function (n: the buggy test rows; --probe skips it).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from pretrain.models import pooling
 CLASSIFICATION, RETRIEVAL, MLM = probes.CLASSIFICATION, probes.RETRIEVAL, "mlm"
 TASKS = CLASSIFICATION + (RETRIEVAL, MLM)
 # Run only when --tasks names them: {task: (its recipe, the recipe's argument)}.
-LOCALIZATION = {"variable_misuse_localization": ("variable_misuse", "head=locate")}
+LOCALIZATION = {f"{task}_localization": (task, "head=locate")
+                for task in ("variable_misuse", "swapped_operands", "wrong_binary_operator")}
 ALL_TASKS = TASKS + tuple(LOCALIZATION)
 
 

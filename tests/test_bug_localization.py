@@ -210,10 +210,11 @@ def test_the_benchmark_scores_localization_only_when_named(monkeypatch, tmp_path
   assert "variable_misuse_localization" not in benchmark.TASKS  # Not in the default run.
   assert benchmark.parse_tasks("variable_misuse_localization, mlm") == [
       "mlm", "variable_misuse_localization"]
-  config = benchmark.finetune_config("variable_misuse_localization", "m", scratch=True,
-                                     budget=benchmark.QUICK, seed=0, cache_dir="c")
-  assert (config.data.source, config.task.head, config.train.steps) == (
-      "variable_misuse", "locate", benchmark.QUICK.steps)
+  for source in ("variable_misuse", "swapped_operands", "wrong_binary_operator"):
+    config = benchmark.finetune_config(f"{source}_localization", "m", scratch=True,
+                                       budget=benchmark.QUICK, seed=0, cache_dir="c")
+    assert (config.data.source, config.task.head, config.train.steps) == (
+        source, "locate", benchmark.QUICK.steps)
   done = {"model": {"test_localization_accuracy": 0.6, "test_localization_chance": 0.02},
           "control": {"test_localization_accuracy": 0.1}}
   for run in done.values():
