@@ -195,7 +195,7 @@ def localization_row(task, init, workdir, budget, seed, cache_dir) -> bench_scor
                                   control["test_localization_accuracy"],
                                   m["test_localization_chance"],
                                   "chance among the function's tokens")
-  note = (f"pointer at the misused name's first token; joint accuracy "
+  note = (f"pointer at the bug's first token; joint accuracy "
           f"{m['test_joint_accuracy']:.3f}, bug/no-bug accuracy {m['test_accuracy']:.3f}; "
           f"{m['test_dropped_pairs']} test pairs dropped (site past the sequence length)")
   return dataclasses.replace(row, metric="localization accuracy", note=note)
