@@ -127,13 +127,17 @@ def gelu(x: Array) -> Array:
   autodiff evaluates erfc again for the backward pass; the rule below costs one erf and one exp
   (bench/gelu.py measures both).
   """
-  return 0.5 * x * (1 + jax.lax.erf(x * _INV_SQRT2))
+  return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: Array) -> Array:
+  return 0.5 * (1 + jax.lax.erf(x * _INV_SQRT2))
 
 
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  cdf = 0.5 * (1 + jax.lax.erf(x * _INV_SQRT2))
+  cdf = _normal_cdf(x)
   pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
   return x * cdf, dx * (cdf + x * pdf)
 
