@@ -25,7 +25,7 @@ One objective, `contrastive`, whose parts are chosen by `config.objective`:
   random unit vectors, as Contriever does) and pointer are the objective's non-gradient state, so
   they are checkpointed; the key encoder starts as a copy of the query encoder at the first
   training step (so it also copies an `init_from` warm start).
-- pooler (`pretrain.models.poolers`): cls, mean, latent (NV-Embed), multilayer; optional projection
+- pooler (`pretrain.models.poolers`): cls, mean, max, latent (NV-Embed), multilayer; optional projection
   (+ LayerNorm, ICT) and L2 normalisation.
 - nesting: `matryoshka` (sum of the loss over the nested prefixes `matryoshka_dims` of the
   embedding; a prefix of a normalised embedding is normalised again); `2dmse` (each step draws a
@@ -81,7 +81,7 @@ CONFIG = dict(
     symmetric=False,             # infonce: mean of query->doc and doc->query losses
     moco_momentum=0.9995,
     queue_size=131072,           # moco: a multiple of data.batch_size
-    pooler="mean",               # cls, mean, latent, multilayer
+    pooler="mean",               # cls, mean, max, latent, multilayer
     pooler_latents=512,
     pooler_heads=8,
     projection_dim=0,            # 0: none; ORQA: 128 with projection_layer_norm

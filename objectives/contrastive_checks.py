@@ -48,7 +48,7 @@ def validate_config(config):
       o.matryoshka_dims, f"dimensions in 1..{dim} (the embedding size)")
   if o.nesting in ("2dmse", "starbucks"):
     req(o.pooler != "multilayer", "objective.pooler", o.pooler,
-        f"cls, mean or latent with nesting={o.nesting} (one layer's states are pooled)")
+        f"cls, mean, max or latent with nesting={o.nesting} (one layer's states are pooled)")
     req(m.num_layers >= 2, "model.num_layers", m.num_layers, f">= 2 for nesting={o.nesting}")
   req(len(o.starbucks_layers) == len(o.starbucks_dims)
       and all(1 <= l <= m.num_layers for l in o.starbucks_layers)

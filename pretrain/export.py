@@ -158,7 +158,7 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out.")
   flags.DEFINE_enum(
-      "pooling", None, pooling_lib.MODES, "sentence-transformers pooling: mean over tokens "
+      "pooling", None, pooling_lib.MODES, "sentence-transformers pooling: mean or max over tokens "
       "or the [CLS] state (default: the objective's pooler, else mean).")
   flags.DEFINE_bool("normalize", None, "L2-normalise sentence-transformers embeddings "
                     "(default: as the objective's pooler did, else true).")

@@ -206,7 +206,7 @@ CASES = [
     Case("export without --out", "pretrain.export",
          lambda e: [f"--workdir={e.workdir}"], 2, ("--out",)),
     Case("export with an unknown pooling", "pretrain.export",
-         lambda e: [f"--workdir={e.workdir}", f"--out={e.tmp}/out", "--pooling=max"], 2,
+         lambda e: [f"--workdir={e.workdir}", f"--out={e.tmp}/out", "--pooling=sum"], 2,
          ("--pooling", "mean")),
     Case("export into a file", "pretrain.export",
          lambda e: [f"--workdir={e.workdir}", f"--out={e.tmp}/a_file"], 1, ("--out", "a_file"),

@@ -111,8 +111,8 @@ def test_flags_are_checked_before_anything_runs(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(FileExistsError, match="--workdir=.*file is a file"):
     benchmark.check_paths(str(model), str(tmp_path / "file"), "")
-  with pytest.raises(ConfigError, match="--pooler='max'"):
-    benchmark.run_benchmark(str(model), workdir=str(tmp_path / "w"), pooler="max")
+  with pytest.raises(ConfigError, match="--pooler='sum'"):
+    benchmark.run_benchmark(str(model), workdir=str(tmp_path / "w"), pooler="sum")
   assert sorted(os.listdir(tmp_path)) == ["file", "m"]
   assert benchmark.default_workdir("exports/demo/") == os.path.join("workdir", "benchmark", "demo")
   hf = types.SimpleNamespace(padded_vocab_size=8)

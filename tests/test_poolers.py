@@ -158,8 +158,8 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_bad_configs_say_what_to_change():
-  with pytest.raises(ValueError, match="Unknown pooler 'max'.*cls, mean, latent, multilayer"):
-    poolers.PoolerConfig(kind="max")
+  with pytest.raises(ValueError, match="Unknown pooler 'sum'.*cls, mean, max, latent, multilayer"):
+    poolers.PoolerConfig(kind="sum")
   with pytest.raises(ValueError, match="pooler heads \\(3\\) must divide the hidden size"):
     poolers.PoolerConfig(kind="latent", hidden_size=16, num_heads=3)
   with pytest.raises(ValueError, match="needs all 3 layer outputs"):

@@ -80,10 +80,11 @@ def test_embeddings_are_the_encoders_states_whatever_the_batching():
     hidden = np.asarray(apply(jnp.asarray([ids])))[0]  # Unpadded, one text.
     np.testing.assert_allclose(together["cls"][i], hidden[0], atol=2e-5)
     np.testing.assert_allclose(together["mean"][i], hidden.mean(0), atol=2e-5)
+    np.testing.assert_allclose(together["max"][i], hidden.max(0), atol=2e-5)
   alone = retrieval.embed(bundle, texts[2:], "mean", max_len=32, batch_size=2)
   np.testing.assert_allclose(alone[0], together["mean"][2], atol=2e-5)
-  with pytest.raises(ValueError, match="Unknown pooler 'max'; allowed: cls, mean"):
-    retrieval.embed(bundle, texts, "max")
+  with pytest.raises(ValueError, match="Unknown pooler 'sum'; allowed: cls, mean, max"):
+    retrieval.embed(bundle, texts, "sum")
 
 
 def test_evaluate_finds_candidates_identical_to_their_queries():
@@ -91,7 +92,7 @@ def test_evaluate_finds_candidates_identical_to_their_queries():
   candidates = ["def f(a): return a", "class K: pass", "x = [i for i in y]", "import os, sys"]
   results = retrieval.evaluate(bundle, candidates[2:], candidates, [2, 3], name="tiny",
                                max_len=32, batch_size=2)
-  assert [r.name for r in results] == ["tiny (cls)", "tiny (mean)"]
+  assert [r.name for r in results] == ["tiny (cls)", "tiny (mean)", "tiny (max)"]
   assert all(r.mrr_at_10 == 1.0 and r.recall_at_10 == 1.0 and r.num_candidates == 4
              for r in results)
 

@@ -48,9 +48,12 @@ def test_pool_closed_forms():
   mask = np.array([[1, 1, 0], [1, 0, 0]])
   np.testing.assert_allclose(pooling.pool(hidden, mask, "cls"), [[0, 1], [6, 7]])
   np.testing.assert_allclose(pooling.pool(hidden, mask, "mean"), [[1, 2], [6, 7]])
+  # Max over the tokens only: the padding's larger values (4, 5 and 8..11) never win.
+  np.testing.assert_allclose(pooling.pool(hidden, mask, "max"), [[2, 3], [6, 7]])
+  np.testing.assert_allclose(pooling.pool(-hidden, mask, "max"), [[0, -1], [-6, -7]])
   np.testing.assert_allclose(pooling.l2_normalize(np.array([[3.0, 4.0]])), [[0.6, 0.8]])
-  with pytest.raises(ValueError, match="Unknown pooling 'max'; allowed: cls, mean"):
-    pooling.pool(hidden, mask, "max")
+  with pytest.raises(ValueError, match="Unknown pooling 'sum'; allowed: cls, mean, max"):
+    pooling.pool(hidden, mask, "sum")
 
 
 def _pooled(kind, normalize=False, projection_dim=0):
@@ -83,14 +86,17 @@ def test_tokenize_rows_are_cls_text_sep_then_padding(tokenizer):
   assert list(pos[1]) == list(range(16)) and (seg[1] == 1).all()
 
 
-@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False)])
+@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", True)])
 def test_sentence_transformers_loads_export_and_matches_ours(params, tokenizer, tmp_path, pooling,
                                                              normalize):
   out = str(tmp_path / "st")
   st_export.write(out, params, CFG, tokenizer, pooling=pooling, normalize=normalize,
                   max_seq_length=24)
   with open(os.path.join(out, "1_Pooling", "config.json")) as f:
-    assert json.load(f)["pooling_mode_mean_tokens"] == (pooling == "mean")
+    modes = json.load(f)
+  assert [k for k, on in modes.items() if on is True] == [f"pooling_mode_{pooling}_" + (
+      "token" if pooling == "cls" else "tokens")]
+  assert st_export.read_pooling(out) == pooling
   model = sentence_transformers.SentenceTransformer(out, device="cpu", local_files_only=True)
   assert len(model) == (3 if normalize else 2) and model.max_seq_length == 24
   theirs = model.encode(TEXTS, convert_to_numpy=True, batch_size=2)
@@ -109,5 +115,5 @@ def test_sentence_transformers_loads_export_and_matches_ours(params, tokenizer, 
 def test_bad_max_seq_length_is_explained(params, tokenizer, tmp_path):
   with pytest.raises(ValueError, match=r"max_seq_length 65 must be in \(2, 64\]"):
     st_export.write(str(tmp_path), params, CFG, tokenizer, max_seq_length=65)
-  with pytest.raises(ValueError, match="Unknown pooling 'max'"):
-    st_export.write_module_files(str(tmp_path), 32, pooling="max")
+  with pytest.raises(ValueError, match="Unknown pooling 'sum'"):
+    st_export.write_module_files(str(tmp_path), 32, pooling="sum")

@@ -11,7 +11,7 @@ from configs import common
 SOURCES = ("exception_type", "docstring_match", "docstring_retrieval", "variable_misuse",
            "swapped_operands", "wrong_binary_operator", "files", "tfds")
 HEADS = ("sequence", "token", "biencoder", "locate")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "max")
 DISTILL_HEADS = ("sequence", "token")  # heads whose predictions are distributions to distil
 
 
@@ -30,7 +30,7 @@ def base_config():
   c.task = ml_collections.ConfigDict(dict(
       head="sequence",       # sequence (single text or pair) | token | biencoder | locate (the
                              # bug tasks: point at the bug's first token, [CLS] for none)
-      pooling="cls",         # cls | mean (sequence and biencoder heads)
+      pooling="cls",         # cls | mean | max (sequence and biencoder heads)
       num_classes=0,         # 0: as many as the training labels
       labels="",             # class names in index order, comma-separated ("neg,pos"); every
                              # row's label must be one. "": the training split's labels

@@ -12,7 +12,7 @@ second type is passed as word embedding + (type_t - type_0) through `input_embed
 HF BERT's word + type_t, and gradients still reach the word table.
 
 Heads:
-  sequence   pooled ([CLS] or mean) -> dense -> tanh -> dropout -> dense(classes): one label per
+  sequence   pooled ([CLS], mean or max) -> dense -> tanh -> dropout -> dense(classes): one label per
              row, for single texts and text pairs (RoBERTa's classification head);
   token      dropout -> dense(classes) on every token; labels -1 are ignored (padding, non-first
              word pieces);

@@ -5,7 +5,7 @@ tokenizer) plus a few JSON files that name the modules applied after the transfo
 
   modules.json                 Transformer (path "") -> Pooling (1_Pooling) [-> Normalize]
   sentence_bert_config.json    max_seq_length (longer inputs are truncated)
-  1_Pooling/config.json        which pooling: [CLS] state or mean over the attended tokens
+  1_Pooling/config.json        which pooling: [CLS] state, mean or max over the attended tokens
   config_sentence_transformers.json  the similarity function (cosine, or dot when unnormalised)
 
 We write the classic layout (module types `sentence_transformers.models.*`, the four
@@ -91,7 +91,7 @@ def write_module_files(out_dir, hidden_size, *, pooling="mean", normalize=True,
       "word_embedding_dimension": hidden_size,
       "pooling_mode_cls_token": pooling == "cls",
       "pooling_mode_mean_tokens": pooling == "mean",
-      "pooling_mode_max_tokens": False,
+      "pooling_mode_max_tokens": pooling == "max",
       "pooling_mode_mean_sqrt_len_tokens": False})
   # Unnormalised embeddings are meant for dot-product scores (Contriever); normalised ones are
   # compared by cosine (the same ranking as dot).
@@ -101,14 +101,16 @@ def write_module_files(out_dir, hidden_size, *, pooling="mean", normalize=True,
 
 
 def read_pooling(model_dir):
-  """"cls" or "mean" from a 1_Pooling/config.json (ours or sentence-transformers'), None if there
-  is none."""
+  """"cls", "max" or "mean" from a 1_Pooling/config.json (ours or sentence-transformers'), None if
+  there is none."""
   path = os.path.join(model_dir, "1_Pooling", "config.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     cfg = json.load(f)
-  return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+  if cfg.get("pooling_mode_cls_token"):
+    return "cls"
+  return "max" if cfg.get("pooling_mode_max_tokens") else "mean"
 
 
 def pooling_for(objective, pooling=None, normalize=None):

@@ -1,6 +1,6 @@
 """Poolers: token states [B, L, H] -> one embedding [B, D] per row, for contrastive objectives.
 
-- ``cls`` and ``mean``: `pretrain.models.pooling`'s, over the row's non-padding tokens.
+- ``cls``, ``mean`` and ``max``: `pretrain.models.pooling`'s, over the row's non-padding tokens.
 - ``latent``: NV-Embed's latent attention (Lee et al., 2024, official ``LatentAttentionModel``):
   every token state queries ``num_latents`` trainable latents that act as keys and values
   (multi-head cross-attention, pre-LayerNorm on both sides, no biases), residual, then a pre-LN

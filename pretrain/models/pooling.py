@@ -5,6 +5,9 @@ contrastive poolers (`pretrain.models.poolers`) share.
 - ``cls``: the first token's final state (BERT, RetroMAE, ORQA/ICT).
 - ``mean``: the mean over the row's tokens, [CLS] and [SEP] included (Contriever,
   sentence-transformers' mean pooling).
+- ``max``: the largest value of each feature over the row's tokens (sentence-transformers'
+  max pooling, InferSent). One token can set a feature, so a local anomaly (a one-token bug in a
+  whole function) is not averaged away as in the mean.
 
 A mean's denominator floor only matters for a row without tokens (whose sum is 0, so any positive
 floor gives 0), hence one floor for every caller; `l2_normalize`'s floor is
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-MODES = ("cls", "mean")
+MODES = ("cls", "mean", "max")
 
 
 def check(mode: str, what: str = "pooling") -> str:
@@ -30,10 +33,24 @@ def mean(hidden_BLH, mask_BL):
   return jnp.sum(hidden_BLH * mask_BL1, 1) / jnp.maximum(jnp.sum(mask_BL1, 1), 1e-9)
 
 
+# Padding's value under max pooling: sentence-transformers' fill, so a row's maximum is over its
+# tokens only (and a row without tokens gives this value, as there).
+MAX_FILL = -1e9
+
+
+def max_over_tokens(hidden_BLH, mask_BL):
+  """[B, H] feature-wise maximum over the states where `mask_BL` is nonzero."""
+  return jnp.max(jnp.where(mask_BL[..., None] > 0, hidden_BLH,
+                           jnp.asarray(MAX_FILL, hidden_BLH.dtype)), axis=1)
+
+
 def pool(hidden_BLH, mask_BL, mode):
-  """[B, H]: the first ([CLS]) state, or the `mean` over `mask_BL` (nonzero = token)."""
-  if check(mode) == "cls":
+  """[B, H]: the first ([CLS]) state, or the `mean` or `max` over `mask_BL` (nonzero = token)."""
+  mode = check(mode)
+  if mode == "cls":
     return hidden_BLH[:, 0]
+  if mode == "max":
+    return max_over_tokens(hidden_BLH, mask_BL)
   return mean(hidden_BLH, mask_BL)
 
 
