@@ -195,8 +195,11 @@ def localization_row(task, init, workdir, budget, seed, cache_dir) -> bench_scor
                                   control["test_localization_accuracy"],
                                   m["test_localization_chance"],
                                   "chance among the function's tokens")
-  note = (f"pointer at the bug's first token; joint accuracy "
-          f"{m['test_joint_accuracy']:.3f}, bug/no-bug accuracy {m['test_accuracy']:.3f}; "
+  reads = [("top position", "test_accuracy"), ("marginal", "test_marginal_accuracy")]
+  bug = ", ".join(f"{name} {m[key]:.3f} / {control[key]:.3f}" for name, key in reads
+                  if key in m and key in control)  # Runs of older code lack the marginal read.
+  note = (f"pointer at the bug's first token; joint accuracy {m['test_joint_accuracy']:.3f}; "
+          f"bug/no-bug accuracy, model / control: {bug}; "
           f"{m['test_dropped_pairs']} test pairs dropped (site past the sequence length)")
   return dataclasses.replace(row, metric="localization accuracy", note=note)
 

@@ -151,15 +151,23 @@ def test_pointer_loss_is_cross_entropy_over_the_unmasked_positions():
 def test_location_scores_match_hand_counts():
   labels = np.array([0, 0, 0, 5, 7, 3, 9, 2])   # Three correct functions, five buggy.
   pred = np.array([0, 4, 0, 5, 1, 3, 0, 2])
-  m = evaluation.location_metrics(pred, labels)
-  # As a classifier (position > 0: buggy): wrong only on rows 1 and 6 -> 6/8.
+  scores = np.full((8, 12), heads.MASKED_LOGIT)  # Positions 10, 11 are padding.
+  scores[:, :10] = 0.0
+  scores[np.arange(8), pred] = 5.0
+  # Row 6: [CLS] on top (2.0), yet 9 positions at 1.0 hold 9e / (e^2 + 9e) = 0.77 of the mass.
+  scores[6, :10] = [2.0] + [1.0] * 9
+  m = evaluation.location_metrics(scores, labels)
+  # As a classifier (top position > 0: buggy): wrong only on rows 1 and 6 -> 6/8.
   assert m["accuracy"] == pytest.approx(6 / 8)
   # Buggy class: tp 4 (rows 3, 4, 5, 7), 5 predicted buggy, 5 truly buggy -> F1 8/10.
   assert m["f1"] == pytest.approx(0.8)
+  # Marginally (p([CLS]) < 1/2: buggy) row 6 is right: 7/8; 6 predicted buggy, tp 5 -> F1 10/11.
+  assert m["marginal_accuracy"] == pytest.approx(7 / 8)
+  assert m["marginal_f1"] == pytest.approx(10 / 11)
   assert m["localization_accuracy"] == pytest.approx(3 / 5)  # Rows 3, 5, 7 of the five buggy.
   assert m["joint_accuracy"] == pytest.approx(5 / 8)  # Rows 0, 2, 3, 5, 7.
   assert m["num_buggy"] == 5
-  assert evaluation.location_metrics(np.zeros(2), np.zeros(2))["localization_accuracy"] == 0.0
+  assert evaluation.location_metrics(np.zeros((2, 4)), np.zeros(2))["localization_accuracy"] == 0.0
 
 
 # --- A tiny fine-tuning run --------------------------------------------------------------------
@@ -185,7 +193,8 @@ def test_a_tiny_locate_run_writes_localization_scores_and_other_tasks_refuse_the
     written = json.load(f)
   assert written["head"] == "locate" and written["step"] == 4
   for key in ("test_localization_accuracy", "test_joint_accuracy", "test_accuracy", "test_f1",
-              "test_majority_accuracy", "test_localization_chance"):
+              "test_marginal_accuracy", "test_marginal_f1", "test_majority_accuracy",
+              "test_localization_chance"):
     assert 0 <= written[key] <= 1, (key, written)
   assert written == json.loads(json.dumps(results))
   # 64 tokens of a 500-piece vocabulary cut many functions: each test pair is scored or dropped.
@@ -217,9 +226,9 @@ def test_the_benchmark_scores_localization_only_when_named(monkeypatch, tmp_path
         source, "locate", benchmark.QUICK.steps)
   done = {"model": {"test_localization_accuracy": 0.6, "test_localization_chance": 0.02},
           "control": {"test_localization_accuracy": 0.1}}
-  for run in done.values():
+  for run, marginal in zip(done.values(), (0.75, 0.55)):
     run.update(test_num_buggy=100.0, test_joint_accuracy=0.5, test_accuracy=0.7,
-               test_dropped_pairs=1)
+               test_marginal_accuracy=marginal, test_dropped_pairs=1)
   monkeypatch.setattr(benchmark, "finetune", lambda c, workdir: done[os.path.basename(workdir)])
   row = benchmark.localization_row("variable_misuse_localization", "m", str(tmp_path),
                                    benchmark.QUICK, 0, "c")
@@ -227,3 +236,8 @@ def test_the_benchmark_scores_localization_only_when_named(monkeypatch, tmp_path
       "localization accuracy", 100, 0.6, 0.1, 0.02)
   assert row.reference_name == "chance among the function's tokens"
   assert row.model_se == pytest.approx(np.sqrt(0.6 * 0.4 / 100)) and "1 test pairs" in row.note
+  assert "model / control: top position 0.700 / 0.700, marginal 0.750 / 0.550" in row.note
+  del done["control"]["test_marginal_accuracy"]  # A control finished by older code.
+  row = benchmark.localization_row("variable_misuse_localization", "m", str(tmp_path),
+                                   benchmark.QUICK, 0, "c")
+  assert "model / control: top position 0.700 / 0.700;" in row.note

@@ -26,17 +26,27 @@ def classification_metrics(pred, labels, num_classes):
           "macro_f1": macro, "f1": float(f1s[1]) if num_classes == 2 else macro}
 
 
-def location_metrics(pred, labels):
-  """Scores of predicted positions against label positions (0: no bug).
+def location_metrics(scores, labels):
+  """The pointer's [N, L] position scores (padding masked) against label positions (0: no bug).
 
   accuracy, macro_f1 and f1 (of the buggy class) view the pointer as a bug/no-bug classifier
-  (position > 0: buggy), comparable with the sequence head's; localization_accuracy: the share
-  of buggy rows whose bug it points at; joint_accuracy: the share of all rows exactly right (a
-  correct function needs position 0); num_buggy: how many rows localisation is scored on.
+  (its top position > 0: buggy), comparable with the sequence head's; marginal_accuracy and
+  marginal_f1 call a row buggy when the pointer puts more than half its probability on the
+  function's positions, summed over them, rather than on [CLS]: unsure where a bug is, the
+  pointer spreads its mass over several positions, which can leave [CLS] on top although a bug
+  is the likelier answer. localization_accuracy: the share of buggy rows whose bug the top
+  position hits; joint_accuracy: the share of all rows exactly right (a correct function needs
+  position 0); num_buggy: how many rows localisation is scored on.
   """
-  pred, labels = np.asarray(pred).ravel(), np.asarray(labels).ravel()
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).ravel()
+  pred = scores.argmax(-1)
+  # softmax(scores)[:, 0] without overflow: exp(s_0 - max) / sum(exp(s - max)).
+  shifted = np.exp(scores - scores.max(-1, keepdims=True))
+  no_bug = shifted[:, 0] / shifted.sum(-1)
   buggy = labels > 0
   out = classification_metrics((pred > 0).astype(int), buggy.astype(int), 2)
+  marginal = classification_metrics((no_bug < 0.5).astype(int), buggy.astype(int), 2)
+  out["marginal_accuracy"], out["marginal_f1"] = marginal["accuracy"], marginal["f1"]
   hits = pred[buggy] == labels[buggy]
   out["localization_accuracy"] = float(np.mean(hits)) if len(hits) else 0.0
   out["joint_accuracy"] = float(np.mean(pred == labels)) if len(labels) else 0.0
@@ -66,7 +76,7 @@ class Evaluator:
     out = sharding.replicated(mesh)
     if head == "biencoder":
       self._fn = jax.jit(lambda p, b: model.embed(p, b, ""), out_shardings=out)
-    elif head in ("token", "locate"):
+    elif head == "token":
       self._fn = jax.jit(lambda p, b: model.predict(p, b).argmax(-1), out_shardings=out)
     else:
       self._fn = jax.jit(lambda p, b: model.predict(p, b), out_shardings=out)
@@ -90,9 +100,9 @@ class Evaluator:
 
   def from_logits(self, logits, split):
     """Classification scores of `logits(params, split)` (no second pass over the split)."""
-    labels, pred = split["labels"], np.asarray(logits).argmax(-1)
     if self.head == "locate":
-      return location_metrics(pred, labels)
+      return location_metrics(logits, split["labels"])
+    labels, pred = split["labels"], np.asarray(logits).argmax(-1)
     real = labels >= 0  # Token heads: -1 is unscored.
     return classification_metrics(pred[real], labels[real], self.num_classes)
 
