@@ -1,7 +1,8 @@
 """Our MLM train step next to Hugging Face BERT (Flax and PyTorch), one framework per process.
 
   python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=3]
-                          [--bench_python=.venv-bench/bin/python] [--ours=default,threefry_unrolled,scan_layers]
+                          [--bench_python=.venv-bench/bin/python]
+                          [--ours=default,threefry_unrolled,scan_layers,cpu_devices=2]
 
 Every case is `size:seq_len:batch`. Runs bench/train_step.py with this interpreter and
 bench/hf_step.py with `--bench_python` (a virtualenv with transformers 4.57, whose Flax models
@@ -49,7 +50,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--ours", default="default",
                       help="our step's variants, one row each: default, threefry_unrolled, "
-                      "scan_layers")
+                      "scan_layers, cpu_devices=N (bench/train_step.py's flags)")
   parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
   args = parser.parse_args()
   peak = train_step.matmul_peak()

@@ -4,6 +4,7 @@
                              [--archs=bert,modern] [--vocab=16000] [--dtype=float32|bfloat16]
                              [--peak_tflops=X]
                              [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--threefry_unrolled] [--json]
+                             [--cpu_devices=N]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
 matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
@@ -11,6 +12,9 @@ matmuls) + attention accounting, with the vocabulary projection counted only at 
 positions that MLM actually computes. Compile time is reported separately; the step time is
 the median of `repeats` timed runs of 5 steps each. On an accelerator pass `--peak_tflops` (the
 datasheet dense peak for the dtype, e.g. 989 for an H100 in bf16) instead of measuring one.
+`--cpu_devices=N` splits the host into N XLA CPU devices and the batch over them (data
+parallel), as `python -m pretrain.main --cpu_devices=N` trains; the peak is still one device's
+large matmul, which uses every core.
 `--json` prints one JSON object per configuration (bench/compare.py and bench/gpu.sh read them).
 """
 import argparse
@@ -155,8 +159,12 @@ def main():
                       help="config.model.scan_layers: one compiled layer body (nn.scan).")
   parser.add_argument("--archs", default="bert",
                       help="configs/demo.py:arch= values (configs/modernbert.py ARCHITECTURES)")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="XLA CPU devices to split the host into (0: JAX's default, one).")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # Before any backend starts.
   peak = args.peak_tflops * 1e12 or matmul_peak(dtype=jnp.dtype(args.dtype))
   if not args.json:
     print(f"devices: {jax.devices()}; {'given' if args.peak_tflops else 'measured'} {args.dtype} "
