@@ -20,6 +20,7 @@ setuptools.setup(
         "optax",
         "orbax-checkpoint>=0.11",
         "safetensors",
+        "scipy",  # Already jax's; the pointer's softmax on the host (pretrain.finetune.evaluation).
         "sentencepiece",
         "tensorboardX",
         "tensorflow-datasets>=4.9",

@@ -12,9 +12,9 @@ matmuls) + attention accounting, with the vocabulary projection counted only at 
 positions that MLM actually computes. Compile time is reported separately; the step time is
 the median of `repeats` timed runs of 5 steps each. On an accelerator pass `--peak_tflops` (the
 datasheet dense peak for the dtype, e.g. 989 for an H100 in bf16) instead of measuring one.
-`--cpu_devices=N` splits the host into N XLA CPU devices and the batch over them (data
-parallel), as `python -m pretrain.main --cpu_devices=N` trains; the peak is still one device's
-large matmul, which uses every core.
+`--cpu_devices=N` splits the host into N XLA CPU devices (`jax_num_cpu_devices`, what
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` does for any command) and the batch over
+them (data parallel); the peak is still one device's large matmul, which uses every core.
 `--json` prints one JSON object per configuration (bench/compare.py and bench/gpu.sh read them).
 """
 import argparse

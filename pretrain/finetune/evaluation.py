@@ -7,6 +7,7 @@ the bug locator; predictions are jitted and replicated to every process.
 import flax.linen as nn
 import jax
 import numpy as np
+import scipy.special
 
 from pretrain.finetune import tasks
 from pretrain.training import sharding
@@ -40,9 +41,7 @@ def location_metrics(scores, labels):
   """
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels).ravel()
   pred = scores.argmax(-1)
-  # softmax(scores)[:, 0] without overflow: exp(s_0 - max) / sum(exp(s - max)).
-  shifted = np.exp(scores - scores.max(-1, keepdims=True))
-  no_bug = shifted[:, 0] / shifted.sum(-1)
+  no_bug = scipy.special.softmax(scores, axis=-1)[:, 0]
   buggy = labels > 0
   out = classification_metrics((pred > 0).astype(int), buggy.astype(int), 2)
   marginal = classification_metrics((no_bug < 0.5).astype(int), buggy.astype(int), 2)
