@@ -1,5 +1,8 @@
 """Built-in code tasks: the held-out split, function/docstring pairs, masked exceptions."""
 import ast
+import gc
+import threading
+import time
 
 import pytest
 
@@ -81,6 +84,55 @@ def test_docstring_retrieval_queries_point_at_their_own_function():
   for q, r in zip(queries, relevant):
     assert len(q.split()) >= python_code.MIN_QUERY_WORDS and "\n" not in q
     assert q == " ".join(pairs[r]["docstring"].split("\n\n")[0].split())
+
+
+class _Yields:
+  """Cyclic garbage whose finalizer hands the GIL to another thread mid-parse."""
+
+  def __init__(self):
+    self.me = self
+
+  def __del__(self):
+    time.sleep(0)
+
+
+def test_parse_is_safe_while_another_thread_parses():
+  """CPython 3.11's bare ast.parse fails here within a few files ("AST constructor recursion
+  depth mismatch"): a collection inside one parse's tree building runs a finalizer, the GIL
+  passes to a thread whose parse resets the shared recursion count."""
+  files = python_code.heldout_files("train", max_files=60)[:30]
+  stop, errors = threading.Event(), []
+
+  def parse_nested(depth):
+    return parse_nested(depth - 1) if depth else python_code.parse("x = [1, (2, 3)]\n")
+
+  def other_thread():
+    while not stop.is_set():
+      try:
+        parse_nested(20)
+      except SystemError as e:
+        errors.append(e)
+
+  def make_garbage(*_):
+    for _ in range(20):
+      _Yields()
+
+  other = threading.Thread(target=other_thread)
+  gc.callbacks.append(make_garbage)
+  other.start()
+  try:
+    for _, text in files:
+      try:
+        python_code.parse(text)
+      except SyntaxError:
+        pass
+      except SystemError as e:
+        errors.append(e)
+  finally:
+    gc.callbacks.remove(make_garbage)
+    stop.set()
+    other.join()
+  assert len(files) == 30 and not errors, errors[:1]
 
 
 def test_docstring_retrieval_on_the_full_stdlib_has_hundreds_of_queries():

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import grain
 import numpy as np
@@ -59,9 +58,6 @@ CHUNK_KEYS = ("input_ids", "segment_ids", "positions")
 PAIR_KEYS = ("query_ids", "query_segment_ids", "query_positions",
              "doc_ids", "doc_segment_ids", "doc_positions")
 NEG_KEYS = ("neg_ids", "neg_segment_ids", "neg_positions")
-# CPython 3.11's ast.parse is not thread-safe (concurrent calls fail with "AST constructor
-# recursion depth mismatch"), and grain maps in threads: parsing takes turns, tokenizing does not.
-_AST_LOCK = threading.Lock()
 
 
 def features(view: str, num_negatives: int = 0) -> tuple[str, ...]:
@@ -150,8 +146,7 @@ class Examples:
       return self._file_row(text, rng)
     if self.view == "ccp":
       return self._ccp(text, rng)
-    with _AST_LOCK:
-      funcs = python_code.function_pairs([("", text)])
+    funcs = python_code.function_pairs([("", text)])
     funcs = [f for f in funcs if _has_body(f["code"])]
     if self.view == "docstring":
       chosen = [(q, f["code"]) for f in funcs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
+import threading
 
 from pretrain.data.corpora import python_stdlib
 
@@ -48,10 +49,23 @@ def _without_bom(text: str) -> str:
   return text[1:] if text.startswith("\ufeff") else text
 
 
+# CPython 3.11 keeps ast.parse's recursion count in one per-interpreter slot: a parse that
+# starts while another thread's parse is building its tree (the GIL can pass over inside it,
+# through a finalizer) fails with "AST constructor recursion depth mismatch". Grain maps in
+# threads, so every parse in the project goes through `parse` and takes turns.
+_AST_LOCK = threading.Lock()
+
+
+def parse(text: str) -> ast.Module:
+  """`ast.parse(text)`, one thread at a time."""
+  with _AST_LOCK:
+    return ast.parse(text)
+
+
 def _parse(text: str):
   """The module AST, or None for files this interpreter cannot parse (test data, py2 files)."""
   try:
-    return ast.parse(text)
+    return parse(text)
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return None
 

@@ -100,7 +100,7 @@ class Source:
     expected = copy.deepcopy(self.tree)
     mutate(list(ast.walk(expected)))
     try:
-      got = ast.parse(text)
+      got = python_code.parse(text)
     except (SyntaxError, ValueError):
       return None
     return text if ast.dump(got) == ast.dump(expected) else None
@@ -111,7 +111,7 @@ def parse_function(code: str) -> Source | None:
   if "\r" in code:  # tokenize and ast would count its lines differently.
     return None
   try:
-    tree = ast.parse(code)
+    tree = python_code.parse(code)
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return None
   ok = len(tree.body) == 1 and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef))
