@@ -71,7 +71,7 @@ def test_function_pairs_names_docstrings_and_code_without_docstring():
   assert pairs["outer.inner"] == {**pairs["outer.inner"], "docstring": "", "name": "inner",
                                   "code": "def inner():\n    return a\n"}
   for name in ("Box.size", "Box.fetch", "outer", "outer.inner", "handlers"):
-    ast.parse(pairs[name]["code"])  # Still valid Python without the docstring statement.
+    python_code.parse(pairs[name]["code"])  # Still valid Python without the docstring statement.
   assert pairs["Box.fetch"]["lineno"] == 6 and pairs["Box.fetch"]["path"] == "m.py"
 
 
@@ -225,7 +225,7 @@ def check_bug_pair(task, correct, buggy):
   """The buggy text is the correct one with exactly the edit its label says."""
   assert (correct["label"], buggy["label"]) == (0, 1) and correct["edit"] is None
   assert correct["path"] == buggy["path"] and correct["qualname"] == buggy["qualname"]
-  before, after = ast.parse(correct["text"]), ast.parse(buggy["text"])  # Both parse.
+  before, after = python_code.parse(correct["text"]), python_code.parse(buggy["text"])  # Both parse.
   edit = buggy["edit"]
   assert buggy["text"][edit["start"]:edit["end"]] == edit["after"] != edit["before"]
   if task == "swapped_operands":

@@ -23,7 +23,7 @@ from configs import common, demo
 from pretrain.training import checkpointing, metrics, nonfinite, optimizer as optimizer_lib, sharding
 from pretrain.interop import hf_bert, hf_read
 from pretrain import train
-from pretrain.data import tokenizer as tokenizer_lib
+from pretrain.data import python_code, tokenizer as tokenizer_lib
 from tests import e2e
 from tests.conftest import ROOT, fake_tokenizer, packed_batch
 from objectives import registry
@@ -397,7 +397,7 @@ def test_no_load_path_can_unpickle():
           continue
         path = os.path.join(directory, name)
         scanned += 1
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+        for node in ast.walk(python_code.parse(open(path, encoding="utf-8").read())):
           if isinstance(node, ast.Import):
             found += [(path, a.name) for a in node.names if a.name.split(".")[0] in banned_modules]
           elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in banned_modules:
