@@ -2,7 +2,8 @@
 
   python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=3]
                           [--bench_python=.venv-bench/bin/python]
-                          [--ours=default,threefry_unrolled,scan_layers,cpu_devices=2]
+                          [--ours=default,threefry_unrolled,scan_layers,cpu_devices=2,
+                           cpu_scheduler=default]
 
 Every case is `size:seq_len:batch`. Runs bench/train_step.py with this interpreter and
 bench/hf_step.py with `--bench_python` (a virtualenv with transformers 4.57, whose Flax models
@@ -50,7 +51,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--ours", default="default",
                       help="our step's variants, one row each: default, threefry_unrolled, "
-                      "scan_layers, cpu_devices=N (bench/train_step.py's flags)")
+                      "scan_layers, cpu_devices=N, cpu_scheduler=default (bench/train_step.py's "
+                      "flags)")
   parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
   args = parser.parse_args()
   peak = train_step.matmul_peak()

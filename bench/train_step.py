@@ -4,7 +4,7 @@
                              [--archs=bert,modern] [--vocab=16000] [--dtype=float32|bfloat16]
                              [--peak_tflops=X]
                              [--rng_impl=threefry2x32|rbg|unsafe_rbg] [--threefry_unrolled] [--json]
-                             [--cpu_devices=N]
+                             [--cpu_devices=N] [--cpu_scheduler=default|memory_optimized]
 
 MFU is useful FLOPs per second over the machine's measured fp32 matmul peak (a large jitted
 matmul), not a datasheet number. Useful FLOPs per token follow the usual 6 x (parameters in
@@ -38,7 +38,7 @@ from configs import common, demo  # noqa: E402
 from objectives import masking  # noqa: E402
 from pretrain.training import optimizer as optimizer_lib, sharding
 from objectives import registry
-from pretrain.training import state as state_lib
+from pretrain.training import run as run_lib, state as state_lib
 from pretrain.training import threefry
 from pretrain.training import step as step_lib
 
@@ -77,16 +77,18 @@ def flops_per_token(m, vocab, seq_len, mask_rate):
 
 
 def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry2x32",
-          arch="bert", threefry_unrolled=False, scan_layers=False):
+          arch="bert", threefry_unrolled=False, scan_layers=False, cpu_scheduler=None):
   """The compiled MLM train step of `configs/demo.py` at this shape, with its first state, a batch
   of random ids and a key: `(config, compiled, state, data, key, compile_s)`. Call `compiled`
-  inside `context(config)`."""
+  inside `context(config)`. `cpu_scheduler`: config.train.cpu_scheduler (None: the config's)."""
   c = demo.get_config(f"size={size},seq_len={seq_len},batch_size={batch},vocab_size={vocab},"
                       f"arch={arch}")
   c.model.dropout_rate = 0.1
   c.model.dtype = dtype
   c.threefry_unrolled = threefry_unrolled
   c.model.scan_layers = scan_layers
+  if cpu_scheduler is not None:
+    c.train.cpu_scheduler = cpu_scheduler
   threefry.set_cpu_lowering(threefry_unrolled)
   objective = registry.build(c, _Vocab(vocab))
   tx, schedule = optimizer_lib.make_optimizer(c.optimizer, 1000)
@@ -98,7 +100,7 @@ def build(size, seq_len, batch, vocab=16000, dtype="float32", rng_impl="threefry
   step = jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=schedule,
                                    accum_steps=1),
                  in_shardings=(shardings, batch_sharding, None), out_shardings=(shardings, None),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=run_lib.compiler_options(c.train))
   rng = np.random.default_rng(0)
   ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
   ids[:, 0], ids[:, -1] = 2, 3
@@ -122,9 +124,11 @@ def context(config):
 
 
 def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
-          rng_impl="threefry2x32", arch="bert", threefry_unrolled=False, scan_layers=False):
+          rng_impl="threefry2x32", arch="bert", threefry_unrolled=False, scan_layers=False,
+          cpu_scheduler=None):
   c, compiled, state, data, key, compile_s = build(size, seq_len, batch, vocab, dtype, rng_impl,
-                                                   arch, threefry_unrolled, scan_layers)
+                                                   arch, threefry_unrolled, scan_layers,
+                                                   cpu_scheduler)
   with context(c):
     state, m = compiled(state, data, key)
     jax.block_until_ready(m)
@@ -161,6 +165,8 @@ def main():
                       help="configs/demo.py:arch= values (configs/modernbert.py ARCHITECTURES)")
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="XLA CPU devices to split the host into (0: JAX's default, one).")
+  parser.add_argument("--cpu_scheduler", default=None, choices=common.CPU_SCHEDULERS,
+                      help="config.train.cpu_scheduler (default: the config's, memory_optimized).")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   if args.cpu_devices:
@@ -176,7 +182,8 @@ def main():
   for size, arch, seq_len in runs:
     compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
                                         args.vocab, args.dtype, args.rng_impl, arch,
-                                        args.threefry_unrolled, args.scan_layers)
+                                        args.threefry_unrolled, args.scan_layers,
+                                        args.cpu_scheduler)
     if args.json:
       print(json.dumps(dict(
           framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,

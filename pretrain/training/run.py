@@ -91,6 +91,14 @@ def restore_or_init(run: Run, model, tx, seq_len, rng, data_iterator, shape_fiel
   return state, shardings
 
 
+def compiler_options(train_config) -> dict | None:
+  """XLA options of the train step's compile: train.cpu_scheduler's on CPU, none elsewhere."""
+  name = train_config.cpu_scheduler
+  if jax.default_backend() != "cpu" or name == "default":
+    return None
+  return {"xla_cpu_scheduler_type": f"CPU_SCHEDULER_TYPE_{name.upper()}"}
+
+
 def compile_step(run: Run, model, tx, schedule, shardings):
   """The jitted `step.train_step` of `model` with the run's shardings; the state is donated."""
   return jax.jit(
@@ -98,7 +106,7 @@ def compile_step(run: Run, model, tx, schedule, shardings):
                         accum_steps=run.config.optimizer.grad_accum_steps,
                         nonfinite=run.config.train.nonfinite),
       in_shardings=(shardings, run.batch_sharding, None), out_shardings=(shardings, None),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=compiler_options(run.config.train))
 
 
 def to_device(run: Run, batch):

@@ -1,0 +1,78 @@
+"""Two or more variants of our MLM train step compiled in one process and timed alternately.
+
+  python bench/step_ab.py [--cases=demo:128:32,demo:512:8,small:128:16,base:128:4]
+                          [--variants=cpu_scheduler=default,cpu_scheduler=memory_optimized]
+                          [--rounds=8] [--vocab=32000] [--arch=bert]
+
+A variant is one keyword of bench/train_step.py's `build` (cpu_scheduler=NAME, rng_impl=NAME,
+threefry_unrolled=True, scan_layers=True). Each round runs 5 steps of every variant in turn, so
+a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows all variants alike;
+the best and median seconds per step over the rounds are printed, one line per variant.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bench import train_step  # noqa: E402
+
+
+def parse_variant(text):
+  """'key=value' -> (text, {key: value}), with True/False as booleans."""
+  key, _, value = text.partition("=")
+  return text, {key: {"True": True, "False": False}.get(value, value)}
+
+
+def time_variants(case, variants, rounds, vocab, arch):
+  """{variant: [seconds per step of each round]} for `case` ("size:seq_len:batch")."""
+  size, seq_len, batch = case.split(":")
+  built = {}
+  for name, kwargs in variants:
+    c, compiled, state, data, key, _ = train_step.build(size, int(seq_len), int(batch), vocab,
+                                                        arch=arch, **kwargs)
+    with train_step.context(c):
+      state, metrics = compiled(state, data, key)  # One warm-up step.
+      jax.block_until_ready(metrics)
+    built[name] = [c, compiled, state, data, key]
+  times = {name: [] for name in built}
+  for _ in range(rounds):
+    for name, b in built.items():
+      c, compiled, state, data, key = b
+      with train_step.context(c):
+        start = time.perf_counter()
+        for _ in range(5):
+          state, metrics = compiled(state, data, key)
+        jax.block_until_ready(metrics)
+      times[name].append((time.perf_counter() - start) / 5)
+      b[2] = state
+  return times
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default="demo:128:32,demo:512:8,small:128:16,base:128:4")
+  parser.add_argument("--variants", default="cpu_scheduler=default,cpu_scheduler=memory_optimized")
+  parser.add_argument("--rounds", type=int, default=8)
+  parser.add_argument("--vocab", type=int, default=32000)
+  parser.add_argument("--arch", default="bert")
+  args = parser.parse_args()
+  variants = [parse_variant(v) for v in args.variants.split(",")]
+  print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores; {args.rounds} rounds of 5 steps")
+  print("| case | variant | best s/step | median s/step | median vs first |")
+  print("|---|---|---|---|---|")
+  for case in args.cases.split(","):
+    times = time_variants(case, variants, args.rounds, args.vocab, args.arch)
+    first = statistics.median(next(iter(times.values())))
+    for name, ts in times.items():
+      median = statistics.median(ts)
+      print(f"| {case} | {name} | {min(ts):.3f} | {median:.3f} | {median / first - 1:+.1%} |",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()
