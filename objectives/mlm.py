@@ -11,12 +11,20 @@ from objectives import base
 from pretrain.models import encoder as enc
 
 
+def top1_correct(logits_BMV, targets_BM):
+  """Whether each target holds the largest logit: argmax == target, except that a target tied
+  with an earlier maximum also counts. A max and a comparison, not an argmax: XLA:CPU's index
+  reduction over a 32k vocabulary took 5% of the demo step (README, Performance)."""
+  target_BM = jnp.take_along_axis(logits_BMV, targets_BM[..., None], -1)[..., 0]
+  return target_BM >= jnp.max(logits_BMV, -1)
+
+
 def mlm_loss_and_metrics(logits_BMV, targets_BM, weights_BM, prefix="mlm"):
   """Mean cross-entropy over the real slots, and the `(total, count)` metrics."""
   logits = logits_BMV.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BM)
   loss = jnp.sum(ce * weights_BM) / jnp.maximum(jnp.sum(weights_BM), 1.0)
-  correct = jnp.argmax(logits, -1) == targets_BM
+  correct = top1_correct(logits, targets_BM)
   return loss, {f"{prefix}_loss": base.mean_metric(ce, weights_BM),
                 f"{prefix}_accuracy": base.mean_metric(correct, weights_BM)}
 

@@ -10,7 +10,7 @@ import optax
 from pretrain.training import optimizer as optimizer_lib, sharding
 from pretrain.models import encoder as enc
 from tests.conftest import fake_tokenizer, packed_batch
-from objectives import registry
+from objectives import mlm, registry
 from pretrain.training import state as state_lib
 from pretrain.training import step as step_lib
 
@@ -117,3 +117,13 @@ def test_gradient_accumulation_averages_micro_batch_gradients(tiny_config):
   expected = by_hand(state.params, state.opt_state, batch)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_top1_correct_is_argmax_with_ties_counted_for_the_target():
+  logits = np.random.default_rng(0).normal(size=(3, 5, 40)).astype(np.float32)
+  targets = np.random.default_rng(1).integers(0, 40, (3, 5))
+  targets[0, :] = logits[0].argmax(-1)  # A row of sure hits among the random guesses.
+  np.testing.assert_array_equal(mlm.top1_correct(logits, targets),
+                                logits.argmax(-1) == targets)
+  tied = np.zeros((1, 1, 4), np.float32)  # argmax picks id 0; id 2 holds the same maximum.
+  assert bool(mlm.top1_correct(tied, np.array([[2]]))[0, 0])
