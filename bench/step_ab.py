@@ -6,15 +6,15 @@
 
 A variant is one keyword of bench/train_step.py's `build` (cpu_scheduler=NAME, rng_impl=NAME,
 threefry_unrolled=True, scan_layers=True), or `top1=argmax|max` for the MLM accuracy's formula
-(`objectives.mlm.top1_correct`, or the argmax it replaced). Each round runs 5 steps of every variant in turn, so
-a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows all variants alike;
-the best and median seconds per step over the rounds are printed, one line per variant.
+(`objectives.mlm.top1_correct`, or the argmax it replaced). Each round runs 5 steps of every
+variant in turn, so a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows
+all variants alike; the best and median seconds per step over the rounds are printed, one line
+per variant.
 """
 import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,24 +41,21 @@ def time_variants(case, variants, rounds, vocab, arch):
   for name, kwargs in variants:
     kwargs = dict(kwargs)
     mlm.top1_correct = TOP1[kwargs.pop("top1", "max")]  # Read when the step is traced.
-    c, compiled, state, data, key, _ = train_step.build(size, int(seq_len), int(batch), vocab,
-                                                        arch=arch, **kwargs)
+    try:
+      c, compiled, state, data, key, _ = train_step.build(size, int(seq_len), int(batch), vocab,
+                                                          arch=arch, **kwargs)
+    finally:
+      mlm.top1_correct = TOP1["max"]
     with train_step.context(c):
-      state, metrics = compiled(state, data, key)  # One warm-up step.
-      jax.block_until_ready(metrics)
+      _, state = train_step.time_steps(compiled, state, data, key, steps=1)  # Warm-up.
     built[name] = [c, compiled, state, data, key]
-  mlm.top1_correct = TOP1["max"]
   times = {name: [] for name in built}
   for _ in range(rounds):
     for name, b in built.items():
       c, compiled, state, data, key = b
       with train_step.context(c):
-        start = time.perf_counter()
-        for _ in range(5):
-          state, metrics = compiled(state, data, key)
-        jax.block_until_ready(metrics)
-      times[name].append((time.perf_counter() - start) / 5)
-      b[2] = state
+        step_s, b[2] = train_step.time_steps(compiled, state, data, key)
+      times[name].append(step_s)
   return times
 
 

@@ -123,6 +123,15 @@ def context(config):
     yield
 
 
+def time_steps(compiled, state, data, key, steps=5):
+  """(seconds per step over `steps` steps of `compiled` from `state`, the state after them)."""
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, data, key)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t) / steps, state
+
+
 def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
           rng_impl="threefry2x32", arch="bert", threefry_unrolled=False, scan_layers=False,
           cpu_scheduler=None):
@@ -134,11 +143,8 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
     jax.block_until_ready(m)
     times = []
     for _ in range(repeats):
-      t = time.perf_counter()
-      for _ in range(5):
-        state, m = compiled(state, data, key)
-      jax.block_until_ready(m)
-      times.append((time.perf_counter() - t) / 5)
+      step_s, state = time_steps(compiled, state, data, key)
+      times.append(step_s)
   step_s = statistics.median(times)
   tokens_per_s = batch * seq_len / step_s
   mfu = tokens_per_s * flops_per_token(c.model, vocab, seq_len, c.objective.mask_rate) / peak
