@@ -5,8 +5,10 @@
                           [--rounds=8] [--vocab=32000] [--arch=bert]
 
 A variant is one keyword of bench/train_step.py's `build` (cpu_scheduler=NAME, rng_impl=NAME,
-threefry_unrolled=True, scan_layers=True), or `top1=argmax|max` for the MLM accuracy's formula
-(`objectives.mlm.top1_correct`, or the argmax it replaced). Each round runs 5 steps of every
+threefry_unrolled=True, scan_layers=True), `top1=argmax|max` for the MLM accuracy's formula
+(`objectives.mlm.top1_correct`, or the argmax it replaced), or `rows=True|False` for the Dense
+layers' and the MLM head's matmuls as [B * L, K] rows (`layers.rows_dot_general`,
+`encoder.vocab_logits`) or in their 3-D form as before. Each round runs 5 steps of every
 variant in turn, so a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows
 all variants alike; the best and median seconds per step over the rounds are printed, one line
 per variant.
@@ -23,9 +25,21 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import train_step  # noqa: E402
 from objectives import mlm  # noqa: E402
+from pretrain.models import encoder, layers  # noqa: E402
 
 TOP1 = {"max": mlm.top1_correct,
         "argmax": lambda logits, targets: jnp.argmax(logits, -1) == targets}
+# (Dense layers' dot_general, the MLM head's projection), as rows or in the earlier 3-D form.
+ROWS = {True: (layers.rows_dot_general, encoder.vocab_logits),
+        False: (jax.lax.dot_general,
+                lambda x, table: jnp.einsum("bme,ve->bmv", x, table,
+                                            preferred_element_type=jnp.float32))}
+
+
+def _set_formulas(top1="max", rows=True):
+  """Swap in the formulas a variant names; read when the step is traced."""
+  mlm.top1_correct = TOP1[top1]
+  layers.rows_dot_general, encoder.vocab_logits = ROWS[rows]
 
 
 def parse_variant(text):
@@ -40,12 +54,12 @@ def time_variants(case, variants, rounds, vocab, arch):
   built = {}
   for name, kwargs in variants:
     kwargs = dict(kwargs)
-    mlm.top1_correct = TOP1[kwargs.pop("top1", "max")]  # Read when the step is traced.
+    _set_formulas(kwargs.pop("top1", "max"), kwargs.pop("rows", True))
     try:
       c, compiled, state, data, key, _ = train_step.build(size, int(seq_len), int(batch), vocab,
                                                           arch=arch, **kwargs)
     finally:
-      mlm.top1_correct = TOP1["max"]
+      _set_formulas()
     with train_step.context(c):
       _, state = train_step.time_steps(compiled, state, data, key, steps=1)  # Warm-up.
     built[name] = [c, compiled, state, data, key]

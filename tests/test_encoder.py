@@ -177,6 +177,41 @@ def test_add_vocab_bias_gradient_is_the_row_sum(shape):
   np.testing.assert_allclose(g_b, upstream.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", [
+    ((2, 3, 4), (4, 5), (((2,), (0,)), ((), ()))),      # A Dense layer: flattened to rows.
+    ((2, 3, 4), (4, 5, 6), (((2,), (0,)), ((), ()))),   # A kernel with several output axes.
+    ((3, 4), (4, 5), (((1,), (0,)), ((), ()))),         # Already rows.
+    ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),  # Batched: lax.dot_general as is.
+    ((2, 3, 4), (5, 4), (((2,), (1,)), ((), ()))),      # Transposed kernel: as is.
+])
+def test_rows_dot_general_matches_lax_dot_general(lhs_shape, rhs_shape, dims):
+  from pretrain.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=rhs_shape), jnp.float32)
+  expected = jax.lax.dot_general(lhs, rhs, dims)
+  out_weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+  loss = lambda f: lambda a, b: jnp.sum(f(a, b, dims) * out_weights)
+  got = layers.rows_dot_general(lhs, rhs, dims)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.grad(loss(layers.rows_dot_general), argnums=(0, 1))(lhs, rhs),
+                  jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(lhs, rhs)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_logits_is_the_tied_projection():
+  from pretrain.models.encoder import vocab_logits  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  table = rng.normal(size=(7, 4)).astype(np.float32)
+  got = vocab_logits(jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.bfloat16))
+  assert got.shape == (2, 3, 7) and got.dtype == jnp.float32
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(got, np.einsum("bme,ve->bmv", bf(x), bf(table)), rtol=1e-2,
+                             atol=1e-2)
+
+
 def test_gelu_and_its_written_out_derivative_match_torch():
   import torch  # pylint: disable=import-outside-toplevel
 

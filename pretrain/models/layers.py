@@ -77,10 +77,29 @@ def norm(config: EncoderConfig, name: str) -> nn.Module:
   return layer_norm(config, name, use_bias=config.norm_bias)
 
 
+def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` with a Dense layer's leading input axes flattened into one row axis.
+
+  A Dense layer contracts the last axis of [B, L, K] inputs with a [K, F] kernel. Given the
+  3-D form, XLA:CPU copies the inputs and output gradients into a transposed layout for the
+  kernel's gradient (which contracts B and L); as [B * L, K] rows it multiplies them in place:
+  the same products, up to 2.2x faster forward and backward (README, Performance). Any other
+  contraction goes to `lax.dot_general` unchanged.
+  """
+  (lhs_contract, rhs_contract), batch_dims = dimension_numbers
+  if (lhs.ndim <= 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)
+      or any(batch_dims)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+  rows = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                             precision, preferred_element_type)
+  return rows.reshape(*lhs.shape[:-1], *rhs.shape[1:])
+
+
 def dense(config: EncoderConfig, features: int, axes, name: str) -> nn.Dense:
   """A Dense layer (bias unless `config.use_bias` is False) with annotated kernel and bias."""
   return nn.Dense(
       features,
+      dot_general=rows_dot_general,
       use_bias=config.use_bias,
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
