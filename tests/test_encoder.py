@@ -200,6 +200,43 @@ def test_rows_dot_general_matches_lax_dot_general(lhs_shape, rhs_shape, dims):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("equation,x_shape,kernel_shape", [
+    ("blh,hnd->blnd", (2, 3, 8), (8, 2, 4)),   # Attention's projections: rows.
+    ("blnd,ndh->blh", (2, 3, 2, 4), (2, 4, 8)),  # Attention's output: rows.
+    ("blh,hgf->blgf", (2, 3, 8), (8, 2, 5)),   # A gated kernel: rows too (GatedDense splits it).
+    ("blh,hnd->bnld", (2, 3, 8), (8, 2, 4)),   # Output axes reordered: jnp.einsum.
+    ("blh,dh->bld", (2, 3, 8), (5, 8)),        # Kernel contracted last: jnp.einsum.
+])
+def test_rows_einsum_matches_jnp_einsum(equation, x_shape, kernel_shape):
+  from pretrain.models import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  expected = jnp.einsum(equation, x, kernel)
+  out_weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+  loss = lambda f: lambda a, b: jnp.sum(f(equation, a, b) * out_weights)
+  np.testing.assert_allclose(layers.rows_einsum(equation, x, kernel), expected, rtol=1e-5,
+                             atol=1e-5)
+  for g, e in zip(jax.grad(loss(layers.rows_einsum), argnums=(0, 1))(x, kernel),
+                  jax.grad(loss(jnp.einsum), argnums=(0, 1))(x, kernel)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_dense_is_the_einsum_of_its_kernel():
+  from pretrain.models import layers  # pylint: disable=import-outside-toplevel
+  cfg = EncoderConfig(vocab_size=64, hidden_size=8, num_layers=1, num_heads=2, mlp_dim=6,
+                      max_len=16, mlp="geglu")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8)), jnp.float32)
+  module = layers.GatedDense(cfg)
+  params = module.init(jax.random.key(0), x)["params"]
+  kernel, bias = nn.unbox(params["kernel"]), nn.unbox(params["bias"])
+  bias = jnp.arange(bias.size, dtype=jnp.float32).reshape(bias.shape)  # Zeros would hide a swap.
+  input_BLF, gate_BLF = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  expected = jnp.einsum("blh,hgf->blgf", x, kernel) + bias
+  np.testing.assert_allclose(input_BLF, expected[:, :, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gate_BLF, expected[:, :, 1], rtol=1e-5, atol=1e-5)
+
+
 def test_vocab_logits_is_the_tied_projection():
   from pretrain.models.encoder import vocab_logits  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)

@@ -8,6 +8,8 @@ parent's children, under the names given.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,28 @@ def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   return rows.reshape(*lhs.shape[:-1], *rhs.shape[1:])
 
 
+def rows_einsum(equation: str, x: Array, kernel: Array) -> Array:
+  """`jnp.einsum(equation, x, kernel)` as one [rows, K] @ [K, F] matmul where the form allows.
+
+  The form is x's leading axes, then the axes it contracts with the kernel's leading ones
+  ("blh,hnd->blnd", "blnd,ndh->blh"). As in `rows_dot_general`, XLA:CPU computes the 3-D
+  kernel's gradient of the einsum through transposed copies and the 2-D one in place. The
+  kernel's merged axes keep their sharding as long as the first of them carries it (the axis
+  rules shard "heads", never "kv"). Any other equation goes to `jnp.einsum` unchanged.
+  """
+  inputs, out_axes = equation.split("->")
+  x_axes, kernel_axes = inputs.split(",")
+  lead = "".join(a for a in x_axes if a not in kernel_axes)
+  contracted = x_axes[len(lead):]
+  made = kernel_axes[len(contracted):]
+  if (not lead or x_axes != lead + contracted or kernel_axes != contracted + made
+      or out_axes != lead + made or len(set(equation) - set(",->")) != len(lead + kernel_axes)):
+    return jnp.einsum(equation, x, kernel)
+  depth = math.prod(kernel.shape[:len(contracted)])
+  y = x.reshape(-1, depth) @ kernel.reshape(depth, -1)
+  return y.reshape(*x.shape[:len(lead)], *kernel.shape[len(contracted):])
+
+
 def dense(config: EncoderConfig, features: int, axes, name: str) -> nn.Dense:
   """A Dense layer (bias unless `config.use_bias` is False) with annotated kernel and bias."""
   return nn.Dense(
@@ -128,10 +152,40 @@ class Einsum(nn.Module):
     out_axes = self.kernel_axes[-1:] if self.kernel_axes[-1] == "embed" else self.kernel_axes[1:]
     out_shape = self.kernel_shape[-len(out_axes):]
     kernel = self.param("kernel", init(cfg, self.kernel_axes), self.kernel_shape, param_dtype)
-    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    y = rows_einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
     if cfg.use_bias:
       y = y + self.param("bias", zeros(out_axes), out_shape, param_dtype).astype(dtype)
     return y
+
+
+class GatedDense(nn.Module):
+  """A gated MLP's input layer: kernel [H, 2, F] and bias [2, F] (ModernBERT's Wi) applied as
+  two [H, F] halves, giving (input, gate), each [B, L, F].
+
+  Each half is its own rows matmul: one einsum into [B, L, 2, F] has a 3-D kernel whose gradient
+  XLA:CPU computes through transposed copies, and merging (2, F) into one axis of 2F would cut
+  across F's tensor-parallel shards.
+  """
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BLH):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    kernel = self.param("kernel", init(cfg, ("embed", None, "mlp")),
+                        (cfg.hidden_size, 2, cfg.mlp_dim), param_dtype).astype(dtype)
+    halves = gated_halves(x_BLH.astype(dtype), kernel)
+    if cfg.use_bias:
+      bias = self.param("bias", zeros((None, "mlp")), (2, cfg.mlp_dim), param_dtype).astype(dtype)
+      halves = [h + bias[i] for i, h in enumerate(halves)]
+    return tuple(halves)
+
+
+def gated_halves(x_BLH: Array, kernel_H2F: Array) -> tuple[Array, Array]:
+  """x @ kernel[:, 0] and x @ kernel[:, 1], each as rows (`rows_dot_general`)."""
+  contract_last = (((x_BLH.ndim - 1,), (0,)), ((), ()))
+  return tuple(rows_dot_general(x_BLH, kernel_H2F[:, i], contract_last) for i in range(2))
 
 
 _INV_SQRT2 = 0.7071067811865476
@@ -179,11 +233,9 @@ def mlp(config: EncoderConfig, x_BLH: Array, *, deterministic: bool) -> Array:
   """
   cfg = config
   if cfg.gated:
-    h_BL2F = Einsum(cfg, "blh,hgf->blgf", (cfg.hidden_size, 2, cfg.mlp_dim),
-                    ("embed", None, "mlp"), name="intermediate")(x_BLH)
-    h_BL2F = nn.with_logical_constraint(h_BL2F, ("batch", "length", None, "mlp"))
+    input_BLF, gate_BLF = GatedDense(cfg, name="intermediate")(x_BLH)
     act = activation("silu" if cfg.mlp == "swiglu" else "gelu")
-    h_BLF = act(h_BL2F[:, :, 0]) * h_BL2F[:, :, 1]
+    h_BLF = act(constrain(input_BLF, "mlp")) * constrain(gate_BLF, "mlp")
   else:
     h_BLF = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "intermediate")(x_BLH)
     h_BLF = activation("gelu")(h_BLF)
