@@ -8,8 +8,7 @@ A variant is one keyword of bench/train_step.py's `build` (cpu_scheduler=NAME, r
 threefry_unrolled=True, scan_layers=True), `top1=argmax|max` for the MLM accuracy's formula
 (`objectives.mlm.top1_correct`, or the argmax it replaced), or `rows=True|False` for the
 encoder's and the MLM head's matmuls as [B * L, K] rows (`layers.rows_dot_general`,
-`layers.rows_einsum`, `layers.gated_halves`, `encoder.vocab_logits`) or in their 3-D form as
-before (one [B, L, 2, F] einsum for a gated MLP's input layer). Each round runs 5 steps of every
+`layers.rows_einsum`, `layers.gated_halves`) or in their 3-D form as before (one [B, L, 2, F] einsum for a gated MLP's input layer). Each round runs 5 steps of every
 variant in turn, so a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows
 all variants alike; the best and median seconds per step over the rounds are printed, one line
 per variant.
@@ -26,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import train_step  # noqa: E402
 from objectives import mlm  # noqa: E402
-from pretrain.models import encoder, layers  # noqa: E402
+from pretrain.models import layers  # noqa: E402
 
 TOP1 = {"max": mlm.top1_correct,
         "argmax": lambda logits, targets: jnp.argmax(logits, -1) == targets}
@@ -37,20 +36,16 @@ def _gated_halves_3d(x_BLH, kernel_H2F):
   return h_BL2F[:, :, 0], h_BL2F[:, :, 1]
 
 
-# (Dense layers' dot_general, Einsum layers', a gated MLP's input, the MLM head's projection), as
-# rows or in the earlier 3-D form.
-ROWS = {True: (layers.rows_dot_general, layers.rows_einsum, layers.gated_halves,
-               encoder.vocab_logits),
-        False: (jax.lax.dot_general, jnp.einsum, _gated_halves_3d,
-                lambda x, table: jnp.einsum("bme,ve->bmv", x, table,
-                                            preferred_element_type=jnp.float32))}
+# (Dense layers' and the MLM head's dot_general, Einsum layers', a gated MLP's input), as rows or
+# in the earlier 3-D form.
+ROWS = {True: (layers.rows_dot_general, layers.rows_einsum, layers.gated_halves),
+        False: (jax.lax.dot_general, jnp.einsum, _gated_halves_3d)}
 
 
 def _set_formulas(top1="max", rows=True):
   """Swap in the formulas a variant names; read when the step is traced."""
   mlm.top1_correct = TOP1[top1]
-  (layers.rows_dot_general, layers.rows_einsum, layers.gated_halves,
-   encoder.vocab_logits) = ROWS[rows]
+  layers.rows_dot_general, layers.rows_einsum, layers.gated_halves = ROWS[rows]
 
 
 def parse_variant(text):

@@ -182,7 +182,8 @@ def test_add_vocab_bias_gradient_is_the_row_sum(shape):
     ((2, 3, 4), (4, 5, 6), (((2,), (0,)), ((), ()))),   # A kernel with several output axes.
     ((3, 4), (4, 5), (((1,), (0,)), ((), ()))),         # Already rows.
     ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),  # Batched: lax.dot_general as is.
-    ((2, 3, 4), (5, 4), (((2,), (1,)), ((), ()))),      # Transposed kernel: as is.
+    ((2, 3, 4), (5, 4), (((2,), (1,)), ((), ()))),      # The tied [V, K] table: rows.
+    ((2, 3, 4), (3, 5), (((1,), (0,)), ((), ()))),      # Not the last axis: as is.
 ])
 def test_rows_dot_general_matches_lax_dot_general(lhs_shape, rhs_shape, dims):
   from pretrain.models import layers  # pylint: disable=import-outside-toplevel
@@ -237,12 +238,13 @@ def test_gated_dense_is_the_einsum_of_its_kernel():
   np.testing.assert_allclose(gate_BLF, expected[:, :, 1], rtol=1e-5, atol=1e-5)
 
 
-def test_vocab_logits_is_the_tied_projection():
-  from pretrain.models.encoder import vocab_logits  # pylint: disable=import-outside-toplevel
+def test_rows_dot_general_keeps_the_preferred_element_type():
+  from pretrain.models import layers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 4)).astype(np.float32)
   table = rng.normal(size=(7, 4)).astype(np.float32)
-  got = vocab_logits(jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.bfloat16))
+  got = layers.rows_dot_general(jnp.asarray(x, jnp.bfloat16), jnp.asarray(table, jnp.bfloat16),
+                                (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   assert got.shape == (2, 3, 7) and got.dtype == jnp.float32
   bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
   np.testing.assert_allclose(got, np.einsum("bme,ve->bmv", bf(x), bf(table)), rtol=1e-2,

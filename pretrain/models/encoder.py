@@ -285,21 +285,12 @@ class MlmHead(nn.Module):
     x_BME = norm(x_BME)
     bias_V = self.param("bias", layers.zeros(("vocab",)), (cfg.padded_vocab_size,),
                         jnp.dtype(cfg.param_dtype))[:rows]
-    logits_BMV = vocab_logits(x_BME.astype(dtype), embedding_VH.astype(dtype))
+    logits_BMV = layers.rows_dot_general(x_BME.astype(dtype), embedding_VH.astype(dtype),
+                                         (((2,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
     logits_BMV = add_vocab_bias(logits_BMV, bias_V.astype(jnp.float32))
     logits_BMV = nn.with_logical_constraint(logits_BMV, ("batch", "length", "vocab"))
     return logits_BMV[..., :cfg.vocab_size] if rows != cfg.vocab_size else logits_BMV
-
-
-def vocab_logits(x_BME: Array, embedding_VE: Array) -> Array:
-  """float32 logits [B, M, V] of the tied projection, computed as [B * M, E] rows.
-
-  As rows (`layers.rows_dot_general` says why), the table's gradient, which contracts every slot,
-  is a plain matmul, not a transposed copy of the [B, M, V] logits first.
-  """
-  logits_NV = jnp.einsum("ne,ve->nv", x_BME.reshape(-1, x_BME.shape[-1]), embedding_VE,
-                         preferred_element_type=jnp.float32)
-  return logits_NV.reshape(*x_BME.shape[:-1], embedding_VE.shape[0])
 
 
 @jax.custom_vjp

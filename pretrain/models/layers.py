@@ -80,21 +80,22 @@ def norm(config: EncoderConfig, name: str) -> nn.Module:
 
 
 def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` with a Dense layer's leading input axes flattened into one row axis.
+  """`lax.dot_general` with the leading axes of an input [B, L, K] flattened into one row axis.
 
-  A Dense layer contracts the last axis of [B, L, K] inputs with a [K, F] kernel. Given the
-  3-D form, XLA:CPU copies the inputs and output gradients into a transposed layout for the
-  kernel's gradient (which contracts B and L); as [B * L, K] rows it multiplies them in place:
-  the same products, up to 2.2x faster forward and backward (README, Performance). Any other
-  contraction goes to `lax.dot_general` unchanged.
+  For a contraction of the input's last axis with one kernel axis (a Dense layer's [K, F], the
+  tied vocabulary table's [V, K]). Given the 3-D form, XLA:CPU copies the inputs and output
+  gradients into a transposed layout for the kernel's gradient (which contracts B and L); as
+  [B * L, K] rows it multiplies them in place: the same products, faster forward and backward
+  (README, Performance). Any other contraction goes to `lax.dot_general` unchanged.
   """
   (lhs_contract, rhs_contract), batch_dims = dimension_numbers
-  if (lhs.ndim <= 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)
+  if (lhs.ndim <= 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or len(rhs_contract) != 1
       or any(batch_dims)):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-  rows = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
-                             precision, preferred_element_type)
-  return rows.reshape(*lhs.shape[:-1], *rhs.shape[1:])
+  rows = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs,
+                             (((1,), tuple(rhs_contract)), ((), ())), precision,
+                             preferred_element_type)
+  return rows.reshape(*lhs.shape[:-1], *rows.shape[1:])
 
 
 def rows_einsum(equation: str, x: Array, kernel: Array) -> Array:
@@ -112,7 +113,7 @@ def rows_einsum(equation: str, x: Array, kernel: Array) -> Array:
   contracted = x_axes[len(lead):]
   made = kernel_axes[len(contracted):]
   if (not lead or x_axes != lead + contracted or kernel_axes != contracted + made
-      or out_axes != lead + made or len(set(equation) - set(",->")) != len(lead + kernel_axes)):
+      or out_axes != lead + made or len(set(lead + kernel_axes)) != len(lead + kernel_axes)):
     return jnp.einsum(equation, x, kernel)
   depth = math.prod(kernel.shape[:len(contracted)])
   y = x.reshape(-1, depth) @ kernel.reshape(depth, -1)
