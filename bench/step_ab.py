@@ -8,10 +8,10 @@ A variant is one keyword of bench/train_step.py's `build` (cpu_scheduler=NAME, r
 threefry_unrolled=True, scan_layers=True), `top1=argmax|max` for the MLM accuracy's formula
 (`objectives.mlm.top1_correct`, or the argmax it replaced), or `rows=True|False` for the
 encoder's and the MLM head's matmuls as [B * L, K] rows (`layers.rows_dot_general`,
-`layers.rows_einsum`, `layers.gated_halves`) or in their 3-D form as before (one [B, L, 2, F] einsum for a gated MLP's input layer). Each round runs 5 steps of every
-variant in turn, so a machine whose speed drifts between runs (these VMs drift by ±5-10%) slows
-all variants alike; the best and median seconds per step over the rounds are printed, one line
-per variant.
+`layers.rows_einsum`, `layers.gated_halves`) or in their 3-D form as before (one [B, L, 2, F]
+einsum for a gated MLP's input layer). Each round runs 5 steps of every variant in turn, so a
+machine whose speed drifts between runs (these VMs drift by ±5-10%) slows all variants alike;
+the best and median seconds per step over the rounds are printed, one line per variant.
 """
 import argparse
 import os
