@@ -31,8 +31,9 @@ demo: $(VENV)/.base
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
-# Two worker processes, one test file each at a time (files share their module fixtures): the
-# tests are mostly single-threaded compilation, so two keep both cores busy.
+# Two worker processes, one test file each at a time (files share their module fixtures; conftest
+# groups the files that share the killed-run fixture): the tests are mostly single-threaded
+# compilation, so two keep both cores busy.
 TEST_WORKERS ?= 2
 
 test: lint

@@ -70,6 +70,27 @@ def objective_resources(config, tokenizer):
   return base.Resources(teacher=base.Teacher(model_config, params, "random-mlm", ""))
 
 
+# The files that read `kill_runs` (about 90 s of training): `make test` sends them to one worker so
+# that the session fixture is built once, not once per worker.
+KILL_RUNS_FILES = {"test_bad_inputs.py", "test_benchmark.py", "test_distill.py", "test_e2e.py",
+                   "test_launch.py", "test_reliability.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile` (each file whole on one worker, as files share their module fixtures) with
+  KILL_RUNS_FILES as one unit. (xdist's loadgroup marks do not reach the scheduler under pytest 9.)"""
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
+
+  class KillRunsTogether(LoadFileScheduling):
+    def _split_scope(self, nodeid):
+      scope = super()._split_scope(nodeid)
+      return "kill_runs" if os.path.basename(scope) in KILL_RUNS_FILES else scope
+
+  return KillRunsTogether(config, log)
+
+
 @pytest.fixture
 def tiny_config():
   return make_tiny_config()
