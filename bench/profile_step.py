@@ -137,6 +137,17 @@ def dot_flops(name, computations, calls, by_name):
   return flops
 
 
+def matmul_form(name, computations, calls, by_name):
+  """The output shape and batch/contracting dimensions of the first dot that `name` runs."""
+  opcode, line = by_name[name]
+  body = computations.get(calls.get(name), ()) if opcode == "fusion" else [(name, opcode, line)]
+  for _, op, inner in body:
+    if op == "dot":
+      dims = re.findall(r"lhs_(?:batch|contracting)_dims=\{[\d,]*\}", inner)
+      return f"{_shape(inner)} {' '.join(dims)}"
+  return "?"
+
+
 def classify(name, computations, calls, frame_files, by_name):
   """The group of the top-level instruction `name` (GROUPS)."""
   opcode, line = by_name[name]
@@ -254,26 +265,30 @@ def profile_ours(size, seq_len, batch, vocab, steps):
     wall_s = time.perf_counter() - t
     jax.profiler.stop_trace()
     ops = op_events(trace_events(trace_dir))
-  groups, per_op = breakdown(
-      ops, lambda n: classify(n, computations, calls, frame_files, by_name) if n in by_name
-      else "control")
-  matmul_flops = sum(dot_flops(n, computations, calls, by_name) for n, _, _, _ in ops
-                     if n in by_name) / steps
+  label = lambda n: (classify(n, computations, calls, frame_files, by_name)  # noqa: E731
+                     if n in by_name else "control")
+  groups, per_op = breakdown(ops, label)
+  flops = {n: dot_flops(n, computations, calls, by_name) for n in by_name}
+  matmul_flops = sum(flops.get(n, 0) for n, _, _, _ in ops) / steps
   start = min(t for _, _, t, _ in ops)
   end = max(t + d for _, _, t, d in ops)
   busy = concurrency([(t, d) for _, _, t, d in ops], start, end)
-  label = lambda n: (classify(n, computations, calls, frame_files, by_name)  # noqa: E731
-                     if n in by_name else "control")
   # An async dot's work at the speed of the step's synchronous (YNNPACK) matmuls.
   is_async = lambda n: n in by_name and by_name[n][0] == "dot"  # noqa: E731
-  flops = {n: dot_flops(n, computations, calls, by_name) for n in by_name}
-  sync = [(flops[n], d) for n, _, _, d in ops if label(n) == "matmul" and not is_async(n)]
-  flops_per_us = sum(f for f, _ in sync) / max(sum(d for _, d in sync), 1)
+  sync = [(n, d) for n, _, _, d in ops if label(n) == "matmul" and not is_async(n)]
+  flops_per_us = sum(flops[n] for n, _ in sync) / max(sum(d for _, d in sync), 1)
   critical = exposed([(t, d, label(n), flops[n] / flops_per_us if is_async(n) else 0)
                       for n, _, t, d in ops], start, end)
+  forms = collections.defaultdict(lambda: [0, 0, 0])  # form: [us, flops, ops], all steps
+  for n, d in sync:
+    form = forms[matmul_form(n, computations, calls, by_name)]
+    form[0], form[1], form[2] = form[0] + d, form[1] + flops[n], form[2] + 1
   return dict(framework="ours", wall_s=wall_s, steps=steps, groups=dict(groups),
               matmul_gflop_per_step=matmul_flops / 1e9,
-              top=per_op.most_common(), busy=dict(busy), exposed=dict(critical), labels={
+              top=per_op.most_common(), busy=dict(busy), exposed=dict(critical),
+              matmul_forms=sorted(([f, us / steps, fl / max(us, 1) / 1e3, k / steps]
+                                   for f, (us, fl, k) in forms.items()), key=lambda r: -r[1]),
+              labels={
                   n: classify(n, computations, calls, frame_files, by_name)
                   for n, _ in per_op.most_common(40) if n in by_name})
 
@@ -353,6 +368,10 @@ def print_report(result, top):
     matmul_wall_s = (critical.get("matmul", 0) + critical.get("async dot", 0)) / 1e6 / steps
     print(f"\nmatmuls: {gflop:.1f} GFLOP per step; {matmul_wall_s * 1e3:.1f} ms/step of wall "
           f"with a matmul running or an async dot in flight: {gflop / matmul_wall_s:.1f} GFLOP/s")
+  if result.get("matmul_forms"):
+    print("\nsynchronous matmuls by form | ms/step | GFLOP/s | ops/step\n---|---|---|---")
+    for form, ms_us, gflops, count in result["matmul_forms"][:top]:
+      print(f"{form} | {ms_us / 1e3:.1f} | {gflops:.1f} | {count:.0f}")
   if result["busy"]:
     span = sum(result["busy"].values())
     print("\nbusy threads | share of the traced wall time\n---|---")
