@@ -76,6 +76,7 @@ KILL_RUNS_FILES = {"test_bad_inputs.py", "test_benchmark.py", "test_distill.py",
                    "test_launch.py", "test_reliability.py"}
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; without xdist it is never called
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadfile` (each file whole on one worker, as files share their module fixtures) with
   KILL_RUNS_FILES as one unit. (xdist's loadgroup marks do not reach the scheduler under pytest 9.)"""
