@@ -7,6 +7,11 @@ DEMO_EXPORT ?= exports/demo
 
 .PHONY: demo test lint bench constraints clean
 
+# glibc's malloc on transparent huge pages (where the kernel offers them on request, the usual
+# `madvise` setting): the CPU train step's buffers otherwise fault in ~160k fresh 4 KiB pages a
+# step (README Performance). Ignored without glibc; a GLIBC_TUNABLES of your own is kept.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

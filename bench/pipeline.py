@@ -52,8 +52,8 @@ def main(argv):
   size = next(name for name, dims in common.MODEL_SIZES.items()
               if dims == (config.model.num_layers, config.model.hidden_size,
                           config.model.num_heads, config.model.mlp_dim))
-  _, step_s, consumed, _ = train_step.bench(size, d.seq_len, d.batch_size, _STEP_REPEATS.value,
-                                            peak, d.tokenizer.vocab_size)
+  _, step_s, consumed, _, _ = train_step.bench(size, d.seq_len, d.batch_size,
+                                               _STEP_REPEATS.value, peak, d.tokenizer.vocab_size)
   print(f"| stage | tokens/s |\n|---|---|\n| input pipeline ({d.name}, batch {d.batch_size} x "
         f"{d.seq_len}, {fill:.1%} non-padding) | {produced:,.0f} |\n| train step ({size}, "
         f"{step_s * 1e3:.0f} ms) | {consumed:,.0f} |\n\nThe pipeline delivers "

@@ -141,14 +141,20 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
   with context(c):
     state, m = compiled(state, data, key)
     jax.block_until_ready(m)
-    times = []
+    times, before = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
       step_s, state = time_steps(compiled, state, data, key)
       times.append(step_s)
+    after = resource.getrusage(resource.RUSAGE_SELF)
   step_s = statistics.median(times)
   tokens_per_s = batch * seq_len / step_s
   mfu = tokens_per_s * flops_per_token(c.model, vocab, seq_len, c.objective.mask_rate) / peak
-  return compile_s, step_s, tokens_per_s, mfu
+  # Page faults and kernel time per step: fresh pages that the allocator maps and the kernel
+  # zeroes each step (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in README Performance).
+  steps = repeats * 5
+  host = dict(page_faults_per_step=(after.ru_minflt - before.ru_minflt) / steps,
+              sys_s_per_step=(after.ru_stime - before.ru_stime) / steps)
+  return compile_s, step_s, tokens_per_s, mfu, host
 
 
 def main():
@@ -182,11 +188,11 @@ def main():
     print(f"devices: {jax.devices()}; {'given' if args.peak_tflops else 'measured'} {args.dtype} "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'config':<8}{'arch':<9}{'seq':>5}{'batch':>7}{'compile s':>11}{'step s':>9}"
-          f"{'tokens/s':>11}{'MFU':>7}")
+          f"{'tokens/s':>11}{'MFU':>7}{'faults/step':>13}{'sys s/step':>12}")
   runs = [(size, arch, seq_len) for size in args.configs.split(",")
           for arch in args.archs.split(",") for seq_len in map(int, args.seq_lens.split(","))]
   for size, arch, seq_len in runs:
-    compile_s, step_s, tps, mfu = bench(size, seq_len, args.batch, args.repeats, peak,
+    compile_s, step_s, tps, mfu, host = bench(size, seq_len, args.batch, args.repeats, peak,
                                         args.vocab, args.dtype, args.rng_impl, arch,
                                         args.threefry_unrolled, args.scan_layers,
                                         args.cpu_scheduler)
@@ -194,13 +200,14 @@ def main():
       print(json.dumps(dict(
           framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
           dtype=args.dtype, device=str(jax.devices()[0].device_kind), compile_s=compile_s,
-          step_s=step_s, tokens_per_s=tps, mfu=mfu, peak_flops=peak,
+          step_s=step_s, tokens_per_s=tps, mfu=mfu, peak_flops=peak, **host,
           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           device_peak_mib=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
           / 2**20)), flush=True)
     else:
       print(f"{size:<8}{arch:<9}{seq_len:>5}{args.batch:>7}{compile_s:>11.1f}{step_s:>9.3f}"
-            f"{tps:>11,.0f}{mfu:>7.1%}", flush=True)
+            f"{tps:>11,.0f}{mfu:>7.1%}{host['page_faults_per_step']:>13,.0f}"
+            f"{host['sys_s_per_step']:>12.3f}", flush=True)
 
 
 if __name__ == "__main__":

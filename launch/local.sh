@@ -34,6 +34,8 @@ done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$port'."
 
 python="${PYTHON:-python}"
+# glibc's malloc on transparent huge pages, as `make demo` runs (README Performance).
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
 base=("$python" -m pretrain.main "--config=$config" "--workdir=$workdir")
 
 command_for() {  # Fills cmd with the command line of process $1.
