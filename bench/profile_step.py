@@ -277,7 +277,7 @@ def profile_ours(size, seq_len, batch, vocab, steps):
   is_async = lambda n: n in by_name and by_name[n][0] == "dot"  # noqa: E731
   sync = [(n, d) for n, _, _, d in ops if label(n) == "matmul" and not is_async(n)]
   flops_per_us = sum(flops[n] for n, _ in sync) / max(sum(d for _, d in sync), 1)
-  critical = exposed([(t, d, label(n), flops[n] / flops_per_us if is_async(n) else 0)
+  critical = exposed([(t, d, label(n), flops[n] / flops_per_us if is_async(n) and flops_per_us else 0)
                       for n, _, t, d in ops], start, end)
   forms = collections.defaultdict(lambda: [0, 0, 0])  # form: [us, flops, ops], all steps
   for n, d in sync:

@@ -79,7 +79,8 @@ KILL_RUNS_FILES = {"test_bad_inputs.py", "test_benchmark.py", "test_distill.py",
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; without xdist it is never called
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadfile` (each file whole on one worker, as files share their module fixtures) with
-  KILL_RUNS_FILES as one unit. (xdist's loadgroup marks do not reach the scheduler under pytest 9.)"""
+  KILL_RUNS_FILES as one unit. (xdist's loadgroup marks do not reach the scheduler under
+  pytest 9.)"""
   if config.getvalue("dist") != "loadfile":
     return None
   from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
