@@ -277,8 +277,8 @@ def profile_ours(size, seq_len, batch, vocab, steps):
   is_async = lambda n: n in by_name and by_name[n][0] == "dot"  # noqa: E731
   sync = [(n, d) for n, _, _, d in ops if label(n) == "matmul" and not is_async(n)]
   flops_per_us = sum(flops[n] for n, _ in sync) / max(sum(d for _, d in sync), 1)
-  critical = exposed([(t, d, label(n), flops[n] / flops_per_us if is_async(n) and flops_per_us else 0)
-                      for n, _, t, d in ops], start, end)
+  async_us = lambda n: flops[n] / flops_per_us if is_async(n) and flops_per_us else 0  # noqa: E731
+  critical = exposed([(t, d, label(n), async_us(n)) for n, _, t, d in ops], start, end)
   forms = collections.defaultdict(lambda: [0, 0, 0])  # form: [us, flops, ops], all steps
   for n, d in sync:
     form = forms[matmul_form(n, computations, calls, by_name)]
@@ -288,9 +288,7 @@ def profile_ours(size, seq_len, batch, vocab, steps):
               top=per_op.most_common(), busy=dict(busy), exposed=dict(critical),
               matmul_forms=sorted(([f, us / steps, fl / max(us, 1) / 1e3, k / steps]
                                    for f, (us, fl, k) in forms.items()), key=lambda r: -r[1]),
-              labels={
-                  n: classify(n, computations, calls, frame_files, by_name)
-                  for n, _ in per_op.most_common(40) if n in by_name})
+              labels={n: label(n) for n, _ in per_op.most_common(40) if n in by_name})
 
 
 # --- The PyTorch peer ------------------------------------------------------------------------------

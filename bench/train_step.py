@@ -123,7 +123,10 @@ def context(config):
     yield
 
 
-def time_steps(compiled, state, data, key, steps=5):
+STEPS_PER_REPEAT = 5
+
+
+def time_steps(compiled, state, data, key, steps=STEPS_PER_REPEAT):
   """(seconds per step over `steps` steps of `compiled` from `state`, the state after them)."""
   t = time.perf_counter()
   for _ in range(steps):
@@ -151,7 +154,7 @@ def bench(size, seq_len, batch, repeats, peak, vocab=16000, dtype="float32",
   mfu = tokens_per_s * flops_per_token(c.model, vocab, seq_len, c.objective.mask_rate) / peak
   # Page faults and kernel time per step: fresh pages that the allocator maps and the kernel
   # zeroes each step (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in README Performance).
-  steps = repeats * 5
+  steps = repeats * STEPS_PER_REPEAT
   host = dict(page_faults_per_step=(after.ru_minflt - before.ru_minflt) / steps,
               sys_s_per_step=(after.ru_stime - before.ru_stime) / steps)
   return compile_s, step_s, tokens_per_s, mfu, host
@@ -193,9 +196,9 @@ def main():
           for arch in args.archs.split(",") for seq_len in map(int, args.seq_lens.split(","))]
   for size, arch, seq_len in runs:
     compile_s, step_s, tps, mfu, host = bench(size, seq_len, args.batch, args.repeats, peak,
-                                        args.vocab, args.dtype, args.rng_impl, arch,
-                                        args.threefry_unrolled, args.scan_layers,
-                                        args.cpu_scheduler)
+                                              args.vocab, args.dtype, args.rng_impl, arch,
+                                              args.threefry_unrolled, args.scan_layers,
+                                              args.cpu_scheduler)
     if args.json:
       print(json.dumps(dict(
           framework="ours", size=size, arch=arch, seq_len=seq_len, batch=args.batch, vocab=args.vocab,
