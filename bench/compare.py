@@ -1,7 +1,7 @@
 """Our MLM train step next to Hugging Face BERT (Flax and PyTorch), one framework per process.
 
   python bench/compare.py [--cases=demo:128:32,small:128:32] [--vocab=32000] [--repeats=3]
-                          [--bench_python=.venv-bench/bin/python]
+                          [--bench_python=.venv-bench/bin/python] [--peers=flax,torch,torch:masked]
                           [--ours=default,threefry_unrolled,scan_layers,cpu_devices=2,
                            cpu_scheduler=default]
 
@@ -11,6 +11,9 @@ bench/hf_step.py with `--bench_python` (a virtualenv with transformers 4.57, who
 FLOPs per token, tokens/s, MFU against the measured fp32 matmul peak, speed-up over each
 baseline, the speed-up we would have at 100% MFU (a ceiling no tuning can pass), compile time
 and peak resident memory. Never use fake devices for timing: this runs on the real ones.
+`torch:masked` is PyTorch BERT with its MLM head only at the labelled positions (hf_step.py
+--head=masked), the same work as our step: the peer whose MFU compares kernels, where the
+full-head peers spend most of their FLOPs in one large vocabulary matmul.
 """
 import argparse
 import json
@@ -39,7 +42,7 @@ def _run(cmd):
 def _flops_per_token(row):
   m = common.model_config(row["size"])
   flops = train_step.flops_per_token(m, row["vocab"], row["seq_len"], 0.15)
-  if not row["framework"].startswith("ours"):  # HF projects every position onto the vocabulary
+  if row.get("head") == "full":  # HF's own head projects every position onto the vocabulary
     flops += 3 * 2 * (m.hidden_size ** 2 + m.hidden_size * row["vocab"]) * (1 - 0.15)
   return flops
 
@@ -54,6 +57,8 @@ def main():
                       "scan_layers, cpu_devices=N, cpu_scheduler=default (bench/train_step.py's "
                       "flags)")
   parser.add_argument("--bench_python", default=os.path.join(".venv-bench", "bin", "python"))
+  parser.add_argument("--peers", default="flax,torch,torch:masked",
+                      help="Hugging Face baselines, framework[:masked] each (hf_step.py)")
   args = parser.parse_args()
   peak = train_step.matmul_peak()
   print(f"Measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} CPU cores.\n")
@@ -72,12 +77,14 @@ def main():
                   f"--vocab={args.vocab}", f"--repeats={args.repeats}",
                   *([f"--{variant}"] if variant != "default" else [])])
       rows.append({**row, "framework": "ours" + (f" {variant}" if variant != "default" else "")})
-    for framework in ("flax", "torch"):
+    for peer in args.peers.split(","):
+      framework, _, head = peer.partition(":")
       try:
         rows.append(_run([args.bench_python, os.path.join(HERE, "hf_step.py"),
-                          f"--framework={framework}", f"--size={size}", *common_args]))
+                          f"--framework={framework}", f"--head={head or 'full'}",
+                          f"--size={size}", *common_args]))
       except (RuntimeError, FileNotFoundError) as e:
-        print(f"<!-- hf-{framework} {case} failed: {str(e)[-400:]!r} -->")
+        print(f"<!-- hf-{peer} {case} failed: {str(e)[-400:]!r} -->")
     ours = rows[len(ours_variants) - 1]["tokens_per_s"]  # HF rows compare with the last variant
     for row in rows:
       flops = _flops_per_token(row)

@@ -2,6 +2,7 @@
 
   python bench/hf_step.py --framework=flax|torch --size=demo --seq_len=128 --batch=32
   python bench/hf_step.py --framework=torch --recipe=modernbert --size=base --seq_len=1024 ...
+  python bench/hf_step.py --framework=torch --head=masked --size=demo --seq_len=128 --batch=32
 
 Same model shape as configs/common.MODEL_SIZES, vocabulary, batch, sequence length, fp32, hidden
 dropout 0.1 (attention-probability dropout 0, as in our encoder) and AdamW as bench/train_step.py.
@@ -15,9 +16,13 @@ Needs transformers 4.57.x (the last release with Flax models): `pip install -e .
 virtualenv (`make bench` creates .venv-bench). `--recipe=modernbert` (PyTorch only) runs
 ``ModernBertForMaskedLM`` with the config.json our export writes for configs/modernbert.py at that
 size (so the same layers, widths, window and vocabulary), under attention "sdpa".
+`--head=masked` (PyTorch BERT only) runs the MLM head only at the labelled positions, gathered
+from the encoder's output as our step does, instead of ``BertForMaskedLM``'s every position: the
+same work as ours, so its MFU compares kernels rather than amounts of work.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -54,10 +59,20 @@ def modernbert_config(size, vocab, seq_len):
                                           if k not in ("model_type", "architectures")})
 
 
-def fake_batch(batch, seq_len, vocab, seed=0):
+def fake_batch(batch, seq_len, vocab, seed=0, exact=False):
+  """ids, attention mask, labels (-100 where unlabelled) of 15% of the positions.
+
+  exact: every row labels ceil(15% of seq_len) positions, the slots our step gathers per row
+  (objectives.masking.max_predictions), so that a masked head does our step's work.
+  """
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
-  labels = np.where(rng.random((batch, seq_len)) < MASK_RATE, ids, -100).astype(np.int32)
+  if exact:
+    ranks = np.argsort(rng.random((batch, seq_len)), axis=1)
+    chosen = ranks < math.ceil(seq_len * MASK_RATE)
+  else:
+    chosen = rng.random((batch, seq_len)) < MASK_RATE
+  labels = np.where(chosen, ids, -100).astype(np.int32)
   return ids, np.ones_like(ids), labels
 
 
@@ -109,7 +124,16 @@ def flax_step(config, ids, mask, labels, dtype, device, lr=1e-4):
   return step
 
 
-def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4):
+def masked_head_loss(model, ids, mask, labels):
+  """BertForMaskedLM's loss with its MLM head run only at the labelled positions (our work)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+  labelled = labels >= 0
+  logits = model.cls(hidden[labelled])  # [labelled positions, vocab]
+  return torch.nn.functional.cross_entropy(logits.float(), labels[labelled])
+
+
+def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4, head="full"):
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
@@ -122,9 +146,11 @@ def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4):
   # bf16 as mixed precision (float32 master weights), like our model.dtype=bfloat16.
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
+
   def step():
     with autocast:
-      loss = model(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss
+      loss = (masked_head_loss(model, ids_t, mask_t, labels_t) if head == "masked"
+              else model(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -145,19 +171,27 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="PyTorch only.")
+  parser.add_argument("--head", default="full", choices=("full", "masked"),
+                      help="masked: the MLM head only at the labelled positions (PyTorch BERT).")
   args = parser.parse_args()
   if args.recipe == "modernbert" and args.framework != "torch":
     parser.error("--recipe=modernbert needs --framework=torch (transformers has no Flax ModernBERT)")
+  if args.head == "masked" and (args.framework, args.recipe) != ("torch", "bert"):
+    parser.error("--head=masked needs --framework=torch --recipe=bert")
   config = (modernbert_config(args.size, args.vocab, args.seq_len) if args.recipe == "modernbert"
             else hf_config(args.size, args.vocab, args.seq_len))
-  ids, mask, labels = fake_batch(args.batch, args.seq_len, args.vocab)
-  make = flax_step if args.framework == "flax" else torch_step
+  ids, mask, labels = fake_batch(args.batch, args.seq_len, args.vocab,
+                                 exact=args.head == "masked")
   if args.framework == "torch":
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(os.cpu_count())
-  first, step_s = time_steps(make(config, ids, mask, labels, args.dtype, args.device), args.repeats)
+    step = torch_step(config, ids, mask, labels, args.dtype, args.device, head=args.head)
+  else:
+    step = flax_step(config, ids, mask, labels, args.dtype, args.device)
+  first, step_s = time_steps(step, args.repeats)
   print(json.dumps(dict(
-      framework=f"hf-{args.framework}", recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len, batch=args.batch,
+      framework=f"hf-{args.framework}" + (" masked head" if args.head == "masked" else ""),
+      head=args.head, recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len, batch=args.batch,
       vocab=args.vocab, dtype=args.dtype, device=args.device, compile_s=first, step_s=step_s,
       tokens_per_s=args.batch * args.seq_len / step_s,
       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,6 +1,6 @@
 """Where the train step's time goes: per-HLO-op times from a profiler trace, grouped.
 
-  python bench/profile_step.py [--case=demo:128:32] [--vocab=32000] [--steps=5] [--torch]
+  python bench/profile_step.py [--case=demo:128:32] [--vocab=32000] [--steps=5] [--torch [--torch_head=masked]]
                                [--json] [--top=12]
 
 Ours: the MLM step of bench/train_step.py is compiled, warmed up, and `--steps` steps run under
@@ -26,7 +26,8 @@ work, so the time with no op running after such a launch is "async dot" (matmul 
 from its FLOPs at the step's other matmuls' speed) and the rest of the time with no op running is
 "idle". The wall time is also split by how many threads were inside a traced op at once (0, 1,
 2...; an async dot's work counts as 0). `--torch` profiles the PyTorch peer (bench/hf_step.py's
-BertForMaskedLM step) with torch.profiler and groups its aten ops alike.
+BertForMaskedLM step) with torch.profiler and groups its aten ops alike; `--torch_head=masked`
+runs its MLM head only at the labelled positions, our step's work.
 """
 import argparse
 import collections
@@ -320,11 +321,12 @@ def torch_group(op):
   return "elementwise"
 
 
-def profile_torch(size, seq_len, batch, vocab, steps):
+def profile_torch(size, seq_len, batch, vocab, steps, head="full"):
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
-  ids, mask, labels = hf_step.fake_batch(batch, seq_len, vocab)
-  step = hf_step.torch_step(hf_step.hf_config(size, vocab), ids, mask, labels, "float32", "cpu")
+  ids, mask, labels = hf_step.fake_batch(batch, seq_len, vocab, exact=head == "masked")
+  step = hf_step.torch_step(hf_step.hf_config(size, vocab), ids, mask, labels, "float32", "cpu",
+                            head=head)
   for _ in range(2):
     step()
   activities = [torch.profiler.ProfilerActivity.CPU]
@@ -339,7 +341,7 @@ def profile_torch(size, seq_len, batch, vocab, steps):
     if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
       groups[torch_group(e.key)] += e.self_cpu_time_total
       per_op[e.key] += e.self_cpu_time_total
-  return dict(framework="hf-torch", wall_s=wall_s, steps=steps, groups=dict(groups),
+  return dict(framework="hf-torch" + (" masked head" if head == "masked" else ""), wall_s=wall_s, steps=steps, groups=dict(groups),
               top=per_op.most_common(), busy={}, labels={k: torch_group(k) for k, _ in
                                                         per_op.most_common(40)})
 
@@ -387,11 +389,14 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--torch", action="store_true", help="also profile the PyTorch peer")
+  parser.add_argument("--torch_head", default="full", choices=("full", "masked"),
+                      help="masked: the peer's MLM head only at the labelled positions, our work")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   size, seq_len, batch = args.case.split(":")
   shape = (size, int(seq_len), int(batch), args.vocab, args.steps)
-  results = [profile_ours(*shape)] + ([profile_torch(*shape)] if args.torch else [])
+  results = [profile_ours(*shape)] + ([profile_torch(*shape, head=args.torch_head)]
+                                      if args.torch else [])
   for result in results:
     if args.json:
       print(json.dumps({**result, "top": result["top"][:args.top], "case": args.case}))
