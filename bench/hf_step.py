@@ -68,8 +68,8 @@ def fake_batch(batch, seq_len, vocab, seed=0, exact=False):
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
   if exact:
-    ranks = np.argsort(rng.random((batch, seq_len)), axis=1)
-    chosen = ranks < math.ceil(seq_len * MASK_RATE)
+    order = np.argsort(rng.random((batch, seq_len)), axis=1)  # a random permutation per row
+    chosen = order < math.ceil(seq_len * MASK_RATE)
   else:
     chosen = rng.random((batch, seq_len)) < MASK_RATE
   labels = np.where(chosen, ids, -100).astype(np.int32)
@@ -139,13 +139,14 @@ def torch_step(config, ids, mask, labels, dtype, device, lr=1e-4, head="full"):
   torch.manual_seed(0)
   config._attn_implementation = "sdpa"  # pylint: disable=protected-access  # its fastest CPU path
   modern = isinstance(config, transformers.ModernBertConfig)
+  if modern and head == "masked":
+    raise ValueError("head='masked' runs BertForMaskedLM's parts; give a BertConfig.")
   model_class = transformers.ModernBertForMaskedLM if modern else transformers.BertForMaskedLM
   model = model_class(config).train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
   ids_t, mask_t, labels_t = (torch.from_numpy(x).long().to(device) for x in (ids, mask, labels))
   # bf16 as mixed precision (float32 master weights), like our model.dtype=bfloat16.
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
 
   def step():
     with autocast:
@@ -191,7 +192,8 @@ def main():
   first, step_s = time_steps(step, args.repeats)
   print(json.dumps(dict(
       framework=f"hf-{args.framework}" + (" masked head" if args.head == "masked" else ""),
-      head=args.head, recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len, batch=args.batch,
+      head=args.head, recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len,
+      batch=args.batch,
       vocab=args.vocab, dtype=args.dtype, device=args.device, compile_s=first, step_s=step_s,
       tokens_per_s=args.batch * args.seq_len / step_s,
       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

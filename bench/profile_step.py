@@ -1,6 +1,7 @@
 """Where the train step's time goes: per-HLO-op times from a profiler trace, grouped.
 
-  python bench/profile_step.py [--case=demo:128:32] [--vocab=32000] [--steps=5] [--torch [--torch_head=masked]]
+  python bench/profile_step.py [--case=demo:128:32] [--vocab=32000] [--steps=5]
+                               [--torch [--torch_head=masked]]
                                [--json] [--top=12]
 
 Ours: the MLM step of bench/train_step.py is compiled, warmed up, and `--steps` steps run under
@@ -302,7 +303,8 @@ _TORCH_GROUPS = (
                 "scaled_dot_product_flash_attention_for_cpu_backward")),
     ("rng", ("bernoulli", "native_dropout", "uniform", "random")),
     ("gather/scatter", ("embedding", "embedding_dense_backward", "index_select", "index_add",
-                        "gather", "scatter", "masked_select", "nonzero", "index")),
+                        "gather", "scatter", "masked_select", "nonzero", "index", "index_put",
+                        "index_put_impl")),
     ("reduction", ("sum", "mean", "nll_loss_forward", "nll_loss_backward", "log_softmax",
                    "log_softmax_backward_data", "softmax", "native_layer_norm",
                    "native_layer_norm_backward", "max", "norm")),
@@ -341,7 +343,8 @@ def profile_torch(size, seq_len, batch, vocab, steps, head="full"):
     if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
       groups[torch_group(e.key)] += e.self_cpu_time_total
       per_op[e.key] += e.self_cpu_time_total
-  return dict(framework="hf-torch" + (" masked head" if head == "masked" else ""), wall_s=wall_s, steps=steps, groups=dict(groups),
+  framework = "hf-torch" + (" masked head" if head == "masked" else "")
+  return dict(framework=framework, wall_s=wall_s, steps=steps, groups=dict(groups),
               top=per_op.most_common(), busy={}, labels={k: torch_group(k) for k, _ in
                                                         per_op.most_common(40)})
 
@@ -393,6 +396,8 @@ def main():
                       help="masked: the peer's MLM head only at the labelled positions, our work")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
+  if args.torch_head != "full" and not args.torch:
+    parser.error("--torch_head needs --torch")
   size, seq_len, batch = args.case.split(":")
   shape = (size, int(seq_len), int(batch), args.vocab, args.steps)
   results = [profile_ours(*shape)] + ([profile_torch(*shape, head=args.torch_head)]
