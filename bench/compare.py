@@ -12,8 +12,8 @@ FLOPs per token, tokens/s, MFU against the measured fp32 matmul peak, speed-up o
 baseline, the speed-up we would have at 100% MFU (a ceiling no tuning can pass), compile time
 and peak resident memory. Never use fake devices for timing: this runs on the real ones.
 `torch:masked` is PyTorch BERT with its MLM head only at the labelled positions (hf_step.py
---head=masked), the same work as our step: the peer whose MFU compares kernels, where the
-full-head peers spend most of their FLOPs in one large vocabulary matmul.
+--head=masked), our step's FLOPs: the peer whose MFU compares steps of the same arithmetic,
+where the full-head peers spend most of their FLOPs in the vocabulary projection.
 """
 import argparse
 import json

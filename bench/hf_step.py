@@ -17,8 +17,8 @@ virtualenv (`make bench` creates .venv-bench). `--recipe=modernbert` (PyTorch on
 ``ModernBertForMaskedLM`` with the config.json our export writes for configs/modernbert.py at that
 size (so the same layers, widths, window and vocabulary), under attention "sdpa".
 `--head=masked` (PyTorch BERT only) runs the MLM head only at the labelled positions, gathered
-from the encoder's output as our step does, instead of ``BertForMaskedLM``'s every position: the
-same work as ours, so its MFU compares kernels rather than amounts of work.
+from the encoder's output as our step does, instead of ``BertForMaskedLM``'s every position: our
+step's FLOPs, so the two MFUs compare steps of the same arithmetic.
 """
 import argparse
 import json
@@ -36,6 +36,12 @@ import numpy as np  # noqa: E402
 from configs import common  # noqa: E402
 
 MASK_RATE = 0.15
+HEADS = ("full", "masked")  # the MLM head at every position (HF's own), or only where labelled
+
+
+def peer_name(framework, head="full"):
+  """The row name of a baseline in the benchmarks' tables: hf-torch, hf-torch masked head..."""
+  return f"hf-{framework}" + (" masked head" if head == "masked" else "")
 
 
 def hf_config(size, vocab, seq_len=512):
@@ -63,7 +69,8 @@ def fake_batch(batch, seq_len, vocab, seed=0, exact=False):
   """ids, attention mask, labels (-100 where unlabelled) of 15% of the positions.
 
   exact: every row labels ceil(15% of seq_len) positions, the slots our step gathers per row
-  (objectives.masking.max_predictions), so that a masked head does our step's work.
+  (objectives.masking.max_predictions; not imported, as it would bring JAX into the PyTorch
+  process), so that a masked head does our step's work.
   """
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, vocab, (batch, seq_len)).astype(np.int32)
@@ -172,7 +179,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="PyTorch only.")
-  parser.add_argument("--head", default="full", choices=("full", "masked"),
+  parser.add_argument("--head", default="full", choices=HEADS,
                       help="masked: the MLM head only at the labelled positions (PyTorch BERT).")
   args = parser.parse_args()
   if args.recipe == "modernbert" and args.framework != "torch":
@@ -191,7 +198,7 @@ def main():
     step = flax_step(config, ids, mask, labels, args.dtype, args.device)
   first, step_s = time_steps(step, args.repeats)
   print(json.dumps(dict(
-      framework=f"hf-{args.framework}" + (" masked head" if args.head == "masked" else ""),
+      framework=peer_name(args.framework, args.head),
       head=args.head, recipe=args.recipe, attention="sdpa", size=args.size, seq_len=args.seq_len,
       batch=args.batch,
       vocab=args.vocab, dtype=args.dtype, device=args.device, compile_s=first, step_s=step_s,

@@ -343,8 +343,7 @@ def profile_torch(size, seq_len, batch, vocab, steps, head="full"):
     if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
       groups[torch_group(e.key)] += e.self_cpu_time_total
       per_op[e.key] += e.self_cpu_time_total
-  framework = "hf-torch" + (" masked head" if head == "masked" else "")
-  return dict(framework=framework, wall_s=wall_s, steps=steps, groups=dict(groups),
+  return dict(framework=hf_step.peer_name("torch", head), wall_s=wall_s, steps=steps, groups=dict(groups),
               top=per_op.most_common(), busy={}, labels={k: torch_group(k) for k, _ in
                                                         per_op.most_common(40)})
 
@@ -392,7 +391,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--torch", action="store_true", help="also profile the PyTorch peer")
-  parser.add_argument("--torch_head", default="full", choices=("full", "masked"),
+  parser.add_argument("--torch_head", default="full", choices=hf_step.HEADS,
                       help="masked: the peer's MLM head only at the labelled positions, our work")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
