@@ -52,18 +52,19 @@ ALL_TASKS = TASKS + tuple(LOCALIZATION)
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """What one benchmark run spends: fine-tuning (None: each recipe's own), files, rows."""
-  steps: int | None = None
+  steps: int | None = None    # fine-tuning steps; the recipe's warmup and evaluations scale along
   batch_size: int | None = None
   seq_len: int | None = None
   max_files: int = 0          # 0: every stdlib file
   retrieval_max_len: int = 128
   mlm_rows: int = 512
   mlm_seq_len: int = 128
+  evaluate_once: bool = False  # evaluate and save only at the last step (a smoke test)
 
 
 FULL = Budget()
 QUICK = Budget(steps=6, batch_size=8, seq_len=64, max_files=100, retrieval_max_len=64,
-               mlm_rows=16, mlm_seq_len=64)
+               mlm_rows=16, mlm_seq_len=64, evaluate_once=True)
 PROBE_FULL = probes.ProbeBudget()
 PROBE_QUICK = probes.ProbeBudget(max_train=48, max_dev=16, max_test=48, seq_len=64, max_files=100)
 
@@ -145,7 +146,7 @@ def finetune_config(task: str, init: str, *, scratch: bool, budget: Budget, seed
   c = importlib.import_module(f"configs.finetune.{recipe}").get_config(arg or None)
   c.init, c.from_scratch, c.seed = init, scratch, seed
   c.data.seed, c.data.cache_dir, c.data.max_files = seed, cache_dir, budget.max_files
-  if budget.steps is not None:  # A smoke test: evaluate and save once, at the end.
+  if budget.evaluate_once:
     c.train.eval_every = c.train.checkpoint_every = c.train.log_every = budget.steps
   return c
 
@@ -266,15 +267,20 @@ def mlm_row(model: Model, budget: Budget, seed: int) -> bench_scores.Row:
 
 def run_benchmark(model_path: str, task_names=TASKS, *, quick: bool = False, workdir: str = "",
                   json_path: str = "", seed: int = 0, pooler: str = "mean",
-                  cache_dir: str = "data/code_tasks", probe: bool = False
-                  ) -> list[bench_scores.Row]:
+                  cache_dir: str = "data/code_tasks", probe: bool = False,
+                  finetune_steps: int = 0) -> list[bench_scores.Row]:
   """Every row of the benchmark of `model_path` over `task_names`; prints the table and writes
   `json_path` (when given). Bad inputs raise before anything is written."""
   workdir = workdir or default_workdir(model_path)
   check_paths(model_path, workdir, json_path)
   if pooler not in pooling.MODES:
     raise ConfigError(f"--pooler={pooler!r}; allowed: {', '.join(pooling.MODES)}.")
+  if finetune_steps < 0:
+    raise ConfigError(f"--finetune_steps={finetune_steps}: negative; give a number of steps, or 0 "
+                      "for each recipe's own.")
   budget = QUICK if quick else FULL
+  if finetune_steps:
+    budget = dataclasses.replace(budget, steps=finetune_steps)
   model = load_model(model_path)
   init = os.path.abspath(model_path)
   rows = []
@@ -313,7 +319,7 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   run_benchmark(f.model, parse_tasks(f.tasks), quick=f.quick, workdir=f.workdir,
                 json_path=f.json, seed=f.seed, pooler=f.pooler, cache_dir=f.cache_dir,
-                probe=f.probe)
+                probe=f.probe, finetune_steps=f.finetune_steps)
 
 
 def define_flags():
@@ -324,6 +330,8 @@ def define_flags():
   flags.DEFINE_bool("quick", False, "Tiny budgets (100 files, 6 fine-tuning steps): a smoke test.")
   flags.DEFINE_bool("probe", False, "Score the classification tasks with linear probes on "
                     "frozen features instead of fine-tuning (seconds, not hours).")
+  flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps of every fine-tuned task (0: "
+                       "each recipe's own; its warmup and evaluations scale along).")
   flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
   flags.DEFINE_string("workdir", "", "Where the fine-tuning runs go (default "
                       "workdir/benchmark/<model's directory name>).")

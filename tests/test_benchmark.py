@@ -113,11 +113,24 @@ def test_flags_are_checked_before_anything_runs(tmp_path):
     benchmark.check_paths(str(model), str(tmp_path / "file"), "")
   with pytest.raises(ConfigError, match="--pooler='sum'"):
     benchmark.run_benchmark(str(model), workdir=str(tmp_path / "w"), pooler="sum")
+  with pytest.raises(ConfigError, match="--finetune_steps=-3: negative"):
+    benchmark.run_benchmark(str(model), workdir=str(tmp_path / "w"), finetune_steps=-3)
   assert sorted(os.listdir(tmp_path)) == ["file", "m"]
   assert benchmark.default_workdir("exports/demo/") == os.path.join("workdir", "benchmark", "demo")
   hf = types.SimpleNamespace(padded_vocab_size=8)
   assert heldout_mlm.head_fits(hf, {"bias": np.zeros(8)})
   assert not heldout_mlm.head_fits(hf, {"bias": np.zeros(12)})  # ERNIE-Gram's joint head.
+
+
+def test_finetune_steps_scale_the_recipe_schedule_and_quick_evaluates_once():
+  longer = benchmark.dataclasses.replace(benchmark.FULL, steps=900)
+  c = benchmark.finetune_config("swapped_operands_localization", "m", scratch=False,
+                                budget=longer, seed=0, cache_dir="c")
+  assert (c.task.head, c.train.steps, c.optimizer.warmup_steps) == ("locate", 900, 90)
+  assert c.train.eval_every == c.train.checkpoint_every == 225  # The recipe's four evaluations.
+  quick = benchmark.finetune_config("exception_type", "m", scratch=True, budget=benchmark.QUICK,
+                                    seed=0, cache_dir="c")
+  assert quick.train.steps == quick.train.eval_every == quick.train.checkpoint_every == 6
 
 
 @pytest.fixture(scope="module")
