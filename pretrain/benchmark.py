@@ -1,7 +1,8 @@
 """A CuBERT-style benchmark of one model (Kanade et al. 2020), as one command.
 
   python -m pretrain.benchmark --model=exports/demo [--tasks=swapped_operands,docstring_retrieval]
-      [--probe] [--quick] [--json=bench.json] [--workdir=workdir/benchmark/demo]
+      [--probe] [--quick] [--finetune_steps=900] [--json=bench.json]
+      [--workdir=workdir/benchmark/demo]
 
 --model is a pretraining workdir, a pretrain.export directory or a Hugging Face directory. Every
 classification task (configs/finetune/<task>.py: exception_type, docstring_match,

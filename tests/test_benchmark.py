@@ -131,6 +131,24 @@ def test_finetune_steps_scale_the_recipe_schedule_and_quick_evaluates_once():
   quick = benchmark.finetune_config("exception_type", "m", scratch=True, budget=benchmark.QUICK,
                                     seed=0, cache_dir="c")
   assert quick.train.steps == quick.train.eval_every == quick.train.checkpoint_every == 6
+  assert quick.train.log_every == 6
+
+
+def test_finetune_steps_reach_the_fine_tuning_budget(tmp_path, monkeypatch):
+  budgets = []
+
+  def localization_row(task, init, workdir, budget, seed, cache_dir):
+    budgets.append(budget)
+    return bench_scores.skipped_row(task, "localization accuracy", "recorded")
+
+  monkeypatch.setattr(benchmark, "load_model", lambda path: None)
+  monkeypatch.setattr(benchmark, "localization_row", localization_row)
+  model = tmp_path / "m"
+  model.mkdir()
+  for steps, quick in ((900, False), (0, False), (40, True)):
+    benchmark.run_benchmark(str(model), ["swapped_operands_localization"], quick=quick,
+                            workdir=str(tmp_path / "w"), finetune_steps=steps)
+  assert [(b.steps, b.evaluate_once) for b in budgets] == [(900, False), (None, False), (40, True)]
 
 
 @pytest.fixture(scope="module")
