@@ -1,6 +1,7 @@
 """The benchmark command: standard errors, the table and the JSON against closed forms, the masked
 rows of the MLM score, the checks of its flags, and one --quick run on a tiny export (of the
 session's tiny pretraining run) that a rerun reads back."""
+import dataclasses
 import json
 import math
 import os
@@ -123,7 +124,7 @@ def test_flags_are_checked_before_anything_runs(tmp_path):
 
 
 def test_finetune_steps_scale_the_recipe_schedule_and_quick_evaluates_once():
-  longer = benchmark.dataclasses.replace(benchmark.FULL, steps=900)
+  longer = dataclasses.replace(benchmark.FULL, steps=900)
   c = benchmark.finetune_config("swapped_operands_localization", "m", scratch=False,
                                 budget=longer, seed=0, cache_dir="c")
   assert (c.task.head, c.train.steps, c.optimizer.warmup_steps) == ("locate", 900, 90)
